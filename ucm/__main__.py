@@ -1,0 +1,3 @@
+from ucm.cli import main
+
+raise SystemExit(main())
