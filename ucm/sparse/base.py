@@ -1,0 +1,144 @@
+"""The sparse-attention hook framework: the base class every algorithm implements.
+
+Why hooks: a sparse algorithm needs to see a request at three places that vLLM keeps apart — the
+scheduler (which requests exist, how many KV slots each needs, what per-step metadata the workers
+get), the worker's step (begin/end of a forward pass, per layer: KV just written, so summaries can
+be updated and blocks offloaded) and the attention call itself (the query is only known there, so
+block selection happens there). The connector (`ucm.connector`) forwards the scheduler and step
+hooks; `ucm.sparse.vllm_patch` forwards the attention hooks from inside vLLM's attention backend.
+
+Every hook has a dense default (do nothing, need every slot), so an algorithm overrides only what
+it uses and a half-wired integration degrades to dense attention, never to wrong attention.
+
+Call order, per process role (checked by `HookOrderChecker` in tests):
+  scheduler: request_begin(r) -> [estimate_num_slots(r), allocate_slots(r, n), build_sparse_meta(out)]*
+             -> request_finished(r)
+  worker:    register_kv_caches(caches) once, then per step:
+             execute_begin(meta) -> (layer_begin(L) -> attention_begin(L, q, ...) -> attention_finished(L, out)
+             -> layer_finished(L, kv))* -> execute_finished()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is only needed by algorithms; the base stays importable without it
+    import torch
+
+
+class SparseConfigError(ValueError):
+    """`ucm_sparse_config` is not valid; the message names the key and what was expected."""
+
+
+class SparseRole(enum.Enum):
+    """Which side of vLLM an instance serves; scheduler and worker are separate instances."""
+
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+
+    @classmethod
+    def parse(cls, role: object) -> SparseRole:
+        """Accept "scheduler"/"worker", a `SparseRole`, or vLLM's `KVConnectorRole` enum (by name)."""
+        if isinstance(role, SparseRole):
+            return role
+        text = role if isinstance(role, str) else getattr(role, "name", None)
+        if isinstance(text, str):
+            try:
+                return cls(text.lower())
+            except ValueError:
+                pass
+        raise SparseConfigError(f"sparse role: expected 'scheduler' or 'worker', got {role!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotAllocation:
+    """The scheduler-side answer for one request: which of its logical KV blocks need a GPU slot now.
+
+    `resident_blocks` are logical block indices (0-based within the request). Dense attention
+    keeps all of them; a sparse algorithm keeps a bounded subset.
+    """
+
+    request_id: str
+    num_blocks: int
+    resident_blocks: tuple[int, ...]
+
+
+class UcmSparseBase:
+    """One sparse-attention algorithm instance for one role of one process.
+
+    Subclasses set `name` (the registry key) and receive their validated config object.
+    """
+
+    name: str = ""
+
+    @classmethod
+    def parse_config(cls, raw: Mapping[str, object]) -> Any:
+        """Validate `ucm_sparse_config` (without "name") into the algorithm's config object;
+        errors are `SparseConfigError` naming the key."""
+        validate_keys("ucm_sparse_config", raw, set())
+        return dict(raw)
+
+    def __init__(self, config: Any, role: SparseRole, vllm_config: Any = None) -> None:
+        self.config = config
+        self.role = role
+        self.vllm_config = vllm_config
+
+    # ---------------------------------------------------------------- scheduler side
+    def request_begin(self, request: Any) -> None:  # noqa: B027 - dense default
+        """First time the connector sees `request` (vLLM `Request`: request_id, prompt_token_ids...)."""
+
+    def request_finished(self, request: Any) -> None:  # noqa: B027 - dense default
+        """The request is done; drop its state (selection, summaries, resident blocks)."""
+
+    def estimate_num_slots(self, request: Any, num_tokens: int) -> int:
+        """KV token slots `request` needs on the GPU to hold `num_tokens` tokens; dense: all of them."""
+        return num_tokens
+
+    def allocate_slots(self, request_id: str, num_blocks: int) -> SlotAllocation:
+        """Which logical blocks of a request with `num_blocks` blocks get a GPU slot; dense: all."""
+        return SlotAllocation(request_id, num_blocks, tuple(range(num_blocks)))
+
+    def build_sparse_meta(self, scheduler_output: Any) -> object | None:
+        """Per-step metadata shipped to the workers (attached as `sparse_meta`); None = nothing."""
+        return None
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+        """vLLM's paged KV cache tensors, by layer name (called once before the first step)."""
+
+    def execute_begin(self, sparse_meta: object | None) -> None:  # noqa: B027
+        """A forward pass starts; `sparse_meta` is what `build_sparse_meta` produced for it."""
+
+    def execute_finished(self) -> None:  # noqa: B027
+        """The forward pass is done (all layers saved)."""
+
+    def layer_begin(self, layer_name: str) -> None:  # noqa: B027
+        """Before `layer_name`'s attention: wait for any block fetch this layer needs."""
+
+    def layer_finished(self, layer_name: str, kv_layer: torch.Tensor) -> None:  # noqa: B027
+        """After `layer_name` wrote its new KV into `kv_layer`: update summaries, offload."""
+
+    def attention_begin(
+        self, layer_name: str, query: torch.Tensor, key: torch.Tensor | None, attn_metadata: Any
+    ) -> Any:
+        """Just before attention; may select blocks and return a modified `attn_metadata`
+        (the default returns it unchanged: dense attention)."""
+        return attn_metadata
+
+    def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:  # noqa: B027
+        """Just after attention; undo anything attention_begin changed for this layer."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release threads, buffers and store handles."""
+
+
+def validate_keys(section: str, given: Mapping[str, object], accepted: set[str]) -> None:
+    """Reject unknown keys by name, so a typo never silently runs with defaults."""
+    unknown = sorted(set(given) - accepted)
+    if unknown:
+        raise SparseConfigError(
+            f"{section}.{unknown[0]}: unknown key; accepted keys: {', '.join(sorted(accepted))}"
+        )
