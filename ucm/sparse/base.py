@@ -87,10 +87,10 @@ class UcmSparseBase:
         self.vllm_config = vllm_config
 
     # ---------------------------------------------------------------- scheduler side
-    def request_begin(self, request: Any) -> None:  # noqa: B027 - dense default
+    def request_begin(self, request: Any) -> None:
         """First time the connector sees `request` (vLLM `Request`: request_id, prompt_token_ids...)."""
 
-    def request_finished(self, request: Any) -> None:  # noqa: B027 - dense default
+    def request_finished(self, request: Any) -> None:
         """The request is done; drop its state (selection, summaries, resident blocks)."""
 
     def estimate_num_slots(self, request: Any, num_tokens: int) -> int:
@@ -106,19 +106,19 @@ class UcmSparseBase:
         return None
 
     # ---------------------------------------------------------------- worker side
-    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         """vLLM's paged KV cache tensors, by layer name (called once before the first step)."""
 
-    def execute_begin(self, sparse_meta: object | None) -> None:  # noqa: B027
+    def execute_begin(self, sparse_meta: object | None) -> None:
         """A forward pass starts; `sparse_meta` is what `build_sparse_meta` produced for it."""
 
-    def execute_finished(self) -> None:  # noqa: B027
+    def execute_finished(self) -> None:
         """The forward pass is done (all layers saved)."""
 
-    def layer_begin(self, layer_name: str) -> None:  # noqa: B027
+    def layer_begin(self, layer_name: str) -> None:
         """Before `layer_name`'s attention: wait for any block fetch this layer needs."""
 
-    def layer_finished(self, layer_name: str, kv_layer: torch.Tensor) -> None:  # noqa: B027
+    def layer_finished(self, layer_name: str, kv_layer: torch.Tensor) -> None:
         """After `layer_name` wrote its new KV into `kv_layer`: update summaries, offload."""
 
     def attention_begin(
@@ -128,10 +128,10 @@ class UcmSparseBase:
         (the default returns it unchanged: dense attention)."""
         return attn_metadata
 
-    def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:  # noqa: B027
+    def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:
         """Just after attention; undo anything attention_begin changed for this layer."""
 
-    def close(self) -> None:  # noqa: B027
+    def close(self) -> None:
         """Release threads, buffers and store handles."""
 
 
