@@ -1,0 +1,185 @@
+"""Correctness of the transfer path: canonical views, gather/scatter and layer-wise batches.
+
+Runs on CPU in CI; `UCM_TEST_DEVICE=cuda` (used by `make gpu-check`) runs the same tests on a GPU,
+where the side-stream/event paths and pinned buffers are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ucm.transfer import (
+    CacheLayout,
+    HeadGroup,
+    HostBufferPool,
+    LoadBatch,
+    PagedKV,
+    PoolExhausted,
+    SaveBatch,
+    canonical_view,
+    gather_blocks,
+    scatter_blocks,
+)
+from ucm.transfer.synthetic import make_paged_cache
+
+DEVICE = os.environ.get("UCM_TEST_DEVICE", "cpu")
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    pytest.fail("UCM_TEST_DEVICE=cuda but torch.cuda.is_available() is False", pytrace=False)
+
+L, B, N, H, D = 3, 12, 16, 4, 8
+CASES = [
+    (CacheLayout.BHNC, "LBHNC"),
+    (CacheLayout.BHNC, "LBNHC"),
+    (CacheLayout.BHNC, "BLNHC"),
+    (CacheLayout.BHNC, "BHLNC"),
+    (CacheLayout.FLASH_ATTN, "LBHNC"),
+    (CacheLayout.FLASHINFER, "LBHNC"),
+    (CacheLayout.MLA, "LBHNC"),
+    (CacheLayout.MLA_3D, "LBHNC"),
+]
+
+
+def cache(layout: CacheLayout, physical: str = "LBHNC", seed: int | None = 0) -> list[torch.Tensor]:
+    return make_paged_cache(
+        layout, num_layers=L, num_blocks=B, block_size=N, num_heads=H, head_size=D,
+        device=DEVICE, physical=physical, seed=seed,
+    )
+
+
+def heads_of(layout: CacheLayout) -> int:
+    return 1 if layout.is_mla else H
+
+
+def reference_payload(tensors: list[torch.Tensor], layout: CacheLayout, block: int) -> torch.Tensor:
+    """The canonical payload of one block, computed naively per layer from the raw tensors."""
+    layers = []
+    for t in tensors:
+        if layout is CacheLayout.BHNC:
+            per = t[block].permute(1, 0, 2)  # [N, H, 2D]
+            layers.append(torch.stack([per[..., :D], per[..., D:]]))
+        elif layout is CacheLayout.FLASH_ATTN:
+            layers.append(t[:, block])
+        elif layout is CacheLayout.FLASHINFER:
+            layers.append(t[block])
+        elif layout is CacheLayout.MLA:
+            layers.append(t[block].permute(1, 0, 2).unsqueeze(0))
+        else:
+            layers.append(t[block].unsqueeze(1).unsqueeze(0))
+    return torch.stack(layers)
+
+
+@pytest.mark.parametrize(("layout", "physical"), CASES)
+def test_gather_matches_naive_reference_and_scatter_round_trips(layout: CacheLayout, physical: str) -> None:
+    src = cache(layout, physical)
+    paged = PagedKV(src, layout, D)
+    if layout in (CacheLayout.BHNC, CacheLayout.MLA):
+        assert paged.stacked is not None  # one allocation -> one indexing call per batch
+    ids = torch.tensor([7, 2, 11, 0], device=DEVICE)
+    out = torch.empty((4, *paged.payload_shape(heads_of(layout))), dtype=paged.dtype, device=DEVICE)
+    gather_blocks(paged, ids, 0, heads_of(layout), out)
+    for i, b in enumerate(ids.tolist()):
+        assert torch.equal(out[i], reference_payload(src, layout, b))
+
+    dst_tensors = cache(layout, physical, seed=1)
+    dst = PagedKV(dst_tensors, layout, D)
+    dst_ids = torch.tensor([1, 3, 5, 9], device=DEVICE)
+    before = [t.clone() for t in dst_tensors]
+    scatter_blocks(dst, dst_ids, 0, heads_of(layout), out)
+    for i, b in enumerate(dst_ids.tolist()):
+        assert torch.equal(reference_payload(dst_tensors, layout, b), out[i])
+    untouched = [b for b in range(B) if b not in dst_ids.tolist()]
+    for b in untouched:  # nothing else was written
+        assert torch.equal(reference_payload(dst_tensors, layout, b), reference_payload(before, layout, b))
+
+
+def test_head_slices_select_exactly_the_heads() -> None:
+    src = cache(CacheLayout.FLASH_ATTN)
+    paged = PagedKV(src, CacheLayout.FLASH_ATTN, D)
+    ids = torch.tensor([4, 1], device=DEVICE)
+    out = torch.empty((2, *paged.payload_shape(2)), dtype=paged.dtype, device=DEVICE)
+    gather_blocks(paged, ids, 1, 2, out)
+    for i, b in enumerate(ids.tolist()):
+        assert torch.equal(out[i], reference_payload(src, CacheLayout.FLASH_ATTN, b)[..., 1:3, :])
+
+
+def test_separate_layer_allocations_fall_back_to_per_layer_copies() -> None:
+    src = cache(CacheLayout.FLASHINFER)
+    paged = PagedKV(src, CacheLayout.FLASHINFER, D)
+    assert paged.stacked is None
+    ids = torch.tensor([3], device=DEVICE)
+    out = torch.empty((1, *paged.payload_shape(H)), dtype=paged.dtype, device=DEVICE)
+    gather_blocks(paged, ids, 0, H, out)
+    assert torch.equal(out[0], reference_payload(src, CacheLayout.FLASHINFER, 3))
+
+
+def test_wrong_shape_is_a_clear_error() -> None:
+    bad = torch.zeros(4, 2, 16, 8, 7)
+    with pytest.raises(ValueError, match=r"FLASHINFER.*expected \[blocks, 2, block_size, heads, 8\]"):
+        canonical_view(bad, CacheLayout.FLASHINFER, 8)
+    with pytest.raises(ValueError, match="BHNC"):
+        canonical_view(torch.zeros(4, 8, 16, 15), CacheLayout.BHNC, 8)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+@pytest.mark.parametrize(("src_layout", "dst_layout"), [
+    (CacheLayout.BHNC, CacheLayout.FLASH_ATTN),
+    (CacheLayout.FLASHINFER, CacheLayout.BHNC),
+    (CacheLayout.MLA, CacheLayout.MLA_3D),
+])
+def test_save_and_load_batches_across_layouts(
+    src_layout: CacheLayout, dst_layout: CacheLayout, layerwise: bool
+) -> None:
+    pool = HostBufferPool(64 << 20)
+    src_tensors = cache(src_layout)
+    src = PagedKV(src_tensors, src_layout, D)
+    heads = heads_of(src_layout)
+    groups = [HeadGroup(h, 1) for h in range(heads)]
+    save = SaveBatch(src, [5, 6, 8], groups, pool, layerwise=layerwise)
+    if layerwise:
+        for layer in (0, 2):  # layer 1 is never announced: finish() must still copy it
+            save.save_layer(layer)
+    payloads = save.finish()
+    mib = 1 << 20  # the layer-major staging was released; only the payloads are held
+    assert pool.in_use_bytes == sum(-(-p.raw.numel() // mib) * mib for p in payloads)
+
+    dst_tensors = cache(dst_layout, seed=3)
+    dst = PagedKV(dst_tensors, dst_layout, D)
+    load = LoadBatch(dst, [0, 10, 4], groups, [p.tensor for p in payloads])
+    load.start()
+    load.wait_layer(1)
+    load.finish()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    for s, d in zip([5, 6, 8], [0, 10, 4], strict=True):
+        assert torch.equal(reference_payload(src_tensors, src_layout, s), reference_payload(dst_tensors, dst_layout, d))
+    for p in payloads:
+        p.release()
+    assert pool.in_use_bytes == 0
+
+
+def test_pool_is_bounded_and_reuses_buffers() -> None:
+    pool = HostBufferPool(2 << 20, pin=False)
+    a = pool.acquire(1 << 20)
+    b = pool.acquire(100)
+    with pytest.raises(PoolExhausted, match="in use"):
+        pool.acquire(10, timeout=0.05)
+    pool.release(a)
+    c = pool.acquire(5000)  # reuses the released 1 MiB buffer
+    assert c.data_ptr() == a.data_ptr()
+    assert pool.allocated_bytes == 2 << 20
+    with pytest.raises(ValueError, match="exceeds the pool capacity"):
+        pool.acquire(3 << 20)
+    pool.release(b)
+    pool.release(c)
+    assert pool.in_use_bytes == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="pinned memory needs CUDA")
+def test_pool_pins_on_cuda() -> None:
+    pool = HostBufferPool(4 << 20)
+    buf = pool.acquire(1024)
+    assert buf.is_pinned()
+    pool.release(buf)
