@@ -121,10 +121,9 @@ class UcmSparseBase:
     def layer_finished(self, layer_name: str, kv_layer: torch.Tensor) -> None:
         """After `layer_name` wrote its new KV into `kv_layer`: update summaries, offload."""
 
-    def attention_begin(
-        self, layer_name: str, query: torch.Tensor, key: torch.Tensor | None, attn_metadata: Any
-    ) -> Any:
-        """Just before attention; may select blocks and return a modified `attn_metadata`
+    def attention_begin(self, layer_name: str, query: torch.Tensor, paged_kv: Any, attn_metadata: Any) -> Any:
+        """Just before attention, with the step's queries and the layer's paged KV
+        (`ucm.sparse.paged.PagedKV`); may select blocks and return a modified `attn_metadata`
         (the default returns it unchanged: dense attention)."""
         return attn_metadata
 

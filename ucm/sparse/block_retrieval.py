@@ -1,0 +1,342 @@
+"""Block retrieval: a training-free sparse attention algorithm (Quest-style block bounds).
+
+Per decode step and per KV head, attention reads the initial window (attention sinks), the local
+window (recent tokens) and the top-k other blocks ranked by a per-block key summary scored against
+the current query; the retrieved top-k is re-selected every `retrieval_stride` decode steps and
+reused in between (the windows always follow the sequence).
+
+Two users of the same math (`retrieval_math`):
+* `DecodeLayer` — one layer of one request decoding over its own block-major K/V, optionally with
+  offload to a store (`offload.ResidentBlocks`). The benchmark and the tests drive it with real
+  tensors; it is the per-head selection this algorithm is defined by.
+* `BlockRetrievalSparse` — the `UcmSparseBase` plugged into vLLM. Its attention hook (installed by
+  `vllm_patch`) selects per request row of the paged cache and hands the attention backend a
+  compacted block table (`paged.compact_decode_rows`); see that module for what runs where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ucm.sparse import retrieval_math as rm
+from ucm.sparse.base import SlotAllocation, SparseConfigError, SparseRole, UcmSparseBase, validate_keys
+from ucm.sparse.offload import ResidentBlocks
+from ucm.sparse.paged import PagedKV, PagedSummaries, compact_decode_rows, decode_rows, written_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRetrievalConfig:
+    """`ucm_sparse_config` for name="block_retrieval" (every key optional)."""
+
+    keep_ratio: float = 0.25  # fraction of blocks attended per step (windows included)
+    init_blocks: int = 1  # always-kept leading blocks (attention sinks)
+    local_blocks: int = 2  # always-kept most recent blocks
+    retrieval_stride: int = 4  # re-select the top-k every N decode steps
+    summary: str = "bounds"  # "bounds" (per-channel min/max, Quest upper bound) or "mean"
+    min_blocks: int = 16  # shorter contexts stay dense: there is nothing worth skipping
+    resident_blocks: int | None = None  # offload: device slots per request-layer ((head, block) pairs)
+    prefetch_blocks: int = 2  # offload: runners-up per head prefetched for the next re-selection
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, object]) -> BlockRetrievalConfig:
+        section = "ucm_sparse_config"
+        validate_keys(section, raw, {f.name for f in dataclasses.fields(cls)})
+
+        def number(key: str, kind: type, lo: float, hi: float | None = None) -> Any:
+            value: Any = raw.get(key, getattr(cls, key))
+            ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+                bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise SparseConfigError(f"{section}.{key}: expected {kind.__name__} {bound}, got {value!r}")
+            return kind(value)
+
+        keep_ratio = number("keep_ratio", float, 0.0, 1.0)
+        if keep_ratio <= 0:
+            raise SparseConfigError(f"{section}.keep_ratio: expected a float in (0, 1], got {keep_ratio!r}")
+        summary = raw.get("summary", cls.summary)
+        if summary not in rm.SUMMARY_KINDS:
+            raise SparseConfigError(f"{section}.summary: expected one of {rm.SUMMARY_KINDS}, got {summary!r}")
+        resident = raw.get("resident_blocks")
+        if resident is not None and (not isinstance(resident, int) or isinstance(resident, bool) or resident < 1):
+            raise SparseConfigError(f"{section}.resident_blocks: expected null or int >= 1, got {resident!r}")
+        return cls(
+            keep_ratio=keep_ratio,
+            init_blocks=number("init_blocks", int, 0),
+            local_blocks=number("local_blocks", int, 1),
+            retrieval_stride=number("retrieval_stride", int, 1),
+            summary=str(summary),
+            min_blocks=number("min_blocks", int, 1),
+            resident_blocks=resident,
+            prefetch_blocks=number("prefetch_blocks", int, 0),
+        )
+
+
+@dataclasses.dataclass
+class Retrieval:
+    """The reusable part of a selection: top-k per head and the runners-up (prefetch candidates)."""
+
+    blocks: torch.Tensor  # [H, k], sorted by block index
+    runners_up: torch.Tensor  # [H, p], next best after the top-k, best first
+    age: int = 0  # decode steps served since it was scored
+
+
+class RetrievalState:
+    """Stride bookkeeping for one (request, layer): when to re-score, what to reuse meanwhile."""
+
+    def __init__(self, config: BlockRetrievalConfig) -> None:
+        self.config = config
+        self.retrieval: Retrieval | None = None
+        self.scorings = 0
+
+    def needs_scores(self, num_blocks: int) -> bool:
+        """Whether this step re-selects (so the caller must compute block scores)."""
+        if num_blocks < self.config.min_blocks:
+            return False
+        return self.retrieval is None or self.retrieval.age >= self.config.retrieval_stride
+
+    def select(
+        self, scores: torch.Tensor | None, num_blocks: int, num_heads: int, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """[H, K] selection for this step; `scores` [H, num_blocks] is required iff `needs_scores`."""
+        c = self.config
+        if num_blocks < c.min_blocks:
+            return torch.arange(num_blocks, device=device).expand(num_heads, -1)
+        if scores is not None:
+            keep = rm.num_blocks_to_keep(num_blocks, c.keep_ratio, c.init_blocks, c.local_blocks)
+            init, local = rm.fixed_window(num_blocks, c.init_blocks, c.local_blocks)
+            k = keep - len(init) - len(local)
+            ranked = rm.rank_middle(scores, init.stop, local.start, k + c.prefetch_blocks)
+            self.retrieval = Retrieval(ranked[:, :k].sort(dim=1).values, ranked[:, k:])
+            self.scorings += 1
+        if self.retrieval is None:
+            raise ValueError("block retrieval: the first sparse step needs block scores")
+        self.retrieval.age += 1
+        return rm.compose_selection(self.retrieval.blocks, num_blocks, c.init_blocks, c.local_blocks)
+
+    def prefetch_candidates(self) -> list[tuple[int, int]]:
+        """(head, block) pairs likely selected at the next re-selection: the runners-up."""
+        if self.retrieval is None:
+            return []
+        return [(h, b) for h, row in enumerate(self.retrieval.runners_up.tolist()) for b in row]
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What one decode step of one layer read (bytes at the K/V tensors' dtype)."""
+
+    selection: torch.Tensor  # [H, K] block indices attended
+    kv_bytes: int  # K and V bytes attention read
+    summary_bytes: int  # summary bytes scoring read (0 on steps that reuse the retrieval)
+    fetched_bytes: int  # offload: store -> device bytes fetched on demand for this step
+    rescored: bool
+
+
+class DecodeLayer:
+    """One layer of one request decoding with block retrieval, over block-major K/V it owns.
+
+    Without offload the K/V live in `keys`/`values` (the device cache); with `offload`, attention
+    reads only from the resident pool, which fetches selected blocks from the store on demand.
+    """
+
+    def __init__(
+        self,
+        config: BlockRetrievalConfig,
+        *,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        max_tokens: int,
+        scale: float,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        offload: ResidentBlocks | None = None,
+    ) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.scale = scale
+        nb = math.ceil(max_tokens / block_size)
+        shape = (num_kv_heads, nb, block_size, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._kmin = torch.zeros(num_kv_heads, nb, head_dim, dtype=dtype, device=device)
+        self._kmax = torch.zeros_like(self._kmin)
+        self._kmean = torch.zeros_like(self._kmin)
+        self.num_tokens = 0
+        self.state = RetrievalState(config)
+        self.offload = offload
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.num_tokens / self.block_size)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add tokens' K and V ([n, H, D], token-major as vLLM produces them); the summaries of every
+        touched block are recomputed (a partial block's summary covers its valid tokens only)."""
+        n = keys.shape[0]
+        start, end = self.num_tokens, self.num_tokens + n
+        if end > self.keys.shape[1] * self.block_size:
+            raise ValueError(f"DecodeLayer: {end} tokens exceed max_tokens {self.keys.shape[1] * self.block_size}")
+        heads, nb, bs, d = self.keys.shape
+        self.keys.view(heads, nb * bs, d)[:, start:end] = keys.transpose(0, 1)
+        self.values.view(heads, nb * bs, d)[:, start:end] = values.transpose(0, 1)
+        self.num_tokens = end
+        first, last = start // bs, math.ceil(end / bs)
+        touched = rm.build_block_summaries(self.keys[:, first:last], end - first * bs)
+        self._kmin[:, first:last] = touched.kmin
+        self._kmax[:, first:last] = touched.kmax
+        self._kmean[:, first:last] = touched.kmean
+
+    def summaries(self) -> rm.BlockSummaries:
+        nb = self.num_blocks
+        return rm.BlockSummaries(self._kmin[:, :nb], self._kmax[:, :nb], self._kmean[:, :nb])
+
+    def step(self, query: torch.Tensor) -> tuple[torch.Tensor, StepReport]:
+        """Attention output [Hq, D] of one decode query, and what the step read."""
+        nb, heads = self.num_blocks, self.keys.shape[0]
+        summary_bytes = 0
+        scores = None
+        if self.state.needs_scores(nb):
+            summaries = self.summaries()
+            scores = rm.score_blocks(query, summaries, self.config.summary)
+            summary_bytes = summaries.nbytes(self.config.summary)
+        selection = self.state.select(scores, nb, heads, self.keys.device)
+        kv_bytes = rm.kv_bytes_of_blocks(selection, self.keys, self.num_tokens)
+        fetched = 0
+        if self.offload is None:
+            out = rm.sparse_decode_attention(query, self.keys, self.values, self.num_tokens, selection, self.scale)
+        else:
+            before = self.offload.stats.fetched_bytes
+            self.offload.ensure(selection)
+            fetched = self.offload.stats.fetched_bytes - before
+            k_sel, v_sel = self.offload.gather(selection)
+            out = rm.attention_over_gathered(query, k_sel, v_sel, selection, self.num_tokens, self.scale)
+            if self.config.prefetch_blocks:
+                self.offload.prefetch(self.state.prefetch_candidates())
+        return out, StepReport(selection, kv_bytes, summary_bytes, fetched, scores is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRetrievalMeta:
+    """Per-step scheduler -> worker metadata: physical blocks newly assigned to requests this step
+    (new requests, grown requests). Their content may have been written without passing through
+    attention (a connector load, a prefix-cache hit), so the worker refreshes their summaries."""
+
+    fresh_blocks: tuple[int, ...] = ()
+
+
+def _block_ids_of(scheduler_output: Any) -> list[int]:
+    """Block ids of every new request and every newly allocated block of running ones (all groups)."""
+    ids: list[int] = []
+    for req in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
+        for group in req.block_ids or ():
+            ids.extend(group)
+    cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+    for groups in getattr(cached, "new_block_ids", ()) or ():
+        for group in groups or ():
+            ids.extend(group)
+    return ids
+
+
+class BlockRetrievalSparse(UcmSparseBase):
+    """Block retrieval plugged into vLLM (scheduler and worker roles)."""
+
+    name = "block_retrieval"
+    config: BlockRetrievalConfig
+
+    @classmethod
+    def parse_config(cls, raw: Mapping[str, object]) -> BlockRetrievalConfig:
+        return BlockRetrievalConfig.from_dict(raw)
+
+    def __init__(self, config: BlockRetrievalConfig, role: SparseRole, vllm_config: Any = None) -> None:
+        super().__init__(config, role, vllm_config)
+        cache_config = getattr(vllm_config, "cache_config", None)
+        self.block_size = int(getattr(cache_config, "block_size", None) or 16)
+        self.requests: set[str] = set()
+        self.layer_names: list[str] = []
+        self._summaries: dict[str, PagedSummaries] = {}
+        self._fresh: dict[str, set[int]] = {}
+        # stride state per (layer, physical block being written): identifies a decode row for as
+        # long as it writes into one block, without needing the worker's request order
+        self._states: dict[tuple[str, int], RetrievalState] = {}
+        self._seen: set[tuple[str, int]] = set()
+        self.steps = 0
+
+    # ---------------------------------------------------------------- scheduler side
+    def request_begin(self, request: Any) -> None:
+        self.requests.add(str(request.request_id))
+
+    def request_finished(self, request: Any) -> None:
+        self.requests.discard(str(request.request_id))
+
+    def estimate_num_slots(self, request: Any, num_tokens: int) -> int:
+        """Token slots a decode step of this request attends to: the kept blocks (windows included)."""
+        nb = math.ceil(num_tokens / self.block_size)
+        if nb < self.config.min_blocks:
+            return num_tokens
+        c = self.config
+        keep = rm.num_blocks_to_keep(nb, c.keep_ratio, c.init_blocks, c.local_blocks) + c.prefetch_blocks
+        return min(num_tokens, keep * self.block_size)
+
+    def allocate_slots(self, request_id: str, num_blocks: int) -> SlotAllocation:
+        """Blocks that must stay resident whatever the query: the initial and local windows."""
+        if num_blocks < self.config.min_blocks:
+            return SlotAllocation(request_id, num_blocks, tuple(range(num_blocks)))
+        init, local = rm.fixed_window(num_blocks, self.config.init_blocks, self.config.local_blocks)
+        return SlotAllocation(request_id, num_blocks, (*init, *local))
+
+    def build_sparse_meta(self, scheduler_output: Any) -> BlockRetrievalMeta:
+        return BlockRetrievalMeta(tuple(sorted(set(_block_ids_of(scheduler_output)))))
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        self.layer_names = list(kv_caches)
+
+    def execute_begin(self, sparse_meta: object | None) -> None:
+        self.steps += 1
+        self._seen.clear()
+        fresh = set(sparse_meta.fresh_blocks) if isinstance(sparse_meta, BlockRetrievalMeta) else set()
+        for layer in self._summaries:
+            self._fresh[layer] = set(fresh)
+        self._pending_fresh = fresh
+
+    def attention_begin(self, layer_name: str, query: torch.Tensor, paged: Any, attn_metadata: Any) -> Any:
+        """Select blocks for every decode row and return metadata with compacted rows (see `paged`)."""
+        if not isinstance(paged, PagedKV) or not hasattr(attn_metadata, "block_table"):
+            return attn_metadata
+        bs = paged.block_size
+        summaries = self._summaries.get(layer_name)
+        if summaries is None:
+            summaries = self._summaries[layer_name] = PagedSummaries(paged)
+            self._fresh[layer_name] = set(getattr(self, "_pending_fresh", set()))
+        fresh = self._fresh.pop(layer_name, set())
+        dirty = written_blocks(attn_metadata, bs)
+        if fresh:
+            dirty = torch.unique(torch.cat([dirty, torch.tensor(sorted(fresh), device=dirty.device)]))
+        summaries.refresh(paged, dirty)
+        selections: dict[int, torch.Tensor] = {}
+        qsl = attn_metadata.query_start_loc
+        for row in decode_rows(attn_metadata):
+            seq_len = int(attn_metadata.seq_lens[row])
+            nb = math.ceil(seq_len / bs)
+            if nb < self.config.min_blocks:
+                continue
+            physical = attn_metadata.block_table[row, :nb].long()
+            key = (layer_name, int(physical[-1]))
+            self._seen.add(key)
+            state = self._states.setdefault(key, RetrievalState(self.config))
+            scores = None
+            if state.needs_scores(nb):
+                q = query[int(qsl[row])].view(-1, query.shape[-1])
+                scores = rm.score_blocks(q, summaries.of(physical), self.config.summary).amax(dim=0, keepdim=True)
+            selections[row] = state.select(scores, nb, 1, physical.device)[0]
+        return compact_decode_rows(attn_metadata, selections, bs)
+
+    def execute_finished(self) -> None:
+        """Forget stride state of rows not decoded in this step (finished or moved to a new block)."""
+        for key in [k for k in self._states if k not in self._seen]:
+            del self._states[key]

@@ -1,0 +1,137 @@
+"""Block retrieval over vLLM's paged KV cache: summaries per physical block, compacted block tables.
+
+Why compaction: vLLM's paged attention kernels read exactly the blocks listed in a request row's
+block table, up to `seq_lens[row]` tokens. For a decode row (one query token, which sees every
+earlier token), attending to a subset of blocks is the same as attending to a block table that
+lists only those blocks, in order, with `seq_len = (kept full blocks) * block_size + tokens of the
+last block` — keys were already rotated (RoPE) when written, so their slot positions no longer
+matter. The kernel itself is untouched; it simply reads fewer blocks. One block table row is shared
+by every KV head, so in vLLM the selection is per request row (block scores are maxed over heads),
+while the offline `DecodeLayer` selects per KV head.
+
+Summaries are kept per physical block and refreshed for blocks written this step (the metadata's
+`slot_mapping`) plus blocks the scheduler reported as newly assigned or loaded (`fresh_blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ucm.sparse import retrieval_math as rm
+
+
+@dataclasses.dataclass
+class PagedKV:
+    """One layer's paged cache as two views [num_physical_blocks, block_size, num_kv_heads, head_dim]."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+
+    @classmethod
+    def from_layer_cache(cls, kv_cache: torch.Tensor, layout: str) -> PagedKV:
+        """`layout` "blocks_first" = [NB, 2, bs, H, D] (Triton), "kv_first" = [2, NB, bs, H, D] (FlashAttention)."""
+        if layout == "blocks_first":
+            return cls(kv_cache[:, 0], kv_cache[:, 1])
+        if layout == "kv_first":
+            return cls(kv_cache[0], kv_cache[1])
+        raise ValueError(f"paged KV layout: expected 'blocks_first' or 'kv_first', got {layout!r}")
+
+    @property
+    def block_size(self) -> int:
+        return int(self.key_cache.shape[1])
+
+
+class PagedSummaries:
+    """Per-physical-block key summaries of one layer, refreshed for the blocks written."""
+
+    def __init__(self, paged: PagedKV) -> None:
+        nb, _, heads, d = paged.key_cache.shape
+        self.kmin = torch.zeros(heads, nb, d, dtype=paged.key_cache.dtype, device=paged.key_cache.device)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.kmean = torch.zeros_like(self.kmin)
+
+    def refresh(self, paged: PagedKV, blocks: torch.Tensor) -> None:
+        """Recompute the summaries of physical `blocks` from the cache (all slots of each block; a
+        partial block's summary is never used for ranking: it is always in the local window)."""
+        if blocks.numel() == 0:
+            return
+        k = paged.key_cache.index_select(0, blocks).permute(2, 0, 1, 3)  # [H, n, bs, D]
+        s = rm.build_block_summaries(k, k.shape[1] * k.shape[2])
+        self.kmin[:, blocks] = s.kmin
+        self.kmax[:, blocks] = s.kmax
+        self.kmean[:, blocks] = s.kmean
+
+    def of(self, physical: torch.Tensor) -> rm.BlockSummaries:
+        return rm.BlockSummaries(self.kmin[:, physical], self.kmax[:, physical], self.kmean[:, physical])
+
+
+def written_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:
+    """Physical blocks written in this step, from the metadata's slot mapping (padding is -1)."""
+    slots = attn_metadata.slot_mapping[: attn_metadata.num_actual_tokens]
+    slots = slots[slots >= 0]
+    blocks: torch.Tensor = torch.unique(torch.div(slots, block_size, rounding_mode="floor"))
+    return blocks
+
+
+def decode_rows(attn_metadata: Any) -> list[int]:
+    """Request rows whose query is one token (decode); prefill rows stay dense."""
+    qsl = attn_metadata.query_start_loc.tolist()
+    return [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
+
+
+def compact_decode_rows(attn_metadata: Any, selections: dict[int, torch.Tensor], block_size: int) -> Any:
+    """A copy of `attn_metadata` whose decode rows list only their selected logical blocks.
+
+    `selections[row]` holds sorted logical block indices that include the row's last block.
+    Other rows, and every tensor not touched here, are shared with the original (nothing is
+    modified in place, so other layers keep the dense metadata).
+    """
+    if not selections:
+        return attn_metadata
+    block_table = attn_metadata.block_table.clone()
+    seq_lens = attn_metadata.seq_lens.clone()
+    for row, logical in selections.items():
+        seq_len = int(attn_metadata.seq_lens[row])
+        last = math.ceil(seq_len / block_size) - 1
+        if int(logical[-1]) != last:
+            raise ValueError(f"row {row}: a decode selection must keep the last block {last}")
+        kept = logical.to(block_table.device)
+        block_table[row, : kept.numel()] = attn_metadata.block_table[row, kept]
+        tail = seq_len - last * block_size
+        seq_lens[row] = (kept.numel() - 1) * block_size + tail
+    changes: dict[str, Any] = {"block_table": block_table, "seq_lens": seq_lens}
+    if hasattr(attn_metadata, "max_seq_len"):
+        changes["max_seq_len"] = int(seq_lens.max()) if seq_lens.numel() else 0
+    if getattr(attn_metadata, "scheduler_metadata", None) is not None:
+        changes["scheduler_metadata"] = None  # ahead-of-time schedule was computed for the dense lengths
+    return dataclasses.replace(attn_metadata, **changes)
+
+
+def paged_reference_attention(
+    query: torch.Tensor, paged: PagedKV, attn_metadata: Any, scale: float
+) -> torch.Tensor:
+    """Plain torch paged attention for decode rows (query [T, Hq, D] -> [T, Hq, D]); the CPU
+    stand-in for the GPU kernel in tests, reading exactly the block table and seq_lens it is given."""
+    out = torch.zeros_like(query, dtype=torch.float32)
+    qsl = attn_metadata.query_start_loc.tolist()
+    bs = paged.block_size
+    for row in range(len(qsl) - 1):
+        seq_len = int(attn_metadata.seq_lens[row])
+        nb = math.ceil(seq_len / bs)
+        blocks = attn_metadata.block_table[row, :nb]
+        k = paged.key_cache[blocks].reshape(nb * bs, *paged.key_cache.shape[2:])[:seq_len]
+        v = paged.value_cache[blocks].reshape(nb * bs, *paged.value_cache.shape[2:])[:seq_len]
+        for t in range(qsl[row], qsl[row + 1]):
+            q = query[t]
+            heads = k.shape[1]
+            group = q.shape[0] // heads
+            kk = k.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
+            vv = v.float().repeat_interleave(group, dim=1)
+            visible = seq_len - (qsl[row + 1] - t) + 1  # causal: this token and everything before
+            logits = torch.einsum("hd,shd->hs", q.float(), kk[:visible]) * scale
+            out[t] = torch.einsum("hs,shd->hd", logits.softmax(-1), vv[:visible])
+    return out

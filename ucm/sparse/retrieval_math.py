@@ -1,0 +1,224 @@
+"""The tensor math of block retrieval: per-block key summaries, query scores, selection, attention.
+
+Pure functions over plain tensors so the same code serves the offline benchmark, the tests and the
+vLLM worker hooks. Layout used throughout ("block-major per KV head"):
+
+  keys, values: [num_kv_heads, num_blocks, block_size, head_dim]  (the last block may be partial;
+                `num_tokens` says how many leading token slots are valid)
+  query:        [num_q_heads, head_dim] (one decode token; q heads of a GQA group are contiguous)
+
+Why block granularity: KV lives in fixed-size blocks (vLLM's paged cache, the store's objects), so
+selecting whole blocks is what lets unselected KV stay off the GPU and out of the read path.
+
+Why the Quest bound: for a block with per-channel key minima m and maxima M, every key k in it has
+q.k <= sum_d max(q_d m_d, q_d M_d). Ranking blocks by that upper bound never ranks a block below its
+true best key's score, so a block holding one strongly matching "needle" token is found even if its
+mean key is unremarkable. The mean summary (q . mean(k)) is cheaper (one vector) but can miss that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+SUMMARY_KINDS = ("bounds", "mean")
+
+
+@dataclasses.dataclass
+class BlockSummaries:
+    """Per-block key summaries, each [num_kv_heads, num_blocks, head_dim]."""
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    kmean: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.kmin.shape[1])
+
+    def nbytes(self, kind: str) -> int:
+        """Bytes a scoring pass reads: both bounds, or the mean only."""
+        one = self.kmin.numel() * self.kmin.element_size()
+        return 2 * one if kind == "bounds" else one
+
+
+def token_valid_mask(num_blocks: int, block_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """[num_blocks, block_size] True where a slot holds a real token (the tail block may be partial)."""
+    pos = torch.arange(num_blocks * block_size, device=device).view(num_blocks, block_size)
+    return pos < num_tokens
+
+
+def build_block_summaries(keys: torch.Tensor, num_tokens: int) -> BlockSummaries:
+    """Summaries of every block of `keys` [H, NB, bs, D]; padding slots of a partial tail are ignored."""
+    _, num_blocks, block_size, _ = keys.shape
+    valid = token_valid_mask(num_blocks, block_size, num_tokens, keys.device)[None, :, :, None]
+    k = keys.float()
+    kmin = k.masked_fill(~valid, math.inf).amin(dim=2)
+    kmax = k.masked_fill(~valid, -math.inf).amax(dim=2)
+    count = valid.sum(dim=2).clamp(min=1)
+    kmean = k.masked_fill(~valid, 0.0).sum(dim=2) / count
+    return BlockSummaries(kmin.to(keys.dtype), kmax.to(keys.dtype), kmean.to(keys.dtype))
+
+
+def score_blocks(query: torch.Tensor, summaries: BlockSummaries, kind: str) -> torch.Tensor:
+    """[num_kv_heads, num_blocks] block scores for one decode query, max over each GQA group's q heads."""
+    if kind not in SUMMARY_KINDS:
+        raise ValueError(f"summary kind: expected one of {SUMMARY_KINDS}, got {kind!r}")
+    num_kv_heads, _, head_dim = summaries.kmin.shape
+    group = query.shape[0] // num_kv_heads
+    q = query.float().view(num_kv_heads, group, head_dim)
+    if kind == "bounds":
+        ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
+        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
+        scores = ub
+    else:
+        scores = torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float())
+    return scores.amax(dim=1)
+
+
+def num_blocks_to_keep(num_blocks: int, keep_ratio: float, init_blocks: int, local_blocks: int) -> int:
+    """How many blocks a decode step attends to: ceil(ratio * blocks), at least the fixed windows."""
+    return min(num_blocks, max(init_blocks + local_blocks, math.ceil(keep_ratio * num_blocks)))
+
+
+def fixed_window(num_blocks: int, init_blocks: int, local_blocks: int) -> tuple[range, range]:
+    """The always-kept initial window and local (most recent) window, disjoint."""
+    init = range(min(init_blocks, num_blocks))
+    local = range(max(len(init), num_blocks - local_blocks), num_blocks)
+    return init, local
+
+
+def rank_middle(scores: torch.Tensor, init_end: int, local_start: int, count: int) -> torch.Tensor:
+    """[H, count'] indices of the best-scoring middle blocks [init_end, local_start), best first."""
+    middle = scores[:, init_end:local_start]
+    count = max(0, min(count, middle.shape[1]))
+    return middle.topk(count, dim=1).indices + init_end
+
+
+def retrieve_top_k(scores: torch.Tensor, init_end: int, local_start: int, k: int) -> torch.Tensor:
+    """[H, k'] top-k block indices per head among the middle blocks [init_end, local_start), sorted."""
+    return rank_middle(scores, init_end, local_start, k).sort(dim=1).values
+
+
+def compose_selection(
+    retrieved: torch.Tensor, num_blocks: int, init_blocks: int, local_blocks: int
+) -> torch.Tensor:
+    """[H, K] sorted selection: initial window + retrieved blocks + the current local window.
+
+    Retrieved blocks lie between the two windows at retrieval time, and the local window only moves
+    forward as the sequence grows, so a reused (stride) retrieval stays disjoint from both windows.
+    """
+    heads = retrieved.shape[0]
+    init, local = fixed_window(num_blocks, init_blocks, local_blocks)
+    device = retrieved.device
+    fixed = torch.tensor(list(init) + list(local), dtype=torch.long, device=device)
+    parts = torch.cat([fixed.expand(heads, -1), retrieved.to(torch.long)], dim=1)
+    return parts.sort(dim=1).values
+
+
+def select_blocks(
+    query: torch.Tensor,
+    summaries: BlockSummaries,
+    *,
+    keep_ratio: float,
+    init_blocks: int,
+    local_blocks: int,
+    kind: str = "bounds",
+) -> torch.Tensor:
+    """One fresh selection [H, K] for `query` (no stride state): windows + top-k by summary score."""
+    nb = summaries.num_blocks
+    keep = num_blocks_to_keep(nb, keep_ratio, init_blocks, local_blocks)
+    init, local = fixed_window(nb, init_blocks, local_blocks)
+    k = keep - len(init) - len(local)
+    retrieved = retrieve_top_k(score_blocks(query, summaries, kind), init.stop, local.start, k)
+    return compose_selection(retrieved, nb, init_blocks, local_blocks)
+
+
+def dense_decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_tokens: int, scale: float
+) -> torch.Tensor:
+    """Reference attention of one decode query over every valid token: [num_q_heads, head_dim]."""
+    heads, nb, bs, d = keys.shape
+    group = query.shape[0] // heads
+    q = query.float().view(heads, group, d)
+    logits = torch.einsum("hgd,htd->hgt", q, keys.float().reshape(heads, nb * bs, d)) * scale
+    logits[..., num_tokens:] = -math.inf
+    probs = logits.softmax(dim=-1)
+    out = torch.einsum("hgt,htd->hgd", probs, values.float().reshape(heads, nb * bs, values.shape[-1]))
+    return out.reshape(heads * group, values.shape[-1])
+
+
+def block_attention_mass(
+    query: torch.Tensor, keys: torch.Tensor, num_tokens: int, scale: float
+) -> torch.Tensor:
+    """[num_kv_heads, num_blocks] true softmax mass of each block, summed over each group's q heads
+    (the ground truth that selection recall is measured against)."""
+    heads, nb, bs, d = keys.shape
+    group = query.shape[0] // heads
+    q = query.float().view(heads, group, d)
+    logits = torch.einsum("hgd,htd->hgt", q, keys.float().reshape(heads, nb * bs, d)) * scale
+    logits[..., num_tokens:] = -math.inf
+    return logits.softmax(dim=-1).view(heads, group, nb, bs).sum(dim=(1, 3))
+
+
+def gather_blocks(blocks: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """[H, K, bs, D] the selected blocks of `blocks` [H, NB, bs, D], per head."""
+    head_index = torch.arange(blocks.shape[0], device=blocks.device)[:, None]
+    return blocks[head_index, selected]
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_tokens: int,
+    selected: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one decode query over the selected blocks only: [num_q_heads, head_dim].
+
+    Reads only the selected blocks' K and V (gathered per KV head), never the rest.
+    """
+    return attention_over_gathered(
+        query, gather_blocks(keys, selected), gather_blocks(values, selected), selected, num_tokens, scale
+    )
+
+
+def attention_over_gathered(
+    query: torch.Tensor,
+    k_sel: torch.Tensor,
+    v_sel: torch.Tensor,
+    selected: torch.Tensor,
+    num_tokens: int,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention over already gathered blocks k_sel/v_sel [H, K, bs, D] (selected: [H, K])."""
+    heads, k_blocks, bs, d = k_sel.shape
+    group = query.shape[0] // heads
+    q = query.float().view(heads, group, d)
+    pos = selected[:, :, None] * bs + torch.arange(bs, device=selected.device)
+    valid = (pos < num_tokens).view(heads, 1, k_blocks * bs)
+    logits = torch.einsum("hgd,htd->hgt", q, k_sel.float().reshape(heads, k_blocks * bs, d)) * scale
+    logits = logits.masked_fill(~valid, -math.inf)
+    probs = logits.softmax(dim=-1)
+    out = torch.einsum("hgt,htd->hgd", probs, v_sel.float().reshape(heads, k_blocks * bs, v_sel.shape[-1]))
+    return out.reshape(heads * group, v_sel.shape[-1])
+
+
+def kv_bytes_of_blocks(selected: torch.Tensor, keys: torch.Tensor, num_tokens: int) -> int:
+    """Bytes of K and V an attention over `selected` [H, K] reads (valid tokens only)."""
+    _, _, bs, d = keys.shape
+    pos = selected[:, :, None] * bs + torch.arange(bs, device=selected.device)
+    tokens = int((pos < num_tokens).sum())
+    return 2 * tokens * d * keys.element_size()
+
+
+def to_block_major(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, int]:
+    """[N, H, D] token-major K or V -> ([H, NB, bs, D] zero-padded, N)."""
+    n, heads, d = tokens.shape
+    nb = math.ceil(n / block_size)
+    out = tokens.new_zeros(heads, nb * block_size, d)
+    out[:, :n] = tokens.transpose(0, 1)
+    return out.view(heads, nb, block_size, d), n
