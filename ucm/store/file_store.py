@@ -1,0 +1,626 @@
+"""A file store: one file per object in a directory on local disk, NFS or a PVC.
+
+Correctness without locks, across processes and hosts:
+
+* Publication: a writer writes header + payload to a uniquely named temp file next to the
+  target, optionally fsyncs it, then `link`s it to the final name (first complete writer wins;
+  EEXIST means another writer already published the same content-addressed bytes, so the dump
+  is a no-op) and unlinks the temp name. Filesystems without hard links fall back to `rename`
+  (last writer wins, same bytes). A writer killed at any moment leaves at most a `.tmp` file,
+  which no reader ever opens and `gc` removes by age.
+* Reading: header and payload come in with one `preadv` straight into the caller's buffer;
+  the object is accepted only if magic, version, salt, key, layout, length, header checksum
+  and payload checksum all match. A damaged or foreign object is counted, logged with its
+  path and moved to `quarantine/` (only if the name still points at the inode we read), and
+  reported as a miss. A host crash with `durability="none"` can leave a published file whose
+  data never reached the disk; the payload checksum turns that into a miss too.
+* Faults: ENOSPC, EDQUOT, EACCES, EPERM or EROFS while writing log one error naming the path
+  and switch the store to refusing dumps (`stats().read_only_reason`); loads keep working.
+  Nothing in `load`/`dump` raises for an I/O failure.
+* Index: an in-memory dict key -> file size, filled by a background scan at start-up and by
+  this process's dumps and loads, makes `lookup` of present keys a dict probe. A key not in
+  the index is checked with `os.stat` (another host may have written it since), so lookups
+  never miss a block that exists. The index also tracks usage for the capacity limit.
+* Capacity: before a dump would push usage (including writes in flight) over
+  `capacity_bytes`, the writer rescans and evicts least-recently-used objects down to 90% of
+  it (see `ucm.store.maintenance` for why mtime and a sorted scan). With several processes on
+  one directory each one sees the others' objects at its scans, so the bound holds per scan.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+
+from ucm.store import fileio
+from ucm.store.base import BlockLayout, Key, Store, StoreError, StoreStats, Task, WritableBuffer
+from ucm.store.format import (
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    MARKER_FORMAT,
+    MARKER_NAME,
+    MAX_KEY_BYTES,
+    OBJECTS_DIR,
+    QUARANTINE_DIR,
+    SALT_BYTES,
+    Header,
+    HeaderError,
+    decode_header,
+    object_path,
+    payload_checksum,
+    shard_dir,
+    temp_name,
+)
+from ucm.store.maintenance import evict_lru
+from ucm.store.scan import ObjectEntry, scan_objects
+from ucm.store.tasks import DoneTask, FutureTask
+
+log = logging.getLogger("ucm.store")
+
+# Errors after which retrying a write is pointless: the store stops accepting dumps.
+_READ_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+_LOW_WATERMARK = 0.9
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class _Damaged(Exception):
+    """An object that must never be returned; the message says why."""
+
+
+class FileStore(Store):
+    """See the module docstring. `salt` is the 16-byte cache-identity digest every object must carry."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        salt: bytes,
+        capacity_bytes: int | None = None,
+        durability: str = "none",
+        direct: bool = False,
+        io_threads: int = 8,
+        touch_interval_s: float = 10.0,
+    ) -> None:
+        if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
+            raise StoreError(f"salt must be {SALT_BYTES} bytes (a CacheIdentity.digest()), got {salt!r}")
+        if durability not in ("none", "fsync"):
+            raise StoreError(f"durability must be 'none' or 'fsync', got {durability!r}")
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise StoreError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
+        if io_threads < 1:
+            raise StoreError(f"io_threads must be >= 1, got {io_threads}")
+        if direct and not _O_DIRECT:
+            raise StoreError("direct=True needs O_DIRECT, which this platform lacks")
+        self.root = os.path.abspath(os.fspath(path))
+        self.salt = salt
+        self.capacity_bytes = capacity_bytes
+        self.fsync = durability == "fsync"
+        self.direct = direct
+        self.touch_interval_ns = int(touch_interval_s * 1e9)
+        self._objects = os.path.join(self.root, OBJECTS_DIR)
+        self._quarantine = os.path.join(self.root, QUARANTINE_DIR)
+        self._lock = threading.Lock()  # index and counters
+        self._scan_lock = threading.Lock()  # one scan/eviction at a time
+        self._index: dict[bytes, int] = {}
+        self._bytes = 0
+        self._in_flight = 0  # bytes reserved by dumps not yet published
+        self._scanning = False
+        self._published_during_scan: list[bytes] = []
+        self._stats = StoreStats(capacity_bytes=capacity_bytes)
+        self._use_link = True
+        self._logged_errors: set[int] = set()
+        self._buffers = fileio.ThreadBuffers()
+        self._open_root()
+        self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="ucm-store-io")
+        self.index_ready = threading.Event()
+        threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True).start()
+        log.info(
+            "UCM file store at %s (salt %s, capacity %s, durability %s, direct I/O %s%s)",
+            self.root,
+            salt.hex(),
+            "unlimited" if capacity_bytes is None else f"{capacity_bytes} bytes",
+            durability,
+            "on" if direct else "off",
+            f"; READ-ONLY: {self._stats.read_only_reason}" if self._stats.read_only_reason else "",
+        )
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _open_root(self) -> None:
+        """Create or validate the store directory; a directory that is not ours is an error."""
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StoreError(f"store path {self.root} exists and is not a directory")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}") from exc
+        marker = os.path.join(self.root, MARKER_NAME)
+        if os.path.exists(marker):
+            self._check_marker(marker)
+        else:
+            foreign = sorted(set(os.listdir(self.root)) - {OBJECTS_DIR, QUARANTINE_DIR})
+            if foreign:
+                raise StoreError(
+                    f"store path {self.root} is not empty and has no {MARKER_NAME} "
+                    f"(found {', '.join(foreign[:5])}); refusing to use a foreign directory as a store"
+                )
+            try:
+                self._write_marker(marker)
+            except OSError as exc:
+                self._refuse_dumps(marker, exc)
+        for directory in (self._objects, self._quarantine):
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                self._refuse_dumps(directory, exc)
+        if self.direct:
+            self._probe_direct()
+
+    def _check_marker(self, marker: str) -> None:
+        try:
+            with open(marker, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{marker}: unreadable store marker ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != MARKER_FORMAT:
+            raise StoreError(f"{marker}: not a UCM file store marker (expected format {MARKER_FORMAT!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{marker}: store format version {meta.get('version')!r}, this UCM reads {FORMAT_VERSION}"
+            )
+
+    def _write_marker(self, marker: str) -> None:
+        tmp = os.path.join(self.root, temp_name("marker"))
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": MARKER_FORMAT, "version": FORMAT_VERSION}, f)
+        try:
+            os.link(tmp, marker)
+        except FileExistsError:
+            pass  # another process created the store at the same moment
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+            os.rename(tmp, marker)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _probe_direct(self) -> None:
+        probe = os.path.join(self.root, MARKER_NAME)
+        try:
+            os.close(os.open(probe, os.O_RDONLY | _O_DIRECT | _O_CLOEXEC))
+        except OSError as exc:
+            raise StoreError(
+                f"direct=True but {self.root} does not support O_DIRECT ({exc.strerror}); use direct=False"
+            ) from exc
+
+    # -- index --------------------------------------------------------------------------------
+
+    def _warm_index(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # never let a scan failure take the process down
+            log.exception("UCM store: index scan of %s failed; lookups fall back to stat", self.root)
+        finally:
+            self.index_ready.set()
+
+    def refresh(self) -> list[tuple[bytes, str, int, int]]:
+        """Rescan the directory; the index and usage then reflect every host's objects.
+        Returns (key, path, size, mtime_ns) of every object seen."""
+        with self._scan_lock:
+            return self._rescan_locked()
+
+    def _rescan_locked(self) -> list[tuple[bytes, str, int, int]]:
+        with self._lock:
+            self._scanning = True
+            self._published_during_scan = []
+        try:
+            objects, _ = scan_objects(self._objects)
+        finally:
+            with self._lock:
+                self._scanning = False
+        with self._lock:
+            index = {o.key: o.size for o in objects}
+            for key in self._published_during_scan:
+                if key in self._index:
+                    index[key] = self._index[key]
+            self._published_during_scan = []
+            self._index = index
+            self._bytes = sum(index.values())
+        return [(o.key, o.path, o.size, o.mtime_ns) for o in objects]
+
+    def _indexed(self, key: bytes, size: int) -> None:
+        with self._lock:
+            if key not in self._index:
+                self._bytes += size
+            self._index[key] = size
+            if self._scanning:
+                self._published_during_scan.append(key)
+
+    def _unindexed(self, key: bytes) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._bytes -= size
+
+    # -- lookup -----------------------------------------------------------------------------------
+
+    def _stat_present(self, key: bytes) -> bool:
+        try:
+            st = os.stat(object_path(self._objects, key))
+        except OSError:
+            return False
+        self._indexed(key, st.st_size)
+        return True
+
+    def lookup(self, keys: Sequence[Key]) -> list[bool]:
+        _check_keys(keys)
+        index = self._index
+        found = [key in index for key in keys]
+        missing = [i for i, hit in enumerate(found) if not hit]
+        if len(missing) > 64:  # a batch of stats: overlap them (latency-bound on NFS)
+            for i, hit in zip(missing, self._pool.map(self._stat_present, [keys[i] for i in missing]), strict=True):
+                found[i] = hit
+        else:
+            for i in missing:
+                found[i] = self._stat_present(keys[i])
+        hits = sum(found)
+        with self._lock:
+            self._stats.lookups += len(keys)
+            self._stats.hits += hits
+            self._stats.misses += len(keys) - hits
+        return found
+
+    def lookup_prefix(self, keys: Sequence[Key]) -> int:
+        """Stops at the first miss, so a new prompt costs one stat, not one per block."""
+        _check_keys(keys)
+        index = self._index
+        count = 0
+        for key in keys:
+            if key not in index and not self._stat_present(key):
+                break
+            count += 1
+        with self._lock:
+            self._stats.lookups += min(count + 1, len(keys))
+            self._stats.hits += count
+            self._stats.misses += 1 if count < len(keys) else 0
+        return count
+
+    # -- load -------------------------------------------------------------------------------------
+
+    def load(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
+        views = _check_batch(keys, buffers, layout, writable=True)
+        description = layout.describe()
+        return FutureTask(
+            [self._pool.submit(self._load_one, k, v, description) for k, v in zip(keys, views, strict=True)]
+        )
+
+    def _load_one(self, key: bytes, buf: memoryview, description: str) -> bool:
+        path = object_path(self._objects, key)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self.direct else 0))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                self._log_once(exc, path, "read")
+            self._unindexed(key)
+            return self._count_load(False, 0)
+        try:
+            self._read_object(fd, key, buf, description)
+            self._touch(fd)
+        except _Damaged as exc:
+            self._quarantine_object(fd, key, path, str(exc))
+            return self._count_load(False, 0)
+        except _LayoutMismatch as exc:
+            log.debug("UCM store: %s: %s", path, exc)
+            return self._count_load(False, 0)
+        except OSError as exc:
+            self._log_once(exc, path, "read")
+            return self._count_load(False, 0)
+        finally:
+            os.close(fd)
+        return self._count_load(True, buf.nbytes)
+
+    def _read_object(self, fd: int, key: bytes, buf: memoryview, description: str) -> None:
+        n = buf.nbytes
+        bounce: memoryview | None = None
+        if self.direct and not fileio.is_aligned(buf):
+            bounce = self._buffers.get(HEADER_SIZE + fileio.align_up(n))
+            got = fileio.pread_full(fd, [bounce], 0)
+            header_view, payload = bounce[:HEADER_SIZE], bounce[HEADER_SIZE : HEADER_SIZE + n]
+        else:
+            header_view = self._buffers.get(HEADER_SIZE)
+            got = fileio.pread_full(fd, [header_view, buf], 0)
+            payload = buf
+        if got < HEADER_SIZE:
+            raise _Damaged(f"truncated: {got} bytes, shorter than the {HEADER_SIZE}-byte header")
+        try:
+            header = decode_header(header_view)
+        except HeaderError as exc:
+            raise _Damaged(str(exc)) from exc
+        if header.salt != self.salt:
+            raise _Damaged(f"written with salt {header.salt.hex()}, this store uses {self.salt.hex()}")
+        if header.key != key:
+            raise _Damaged(f"holds key {header.key.hex()}, not the key its name says")
+        if header.layout != description:
+            raise _LayoutMismatch(f"layout {header.layout}, expected {description}")
+        if header.payload_len != n:
+            raise _Damaged(f"payload length {header.payload_len} does not match layout {description} ({n})")
+        if got < HEADER_SIZE + n:
+            raise _Damaged(f"truncated: {got - HEADER_SIZE} of {n} payload bytes")
+        if payload_checksum(payload) != header.payload_checksum:
+            raise _Damaged("payload checksum mismatch")
+        if bounce is not None:
+            fileio.copy_bytes(buf, payload)
+
+    def _touch(self, fd: int) -> None:
+        """Bump mtime (the LRU clock) at most once per touch interval: a metadata write per
+        load would cost an RPC per block on NFS."""
+        if self._stats.read_only_reason is not None:
+            return
+        st = os.fstat(fd)
+        now = time.time_ns()
+        if now - st.st_mtime_ns >= self.touch_interval_ns:
+            try:
+                os.utime(fd, ns=(st.st_atime_ns, now))
+            except OSError:
+                pass  # recency is best effort; never fail a load over it
+
+    def _quarantine_object(self, fd: int, key: bytes, path: str, reason: str) -> None:
+        log.warning("UCM store: damaged object %s (%s); quarantined, treated as a miss", path, reason)
+        self._unindexed(key)
+        with self._lock:
+            self._stats.corrupt += 1
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                return  # replaced since we read it: not ours to move
+            os.rename(path, os.path.join(self._quarantine, temp_name(key.hex()).lstrip(".")))
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _count_load(self, ok: bool, nbytes: int) -> bool:
+        with self._lock:
+            if ok:
+                self._stats.loads += 1
+                self._stats.loaded_bytes += nbytes
+            else:
+                self._stats.load_failures += 1
+        return ok
+
+    # -- dump -------------------------------------------------------------------------------------
+
+    def dump(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
+        views = _check_batch(keys, buffers, layout, writable=False)
+        if self._stats.read_only_reason is not None:
+            with self._lock:
+                self._stats.dump_failures += len(keys)
+            return DoneTask([False] * len(keys))
+        description = layout.describe()
+        return FutureTask(
+            [self._pool.submit(self._dump_one, k, v, description) for k, v in zip(keys, views, strict=True)]
+        )
+
+    def _dump_one(self, key: bytes, buf: memoryview, description: str) -> bool:
+        if self._stats.read_only_reason is not None:
+            return self._count_dump(False, skipped=False, nbytes=0)
+        if key in self._index:
+            return self._count_dump(True, skipped=True, nbytes=0)
+        n = buf.nbytes
+        size = HEADER_SIZE + (fileio.align_up(n) if self.direct else n)
+        leaf = shard_dir(self._objects, key.hex())
+        tmp = os.path.join(leaf, temp_name(key.hex()))
+        final = object_path(self._objects, key)
+        if not self._reserve(size):
+            return self._count_dump(False, skipped=False, nbytes=0)
+        where = tmp
+        try:
+            header = Header(self.salt, key, description, n, payload_checksum(buf)).encode()
+            fd = self._create(tmp, leaf)
+            try:
+                self._write_object(fd, header, buf)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            where = final
+            published = self._publish(tmp, final)
+            if self.fsync:
+                _fsync_dir(leaf)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            self._write_failed(exc, where)
+            return self._count_dump(False, skipped=False, nbytes=0)
+        finally:
+            with self._lock:
+                self._in_flight -= size
+        self._indexed(key, size)
+        return self._count_dump(True, skipped=not published, nbytes=n if published else 0)
+
+    def _create(self, tmp: str, leaf: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | (_O_DIRECT if self.direct else 0)
+        try:
+            return os.open(tmp, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(leaf, exist_ok=True)
+            return os.open(tmp, flags, 0o644)
+
+    def _write_object(self, fd: int, header: bytes, buf: memoryview) -> None:
+        n = buf.nbytes
+        if not self.direct:
+            fileio.pwrite_all(fd, [memoryview(header), buf], 0)
+        elif fileio.is_aligned(buf):
+            header_view = self._buffers.get(HEADER_SIZE)
+            header_view[:] = header
+            fileio.pwrite_all(fd, [header_view, buf], 0)
+        else:
+            padded = fileio.align_up(n)
+            bounce = self._buffers.get(HEADER_SIZE + padded)
+            bounce[:HEADER_SIZE] = header
+            fileio.copy_bytes(bounce[HEADER_SIZE : HEADER_SIZE + n], buf)
+            bounce[HEADER_SIZE + n :] = bytes(padded - n)  # never leak an older block's bytes
+            fileio.pwrite_all(fd, [bounce], 0)
+
+    def _publish(self, tmp: str, final: str) -> bool:
+        """Make the object visible; False when another writer published it first."""
+        if self._use_link:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                _unlink_quietly(tmp)
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_LINK_ERRNOS:
+                    raise
+                self._use_link = False  # e.g. a filesystem without hard links
+            else:
+                _unlink_quietly(tmp)
+                return True
+        os.rename(tmp, final)
+        return True
+
+    def _reserve(self, size: int) -> bool:
+        """Account a dump in flight, evicting LRU objects first if it would exceed capacity."""
+        capacity = self.capacity_bytes
+        with self._lock:
+            if capacity is None or self._bytes + self._in_flight + size <= capacity:
+                self._in_flight += size
+                return True
+        if size > (capacity or 0):
+            return False  # can never fit
+        with self._scan_lock:
+            with self._lock:
+                over = self._bytes + self._in_flight + size > capacity
+            if over:
+                self._evict_locked(int(capacity * _LOW_WATERMARK) - size)
+            with self._lock:
+                self._in_flight += size
+        return True
+
+    def _evict_locked(self, target: int) -> None:
+        seen = self._rescan_locked()
+        with self._lock:
+            target -= self._in_flight
+        entries = [ObjectEntry(k, p, s, m) for k, p, s, m in seen]
+        removed = evict_lru(entries, sum(e.size for e in entries), max(target, 0))
+        for entry in removed:
+            self._unindexed(entry.key)
+        with self._lock:
+            self._stats.evictions += len(removed)
+
+    def _write_failed(self, exc: OSError, path: str) -> None:
+        if exc.errno in _READ_ONLY_ERRNOS:
+            self._refuse_dumps(path, exc)
+        else:
+            self._log_once(exc, path, "write")
+
+    def _refuse_dumps(self, path: str, exc: OSError) -> None:
+        with self._lock:
+            if self._stats.read_only_reason is not None:
+                return
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            self._stats.read_only_reason = f"{name}: {exc.strerror} writing {path}"
+        log.error(
+            "UCM store %s: cannot write %s: %s (%s); dumps are now refused, loads continue",
+            self.root,
+            path,
+            exc.strerror,
+            name,
+        )
+
+    def _log_once(self, exc: OSError, path: str, what: str) -> None:
+        code = exc.errno or 0
+        if code not in self._logged_errors:
+            self._logged_errors.add(code)
+            log.warning("UCM store: %s of %s failed: %s (further errors like it are only counted)", what, path, exc)
+
+    def _count_dump(self, ok: bool, *, skipped: bool, nbytes: int) -> bool:
+        with self._lock:
+            if not ok:
+                self._stats.dump_failures += 1
+            elif skipped:
+                self._stats.dump_skipped += 1
+            else:
+                self._stats.dumps += 1
+                self._stats.dumped_bytes += nbytes
+        return ok
+
+    # -- the rest ---------------------------------------------------------------------------------
+
+    def remove(self, keys: Sequence[Key]) -> int:
+        _check_keys(keys)
+        removed = 0
+        for key in keys:
+            try:
+                os.unlink(object_path(self._objects, key))
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._log_once(exc, object_path(self._objects, key), "remove")
+            self._unindexed(key)
+        return removed
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            snapshot = StoreStats(**self._stats.as_dict())  # type: ignore[arg-type]
+            snapshot.blocks = len(self._index)
+            snapshot.bytes = self._bytes
+        return snapshot
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"FileStore({self.root!r}, salt={self.salt.hex()})"
+
+
+class _LayoutMismatch(Exception):
+    """A sound object whose layout differs from the caller's: a miss, but not damage."""
+
+
+def _check_keys(keys: Sequence[Key]) -> None:
+    for key in keys:
+        if not isinstance(key, bytes) or not 16 <= len(key) <= MAX_KEY_BYTES:
+            raise ValueError(f"store keys must be bytes of 16..{MAX_KEY_BYTES} bytes, got {key!r:.80}")
+
+
+def _check_batch(
+    keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout, *, writable: bool
+) -> list[memoryview]:
+    _check_keys(keys)
+    if len(keys) != len(buffers):
+        raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+    views = []
+    for i, buf in enumerate(buffers):
+        view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+        if view.nbytes != layout.nbytes:
+            raise ValueError(f"buffer {i} has {view.nbytes} bytes; layout {layout.describe()} needs {layout.nbytes}")
+        if writable and view.readonly:
+            raise ValueError(f"buffer {i} is read-only; load needs writable buffers")
+        views.append(view)
+    return views
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

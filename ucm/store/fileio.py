@@ -1,0 +1,107 @@
+"""Low-level file I/O for the store: full positional reads/writes and aligned buffers.
+
+Why: `os.preadv`/`os.pwritev` move bytes straight between the kernel and the caller's buffer
+with the GIL released, so a thread pool overlaps many block transfers without a Python-level
+copy. O_DIRECT needs every buffer address and length aligned to the device's logical block
+size; `AlignedBuffer` gets page-aligned memory from an anonymous mmap (always 4,096-aligned),
+used as a bounce buffer when the caller's memory is not aligned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+ALIGN = 4096
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def address_of(buf: memoryview) -> int:
+    """Address of a buffer's first byte (works for read-only buffers too)."""
+    if buf.nbytes == 0:
+        return 0
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def is_aligned(buf: memoryview) -> bool:
+    return address_of(buf) % ALIGN == 0 and buf.nbytes % ALIGN == 0
+
+
+def copy_bytes(dst: memoryview, src: memoryview) -> None:
+    """memcpy with the GIL released (ctypes releases it around foreign calls)."""
+    if src.nbytes != dst.nbytes:
+        raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
+    if src.nbytes:
+        ctypes.memmove(address_of(dst), address_of(src), src.nbytes)
+
+
+class AlignedBuffer:
+    """Page-aligned anonymous memory, grown on demand (never shrunk)."""
+
+    def __init__(self, size: int = ALIGN) -> None:
+        self._map = mmap.mmap(-1, align_up(max(size, ALIGN)))
+
+    def view(self, size: int) -> memoryview:
+        if size > len(self._map):
+            self._map.close()
+            self._map = mmap.mmap(-1, align_up(size))
+        return memoryview(self._map)[:size]
+
+
+class ThreadBuffers(threading.local):
+    """One bounce buffer per I/O thread."""
+
+    def __init__(self) -> None:
+        self.buffer = AlignedBuffer()
+
+    def get(self, size: int) -> memoryview:
+        return self.buffer.view(size)
+
+
+def pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
+    """Write every buffer at `offset` consecutively, retrying partial writes."""
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        written = os.pwritev(fd, pending, offset)
+        if written <= 0:
+            raise OSError(f"pwritev wrote {written} bytes")
+        offset += written
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def pread_full(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+    """Fill the buffers from `offset` until they are full or the file ends; bytes read."""
+    pending = [b for b in buffers if b.nbytes]
+    total = 0
+    while pending:
+        got = os.preadv(fd, pending, offset)
+        if got == 0:
+            break
+        total += got
+        offset += got
+        while pending and got >= pending[0].nbytes:
+            got -= pending[0].nbytes
+            pending.pop(0)
+        if got:
+            pending[0] = pending[0][got:]
+    return total
+
+
+def drop_cache(fd: int) -> None:
+    """Ask the kernel to drop this file's clean pages (after fsync), so the next read hits the disk."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
