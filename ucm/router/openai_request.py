@@ -1,0 +1,204 @@
+"""Parse and check OpenAI completion/chat requests, and build the prefill and decode bodies.
+
+The router validates only the fields it relies on (model, prompt/messages, stream, the token
+limits it rewrites) and forwards everything else untouched: vLLM validates the rest and its 4xx
+answers pass through to the client. Bodies follow vLLM's disaggregated-serving protocol (its
+`toy_proxy_server.py` and the NixlConnector's `request_finished`):
+
+* prefill: the client's body with `max_tokens: 1` (and `max_completion_tokens: 1`), `stream:
+  false`, no `stream_options`/`min_tokens`/`min_completion_tokens`, and `kv_transfer_params`
+  `{"do_remote_decode": true, "do_remote_prefill": false, ...}` asking the prefill engine to keep
+  the KV for a remote decode;
+* decode: the client's original body plus the `kv_transfer_params` the prefill answer returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from ucm.router.errors import ApiError, invalid_field
+
+RequestKind = Literal["completions", "chat"]
+PATHS: dict[RequestKind, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+# What the prefill request asks of the engine; the engine answers with the params decode needs.
+PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+_NOT_FOR_PREFILL = ("stream_options", "min_tokens", "min_completion_tokens")
+_TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "min_completion_tokens")
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    """One client request after checking; `body` is the client's JSON object, never mutated."""
+
+    kind: RequestKind
+    raw: bytes
+    body: dict[str, Any]
+    stream: bool
+    # Affinity input: the prompt's first bytes (text prompts and chat) or its first token ids.
+    prefix_text: bytes | None
+    prefix_tokens: list[int] | None
+
+    @property
+    def path(self) -> str:
+        return PATHS[self.kind]
+
+
+def parse_request(raw: bytes, kind: RequestKind, served_model: str, prefix_limit: int) -> ParsedRequest:
+    """Decode and check one request body; raises ApiError (4xx) naming the offending field.
+
+    `prefix_limit` bounds how much of the prompt is kept for prefix affinity (bytes of text or
+    token ids), so huge prompts cost no more than small ones here."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise ApiError(
+            400,
+            f"Request body must be a JSON object, got {type(body).__name__}.",
+            code="invalid_json",
+        )
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise invalid_field("model", "a string", model)
+        if model != served_model:
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist. This router serves `{served_model}`.",
+                param="model",
+                code="model_not_found",
+            )
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid_field("stream", "a boolean", stream)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid_field("stream_options", "an object or null", options)
+    for name in _TOKEN_LIMIT_FIELDS:
+        value = body.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise invalid_field(name, "a non-negative integer or null", value)
+    if "kv_transfer_params" in body:
+        raise ApiError(
+            400,
+            "'kv_transfer_params' is set by the router for prefill/decode hand-off; "
+            "clients must not send it.",
+            param="kv_transfer_params",
+            code="invalid_value",
+        )
+    if kind == "completions":
+        text, tokens = _completion_prefix(body, prefix_limit)
+    else:
+        text, tokens = _chat_prefix(body, prefix_limit), None
+    return ParsedRequest(kind, raw, body, stream, text, tokens)
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _completion_prefix(body: dict[str, Any], limit: int) -> tuple[bytes | None, list[int] | None]:
+    if "prompt" not in body:
+        raise ApiError(400, "Missing required field 'prompt'.", param="prompt", code="missing_field")
+    prompt = body["prompt"]
+    expected = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(prompt, str):
+        return prompt[:limit].encode("utf-8")[:limit], None
+    if not isinstance(prompt, list) or not prompt:
+        raise invalid_field("prompt", f"a non-empty value: {expected}", prompt)
+    first = prompt[0]
+    if isinstance(first, str):
+        for i, item in enumerate(prompt):
+            if not isinstance(item, str):
+                raise invalid_field(f"prompt[{i}]", "a string (like prompt[0])", item)
+        return first[:limit].encode("utf-8")[:limit], None
+    if isinstance(first, int) and not isinstance(first, bool):
+        if not _is_token_list(prompt):
+            raise invalid_field("prompt", "a list of integer token ids", prompt)
+        return None, prompt[:limit]
+    if isinstance(first, list):
+        for i, item in enumerate(prompt):
+            if not _is_token_list(item):
+                raise invalid_field(f"prompt[{i}]", "a list of integer token ids", item)
+        return None, first[:limit]
+    raise invalid_field("prompt", expected, prompt)
+
+
+def _chat_prefix(body: dict[str, Any], limit: int) -> bytes:
+    """The conversation's first bytes as role/content text. Later turns extend earlier ones, so a
+    multi-turn chat keeps its affinity while its first `limit` bytes stay the same."""
+    if "messages" not in body:
+        raise ApiError(400, "Missing required field 'messages'.", param="messages", code="missing_field")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise invalid_field("messages", "a non-empty list of message objects", messages)
+    parts: list[str] = []
+    size = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise invalid_field(f"messages[{i}]", "an object with 'role' and 'content'", message)
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise invalid_field(f"messages[{i}].role", "a string", role)
+        content = message.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = "".join(_content_part_text(i, j, part) for j, part in enumerate(content))
+        else:
+            raise invalid_field(
+                f"messages[{i}].content", "a string, a list of content parts or null", content
+            )
+        if size < limit:
+            piece = f"{role}\x1f{text}\x1e"
+            parts.append(piece)
+            size += len(piece)
+    return "".join(parts)[:limit].encode("utf-8")[:limit]
+
+
+def _content_part_text(i: int, j: int, part: object) -> str:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise invalid_field(f"messages[{i}].content[{j}]", "an object with a string 'type'", part)
+    for key in ("text", "image_url", "input_audio", "video_url"):
+        value = part.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("url"), str):
+            return str(value["url"])
+    return str(part["type"])
+
+
+def build_prefill_body(request: ParsedRequest) -> dict[str, Any]:
+    """The prefill request: compute the prompt's KV, return one token and the hand-off params."""
+    body = {k: v for k, v in request.body.items() if k not in _NOT_FOR_PREFILL}
+    body["kv_transfer_params"] = dict(PREFILL_KV_TRANSFER_PARAMS)
+    body["stream"] = False
+    body["max_tokens"] = 1
+    if request.kind == "chat" or "max_completion_tokens" in body:
+        body["max_completion_tokens"] = 1
+    return body
+
+
+def build_decode_body(request: ParsedRequest, kv_transfer_params: dict[str, Any] | None) -> bytes:
+    """The decode request: the client's body, plus the prefill's hand-off params when it sent any.
+    Without params the client's bytes are forwarded as they came (decode-only fallback)."""
+    if kv_transfer_params is None:
+        return request.raw
+    body = dict(request.body)
+    body["kv_transfer_params"] = kv_transfer_params
+    return json.dumps(body).encode()

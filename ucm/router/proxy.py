@@ -1,0 +1,291 @@
+"""The prefill -> decode flow of one request over pooled keep-alive upstream connections.
+
+Timeouts (per upstream request): connect (`connect_timeout_s`); first byte = response headers
+(`first_byte_timeout_s` for prefill and streaming decode, `request_timeout_s` for non-streaming
+decode, whose headers come only after the whole generation); idle = longest gap between two
+reads of a streaming body (`idle_timeout_s`).
+
+Failure handling:
+* prefill 4xx: the client's mistake (e.g. prompt too long) - passed through unchanged;
+* prefill failure (connect error, timeout, 5xx, unreadable answer): the endpoint's failure is
+  counted and, with `fallback=decode-only`, the request goes to decode alone (counted);
+* decode connect error (nothing was sent): one retry on another decode endpoint of the same
+  revision;
+* decode failure after the SSE stream started: the stream ends with an OpenAI-style error event
+  `data: {"error": {...}}` then `data: [DONE]`, the way vLLM ends a stream that fails. Only whole
+  SSE events are forwarded, so the error event never lands inside a half-written one;
+* client disconnect: the handler is cancelled (aiohttp `handler_cancellation`), which closes the
+  upstream connections, and vLLM aborts the request when its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ucm.router.affinity import PrefixKeyer
+from ucm.router.config import RouterConfig
+from ucm.router.endpoints import EndpointState, Registry
+from ucm.router.errors import bad_gateway, build_error_body, gateway_timeout, unavailable
+from ucm.router.metrics import RouterMetrics
+from ucm.router.openai_request import ParsedRequest, build_decode_body, build_prefill_body
+
+log = logging.getLogger("ucm.router")
+_EVENT_END = b"\n\n"
+
+
+class _UpstreamFailed(Exception):
+    """The upstream could not serve (counted against the endpoint)."""
+
+    def __init__(self, message: str, *, timeout: bool = False, connect: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.connect = connect
+
+
+class _Passthrough(Exception):
+    """An upstream 4xx answer the client gets unchanged."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(status)
+        self.response = web.Response(status=status, body=body, content_type=content_type)
+
+
+def sse_error_event(message: str, code: int = 502) -> bytes:
+    """The terminating error event of a broken stream, then the [DONE] sentinel."""
+    body = build_error_body(message, type="upstream_error", code=code)
+    return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+class PDProxy:
+    def __init__(self, config: RouterConfig, registry: Registry, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.keyer = PrefixKeyer(config.model, config.affinity_prefix_blocks)
+        self._session: aiohttp.ClientSession | None = None
+        connect = config.connect_timeout_s
+        self._t_prefill = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.first_byte_timeout_s)
+        self._t_stream = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.idle_timeout_s)
+        self._t_whole = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.request_timeout_s)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("PDProxy.start() was not awaited")
+        return self._session
+
+    async def start(self) -> None:
+        # No connector limit: the router bounds concurrency itself (max_concurrent), so aiohttp
+        # never queues a request behind the pool.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._t_stream,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- the flow -------------------------------------------------------------------------
+    async def handle(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        auth = request.headers.get("Authorization")
+        if auth:
+            headers["Authorization"] = auth
+        key = None
+        if self.config.policy == "prefix-affinity":
+            key = self.keyer.key(parsed.prefix_text, parsed.prefix_tokens)
+        route = self.registry.choose_route(key)
+        kv_params: dict[str, Any] | None = None
+        revision: str | None = None
+        fallback: str | None = None
+        if route is None:
+            fallback = self._allow_fallback(
+                "no_pair", "no revision has both an available prefill and decode endpoint"
+            )
+        else:
+            revision = route.revision
+            self.metrics.affinity.labels(route.affinity).inc()
+            try:
+                kv_params = await self._prefill(route.prefill, parsed, headers)
+            except _Passthrough as answer:
+                return answer.response
+            except _UpstreamFailed as exc:
+                fallback = self._allow_fallback("prefill_failed", f"prefill failed: {exc}", exc.timeout)
+        decode = self.registry.choose_decode(revision)
+        if decode is None and revision is not None:
+            # The revision lost its decode endpoints during prefill; never mix revisions: the
+            # request may only go decode-only elsewhere (without the prefill's hand-off params).
+            fallback = self._allow_fallback("no_decode_in_revision", f"revision {revision!r} has no decode")
+            kv_params, decode = None, self.registry.choose_decode(None)
+        if decode is None:
+            raise unavailable("no decode endpoint is available")
+        if fallback is not None:
+            self.metrics.fallbacks.labels(fallback).inc()
+        else:
+            self.metrics.pd_requests.inc()
+        body = build_decode_body(parsed, kv_params)
+        try:
+            return await self._decode(request, decode, parsed, body, headers)
+        except _UpstreamFailed as exc:
+            if not exc.connect:
+                raise
+            retry = self.registry.choose_decode(decode.endpoint.revision, exclude=decode)
+            if retry is None:
+                raise
+            log.warning(
+                "decode %s unreachable (%s); retrying on %s", decode.endpoint.url, exc, retry.endpoint.url
+            )
+            return await self._decode(request, retry, parsed, body, headers)
+
+    def _allow_fallback(self, reason: str, message: str, timeout: bool = False) -> str:
+        """Returns the fallback reason when decode-only is allowed, else raises the client error."""
+        if self.config.fallback == "decode-only":
+            return reason
+        if reason != "prefill_failed":
+            raise unavailable(message, code="no_prefill_decode_pair")
+        raise gateway_timeout(message) if timeout else bad_gateway(message)
+
+    def _failed(self, state: EndpointState, outcome: str) -> None:
+        role = state.endpoint.role
+        self.metrics.upstream.labels(role, outcome).inc()
+        if self.registry.record_failure(state):
+            self.metrics.ejections.labels(role).inc()
+            log.warning("ejected %s %s after consecutive failures", role, state.endpoint.url)
+
+    def _succeeded(self, state: EndpointState) -> None:
+        self.metrics.upstream.labels(state.endpoint.role, "ok").inc()
+        self.registry.record_success(state)
+
+    async def _prefill(
+        self, state: EndpointState, parsed: ParsedRequest, headers: dict[str, str]
+    ) -> dict[str, Any] | None:
+        url = state.endpoint.url + parsed.path
+        data = json.dumps(build_prefill_body(parsed)).encode()
+        start = time.perf_counter()
+        with self.registry.lease(state):
+            try:
+                async with (
+                    asyncio.timeout(self.config.first_byte_timeout_s),
+                    self.session.post(url, data=data, headers=headers, timeout=self._t_prefill) as resp,
+                ):
+                    status, payload, ctype = resp.status, await resp.read(), resp.content_type
+            except TimeoutError as exc:
+                self._failed(state, "timeout")
+                raise _UpstreamFailed(f"{url} timed out", timeout=True) from exc
+            except aiohttp.ClientError as exc:
+                self._failed(state, "error")
+                raise _UpstreamFailed(f"{url}: {exc!r}") from exc
+        self.metrics.prefill_duration.observe(time.perf_counter() - start)
+        if status >= 500:
+            self._failed(state, "http_5xx")
+            raise _UpstreamFailed(f"{url} answered HTTP {status}")
+        if status >= 400:
+            self._succeeded(state)  # the endpoint works; the request was bad
+            raise _Passthrough(status, payload, ctype)
+        try:
+            answer = json.loads(payload)
+        except ValueError as exc:
+            self._failed(state, "bad_answer")
+            raise _UpstreamFailed(f"{url} answered invalid JSON") from exc
+        self._succeeded(state)
+        params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        return params if isinstance(params, dict) else None
+
+    async def _decode(
+        self,
+        request: web.Request,
+        state: EndpointState,
+        parsed: ParsedRequest,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        url = state.endpoint.url + parsed.path
+        with self.registry.lease(state):
+            try:
+                if parsed.stream:
+                    async with asyncio.timeout(self.config.first_byte_timeout_s):
+                        resp = await self.session.post(
+                            url, data=body, headers=headers, timeout=self._t_stream
+                        )
+                else:
+                    resp = await self.session.post(url, data=body, headers=headers, timeout=self._t_whole)
+            except TimeoutError as exc:
+                self._failed(state, "timeout")
+                raise gateway_timeout(f"decode {url} timed out") from exc
+            except aiohttp.ClientConnectorError as exc:
+                self._failed(state, "connect_error")
+                raise _UpstreamFailed(f"{url}: {exc!r}", connect=True) from exc
+            except aiohttp.ClientError as exc:
+                self._failed(state, "error")
+                raise bad_gateway(f"decode {url}: {exc!r}") from exc
+            try:
+                if resp.status != 200 or not parsed.stream:
+                    return await self._whole_answer(state, resp, url)
+                return await self._relay_stream(request, state, resp, headers["X-Request-Id"])
+            finally:
+                resp.close()  # no-op when fully read (connection already back in the pool)
+
+    async def _whole_answer(
+        self, state: EndpointState, resp: aiohttp.ClientResponse, url: str
+    ) -> web.Response:
+        try:
+            payload = await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._failed(state, "error")
+            raise bad_gateway(f"decode {url} broke off its answer: {exc!r}") from exc
+        if resp.status >= 500:
+            self._failed(state, "http_5xx")
+        else:
+            self._succeeded(state)
+        return web.Response(status=resp.status, body=payload, content_type=resp.content_type)
+
+    async def _relay_stream(
+        self, request: web.Request, state: EndpointState, resp: aiohttp.ClientResponse, request_id: str
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+                "Cache-Control": "no-cache",
+                "X-Request-Id": request_id,
+            },
+        )
+        await out.prepare(request)
+        pending = b""
+        try:
+            async for chunk in resp.content.iter_any():
+                data = pending + chunk if pending else chunk
+                cut = data.rfind(_EVENT_END)
+                if cut < 0:
+                    pending = data
+                    continue
+                cut += len(_EVENT_END)
+                pending = data[cut:]
+                await out.write(data[:cut] if pending else data)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._failed(state, "stream_broken")
+            self.metrics.stream_errors.inc()
+            reason = "went idle" if isinstance(exc, TimeoutError) else f"failed ({exc.__class__.__name__})"
+            log.warning("decode stream from %s %s", state.endpoint.url, reason)
+            await out.write(sse_error_event(f"upstream decode stream {reason} mid-response"))
+            await out.write_eof()
+            return out
+        if pending:
+            await out.write(pending)
+        self._succeeded(state)
+        await out.write_eof()
+        return out

@@ -1,0 +1,285 @@
+"""A small OpenAI-compatible upstream that follows vLLM's `kv_transfer_params` protocol.
+
+It stands in for a vLLM server (which needs a GPU and weights) in the router's tests and
+benchmark. It checks what the router sends, the way a vLLM engine with a PD connector would
+depend on it:
+
+* role `prefill` requires `max_tokens == 1`, `stream: false`, no `stream_options`, and
+  `kv_transfer_params.do_remote_decode == true`; it answers one token plus `kv_transfer_params`
+  `{"do_remote_prefill": true, "do_remote_decode": false, "remote_engine_id": <its name>, ...}`;
+* role `decode` accepts params only with `do_remote_prefill: true` and a `remote_engine_id`
+  (recorded, so tests can see which prefill it was paired with); with `require_kv_params` it
+  rejects requests without them; it streams `data: {chunk}` events, a usage chunk when
+  `stream_options.include_usage` is set, and `data: [DONE]`.
+
+Fault knobs (`FakeBehavior`) make it slow, hang, fail with a status, break a stream mid-event,
+or fail its health check. `python -m ucm.router.testing` runs a set of them in one process for
+the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import signal
+import sys
+import time
+from typing import Any, Literal
+
+from aiohttp import web
+
+from ucm.router.loop import run
+
+UpstreamRole = Literal["prefill", "decode", "both"]
+
+
+@dataclasses.dataclass
+class FakeBehavior:
+    tokens: int | None = None  # tokens per answer (default: max_tokens, at most 16)
+    token_delay_s: float = 0.0
+    prefill_delay_s: float = 0.0
+    fail_status: int | None = None  # answer every completion request with this status
+    break_after_tokens: int | None = None  # decode: drop the connection mid-event after N tokens
+    hang: bool = False  # never answer (timeout tests)
+    healthy: bool = True
+    require_kv_params: bool = False
+
+
+@dataclasses.dataclass
+class RecordedRequest:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+class FakeUpstream:
+    def __init__(
+        self,
+        role: UpstreamRole,
+        name: str,
+        behavior: FakeBehavior | None = None,
+        model: str = "fake-model",
+        record: bool = True,
+    ) -> None:
+        self.role = role
+        self.name = name
+        self.behavior = behavior or FakeBehavior()
+        self.model = model
+        self.record = record
+        self.requests: list[RecordedRequest] = []
+        self.cancelled = 0  # requests whose client (the router) went away mid-answer
+        self.completed = 0
+        self.active = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        self.app = app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.url = f"http://{host}:{site.port}"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({}, status=200 if self.behavior.healthy else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        try:
+            return await self._answer(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if self.record:
+            self.requests.append(RecordedRequest(request.path, body, dict(request.headers)))
+        b = self.behavior
+        if b.hang:
+            await asyncio.sleep(3600)
+        if b.fail_status is not None:
+            return _error(b.fail_status, f"{self.name}: configured to fail")
+        chat = request.path.endswith("/chat/completions")
+        params = body.get("kv_transfer_params")
+        if self.role == "prefill" or (self.role == "both" and params and params.get("do_remote_decode")):
+            problem = _check_prefill(body, chat)
+            if problem:
+                return _error(400, f"{self.name} (prefill): {problem}")
+            if b.prefill_delay_s:
+                await asyncio.sleep(b.prefill_delay_s)
+            return self._prefill_answer(request, body, chat)
+        if params is not None:
+            if not (
+                isinstance(params, dict)
+                and params.get("do_remote_prefill") is True
+                and params.get("remote_engine_id")
+            ):
+                return _error(
+                    400, f"{self.name} (decode): kv_transfer_params lack do_remote_prefill/remote_engine_id"
+                )
+        elif b.require_kv_params:
+            return _error(400, f"{self.name} (decode): no kv_transfer_params from a prefill")
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+        n = b.tokens if b.tokens is not None else min(int(limit), 16)
+        if body.get("stream"):
+            return await self._stream(request, body, chat, n)
+        text = "".join(f" t{i}" for i in range(n))
+        self.completed += 1
+        return web.json_response(_whole(self.model, chat, text, n, served_by=self.name))
+
+    def _prefill_answer(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.Response:
+        answer = _whole(self.model, chat, " t0", 1, served_by=self.name)
+        answer["kv_transfer_params"] = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.name,
+            "remote_request_id": request.headers.get("X-Request-Id", ""),
+            "remote_block_ids": [[0, 1]],
+            "remote_host": "127.0.0.1",
+            "remote_port": 0,
+        }
+        self.completed += 1
+        return web.json_response(answer)
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], chat: bool, n: int
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await out.prepare(request)
+        b = self.behavior
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        base = {"id": "fake-1", "object": kind, "created": created, "model": self.model}
+        if chat:
+            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            await out.write(_event(first))
+        for i in range(n):
+            if b.break_after_tokens is not None and i == b.break_after_tokens:
+                await out.write(b'data: {"id": "fake-1", "choi')  # half an event, then the crash
+                assert request.transport is not None
+                request.transport.abort()
+                return out
+            if b.token_delay_s:
+                await asyncio.sleep(b.token_delay_s)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
+            if chat:
+                choice["delta"] = {"content": f" t{i}"}
+            else:
+                choice["text"] = f" t{i}"
+            await out.write(_event({**base, "choices": [choice]}))
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            await out.write(_event({**base, "choices": [], "usage": _usage(n), "served_by": self.name}))
+        await out.write(b"data: [DONE]\n\n")
+        await out.write_eof()
+        self.completed += 1
+        return out
+
+
+def _check_prefill(body: dict[str, Any], chat: bool) -> str | None:
+    params = body.get("kv_transfer_params")
+    if not isinstance(params, dict) or params.get("do_remote_decode") is not True:
+        return "kv_transfer_params.do_remote_decode must be true"
+    if params.get("do_remote_prefill") is not False:
+        return "kv_transfer_params.do_remote_prefill must be false"
+    if body.get("max_tokens") != 1:
+        return f"max_tokens must be 1, got {body.get('max_tokens')!r}"
+    if chat and body.get("max_completion_tokens") != 1:
+        return f"max_completion_tokens must be 1, got {body.get('max_completion_tokens')!r}"
+    if body.get("stream") is not False:
+        return "stream must be false"
+    for field in ("stream_options", "min_tokens", "min_completion_tokens"):
+        if field in body:
+            return f"{field} must not be sent to prefill"
+    return None
+
+
+def _usage(n: int) -> dict[str, int]:
+    return {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
+
+
+def _whole(model: str, chat: bool, text: str, n: int, served_by: str) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+    return {
+        "id": "fake-1",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(n),
+        "served_by": served_by,
+    }
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _error(status: int, message: str) -> web.Response:
+    err = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    return web.json_response(err, status=status)
+
+
+# ---- `python -m ucm.router.testing`: upstreams for the benchmark, in their own process ----
+async def _serve_forever(args: argparse.Namespace) -> None:
+    behavior = FakeBehavior(tokens=args.tokens, token_delay_s=args.token_delay_s)
+    servers = [
+        FakeUpstream("prefill", f"prefill-{i}", behavior, model=args.model, record=False)
+        for i in range(args.prefill)
+    ]
+    servers += [
+        FakeUpstream("decode", f"decode-{i}", behavior, model=args.model, record=False)
+        for i in range(args.decode)
+    ]
+    urls = [await s.start() for s in servers]
+    print(json.dumps({"prefill": urls[: args.prefill], "decode": urls[args.prefill :]}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for s in servers:
+        await s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ucm.router.testing", description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", type=int, default=2)
+    parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--token-delay-s", type=float, default=0.0)
+    parser.add_argument("--model", default="fake-model")
+    args = parser.parse_args(argv)
+    run(_serve_forever(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
