@@ -1,0 +1,126 @@
+"""Damaged and foreign objects are misses: counted, quarantined, never returned."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import xxhash
+from store_helpers import LAYOUT, SALT, payload_for, random_keys
+
+from ucm.store import BlockLayout, FileStore
+from ucm.store.format import HEADER_SIZE, Header, object_path
+
+MakeStore = Callable[..., FileStore]
+
+
+def _stored(make_store: MakeStore, direct: bool = False) -> tuple[FileStore, bytes, str]:
+    store = make_store(direct=direct)
+    key = random_keys(1)[0]
+    assert store.dump([key], [payload_for(key)], LAYOUT).wait(10) == [True]
+    return store, key, object_path(os.path.join(store.root, "objects"), key)
+
+
+def _load_fails_and_quarantines(store: FileStore, key: bytes, path: str) -> None:
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert store.load([key], [out], LAYOUT).wait(10) == [False]
+    stats = store.stats()
+    assert stats.corrupt == 1 and stats.load_failures == 1 and stats.loads == 0
+    assert not os.path.exists(path)
+    assert len(os.listdir(os.path.join(store.root, "quarantine"))) == 1
+    assert store.lookup([key]) == [False]
+
+
+def _rewrite(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("where", ["payload-start", "payload-end", "header-key", "header-checksum"])
+def test_flipped_byte_detected(make_store: MakeStore, direct: bool, where: str) -> None:
+    store, key, path = _stored(make_store, direct)
+    offset = {
+        "payload-start": HEADER_SIZE,
+        "payload-end": HEADER_SIZE + LAYOUT.nbytes - 1,
+        "header-key": 30,
+        "header-checksum": 4000,  # padding is not covered by the header checksum: must still be harmless
+    }[where]
+    data = bytearray(open(path, "rb").read())
+    data[offset] ^= 0x01
+    _rewrite(path, bytes(data))
+    if where == "header-checksum":
+        out = np.zeros(LAYOUT.nbytes, np.uint8)
+        assert store.load([key], [out], LAYOUT).wait(10) == [True]
+        assert np.array_equal(out, payload_for(key))
+        return
+    _load_fails_and_quarantines(store, key, path)
+
+
+@pytest.mark.parametrize("length", [0, 100, HEADER_SIZE, HEADER_SIZE + LAYOUT.nbytes - 1])
+def test_truncated_object(make_store: MakeStore, length: int) -> None:
+    store, key, path = _stored(make_store)
+    os.truncate(path, length)
+    _load_fails_and_quarantines(store, key, path)
+
+
+def test_foreign_format(make_store: MakeStore) -> None:
+    store, key, path = _stored(make_store)
+    _rewrite(path, b"PK\x03\x04 some zip file" + bytes(HEADER_SIZE + LAYOUT.nbytes))
+    _load_fails_and_quarantines(store, key, path)
+
+
+def test_wrong_salt(make_store: MakeStore) -> None:
+    store, key, path = _stored(make_store)
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    # an object written by a deployment with another salt, sitting under our key's name
+    payload = payload_for(key).tobytes()
+    header = Header(b"\xff" * 16, key, LAYOUT.describe(), len(payload), xxhash.xxh3_64_intdigest(payload))
+    _rewrite(path, header.encode() + payload)
+    assert store.load([key], [out], LAYOUT).wait(10) == [False]
+    assert store.stats().corrupt == 1 and not os.path.exists(path)
+
+
+def test_object_under_the_wrong_name(make_store: MakeStore) -> None:
+    store, key, path = _stored(make_store)
+    alias = random_keys(1)[0]
+    alias_path = object_path(os.path.join(store.root, "objects"), alias)
+    os.makedirs(os.path.dirname(alias_path), exist_ok=True)
+    os.rename(path, alias_path)
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert store.load([alias], [out], LAYOUT).wait(10) == [False]
+    assert store.stats().corrupt == 1 and not os.path.exists(alias_path)
+
+
+def test_wrong_layout_is_a_miss_but_not_damage(make_store: MakeStore) -> None:
+    store, key, path = _stored(make_store)
+    other_layout = BlockLayout("float16", LAYOUT.shape, 2)  # same size, other meaning
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert store.load([key], [out], other_layout).wait(10) == [False]
+    smaller = BlockLayout("bfloat16", (2, 4, 500), 2)
+    assert store.load([key], [np.zeros(smaller.nbytes, np.uint8)], smaller).wait(10) == [False]
+    stats = store.stats()
+    assert stats.corrupt == 0 and stats.load_failures == 2
+    assert os.path.exists(path)  # valid for readers that expect its layout
+    assert store.load([key], [out], LAYOUT).wait(10) == [True]
+    assert np.array_equal(out, payload_for(key))
+
+
+def test_missing_key_is_a_plain_miss(make_store: MakeStore) -> None:
+    store = make_store()
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert store.load(random_keys(1), [out], LAYOUT).wait(10) == [False]
+    assert store.stats().corrupt == 0 and store.stats().load_failures == 1
+
+
+def test_salt_is_checked_per_object_not_per_directory(make_store: MakeStore) -> None:
+    """Two deployments (salts) may share one directory; each sees only its own objects."""
+    mine, key, _ = _stored(make_store)
+    theirs = make_store(salt=SALT[::-1])
+    their_key = random_keys(1)[0]
+    assert theirs.dump([their_key], [payload_for(their_key)], LAYOUT).wait(10) == [True]
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert theirs.load([their_key], [out], LAYOUT).wait(10) == [True]
+    assert mine.load([key], [out], LAYOUT).wait(10) == [True]

@@ -1,0 +1,165 @@
+"""FileStore semantics: round trips, no-op rewrites, lookups, removal and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from store_helpers import LAYOUT, SALT, payload_for, random_keys
+
+from ucm.store import BlockLayout, FileStore, StoreError
+from ucm.store.format import HEADER_SIZE, object_path
+
+MakeStore = Callable[..., FileStore]
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("durability", ["none", "fsync"])
+def test_round_trip_bit_exact(make_store: MakeStore, direct: bool, durability: str) -> None:
+    store = make_store(direct=direct, durability=durability)
+    keys = random_keys(12)
+    payloads = [payload_for(k) for k in keys]
+    assert store.dump(keys, payloads, LAYOUT).wait(10) == [True] * 12
+    # a second process's view: a fresh store object over the same directory
+    other = make_store(direct=not direct)
+    assert other.stats().blocks == 12
+    out = [np.zeros(LAYOUT.nbytes, np.uint8) for _ in keys]
+    assert other.load(keys, out, LAYOUT).wait(10) == [True] * 12
+    for got, want in zip(out, payloads, strict=True):
+        assert np.array_equal(got, want)
+    stats = other.stats()
+    assert stats.loads == 12 and stats.loaded_bytes == 12 * LAYOUT.nbytes and stats.corrupt == 0
+
+
+def test_direct_with_aligned_buffers(make_store: MakeStore) -> None:
+    layout = BlockLayout("uint8", (8192,), 1)
+    store = make_store(direct=True)
+    keys = random_keys(4)
+    src = [np.frombuffer(_aligned(8192), np.uint8) for _ in keys]
+    for s, k in zip(src, keys, strict=True):
+        s[:] = payload_for(k, 8192)
+    assert store.dump(keys, src, layout).wait(10) == [True] * 4
+    dst = [np.frombuffer(_aligned(8192), np.uint8) for _ in keys]
+    assert store.load(keys, dst, layout).wait(10) == [True] * 4
+    assert all(np.array_equal(a, b) for a, b in zip(src, dst, strict=True))
+
+
+def _aligned(n: int) -> memoryview:
+    import mmap
+
+    return memoryview(mmap.mmap(-1, n))
+
+
+def test_dump_of_existing_key_is_a_noop(make_store: MakeStore) -> None:
+    store = make_store()
+    keys = random_keys(3)
+    assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True] * 3
+    path = object_path(str(store.root) + "/objects", keys[0])
+    before = os.stat(path)
+    # the same process skips via its index, another process via link() finding the name taken
+    assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True] * 3
+    other = make_store()
+    other._index.clear()
+    assert other.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True] * 3
+    assert os.stat(path).st_ino == before.st_ino
+    assert store.stats().dump_skipped == 3 and other.stats().dump_skipped == 3
+    assert not [n for n in _all_names(store.root) if n.endswith(".tmp")]
+
+
+def _all_names(root: pathlib.Path | str) -> list[str]:
+    return [name for _, _, files in os.walk(root) for name in files]
+
+
+def test_lookup_and_prefix(make_store: MakeStore) -> None:
+    store = make_store()
+    keys = random_keys(8)
+    store.dump(keys[:5], [payload_for(k) for k in keys[:5]], LAYOUT).wait(10)
+    assert store.lookup(keys) == [True] * 5 + [False] * 3
+    assert store.lookup_prefix(keys) == 5
+    assert store.lookup_prefix(keys[5:] + keys[:5]) == 0
+    # a block published by another process after our index was built is still found (stat fallback)
+    other = make_store()
+    late = random_keys(1)
+    other.dump(late, [payload_for(late[0])], LAYOUT).wait(10)
+    assert store.lookup(late) == [True]
+    assert store.lookup_prefix(keys[:5] + late) == 6
+
+
+def test_remove(make_store: MakeStore) -> None:
+    store = make_store()
+    keys = random_keys(4)
+    store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10)
+    assert store.remove(keys[:2] + random_keys(1)) == 2
+    assert store.lookup(keys) == [False, False, True, True]
+    out = [np.zeros(LAYOUT.nbytes, np.uint8) for _ in keys]
+    assert store.load(keys, out, LAYOUT).wait(10) == [False, False, True, True]
+    assert store.stats().blocks == 2
+
+
+def test_temp_files_are_invisible(make_store: MakeStore) -> None:
+    store = make_store()
+    key = random_keys(1)[0]
+    leaf = os.path.dirname(object_path(os.path.join(store.root, "objects"), key))
+    os.makedirs(leaf)
+    with open(os.path.join(leaf, f".{key.hex()}.host.1.abcd.tmp"), "wb") as f:
+        f.write(b"\0" * (HEADER_SIZE + LAYOUT.nbytes))
+    assert store.lookup([key]) == [False]
+    assert make_store().stats().blocks == 0
+
+
+def test_bad_arguments_raise_naming_the_problem(make_store: MakeStore, tmp_path: pathlib.Path) -> None:
+    store = make_store()
+    with pytest.raises(ValueError, match="keys"):
+        store.lookup([b"short"])
+    with pytest.raises(ValueError, match="buffer 0 has 10 bytes"):
+        store.dump(random_keys(1), [bytearray(10)], LAYOUT)
+    with pytest.raises(ValueError, match="read-only"):
+        store.load(random_keys(1), [bytes(LAYOUT.nbytes)], LAYOUT)
+    with pytest.raises(ValueError, match="2 keys but 1 buffers"):
+        store.load(random_keys(2), [bytearray(LAYOUT.nbytes)], LAYOUT)
+    with pytest.raises(StoreError, match="salt"):
+        FileStore(tmp_path / "x", salt=b"short")
+    with pytest.raises(StoreError, match="durability"):
+        FileStore(tmp_path / "x", salt=SALT, durability="sometimes")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        FileStore(afile, salt=SALT)
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="foreign directory"):
+        FileStore(foreign, salt=SALT)
+    (foreign / "ucm-store.json").write_text(json.dumps({"format": "ucm-file-store", "version": 99}))
+    with pytest.raises(StoreError, match="version 99"):
+        FileStore(foreign, salt=SALT)
+
+
+def test_direct_on_a_filesystem_without_o_direct(tmp_path: pathlib.Path) -> None:
+    shm = pathlib.Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    path = shm / f"ucm-test-{os.getpid()}"
+    try:
+        try:
+            store = FileStore(path, salt=SALT, direct=True)
+        except StoreError as exc:
+            assert "O_DIRECT" in str(exc) and str(path) in str(exc)
+        else:  # tmpfs gained O_DIRECT support in Linux 6.6: then it must simply work
+            keys = random_keys(2)
+            assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True, True]
+            store.close()
+    finally:
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_startup_logs_path_and_salt(store_dir: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ucm.store")
+    FileStore(store_dir, salt=SALT).close()
+    assert any(str(store_dir) in r.message and SALT.hex() in r.message for r in caplog.records)
