@@ -13,7 +13,9 @@ import pytest
 from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry, block_key
 
 GEO = KVGeometry(num_layers=32, num_kv_heads=8, head_size=128)
-IDENT = CacheIdentity(model="meta-llama/Llama-3.1-8B", revision="main", dtype="bfloat16", geometry=GEO, block_size=16)
+IDENT = CacheIdentity(
+    model="meta-llama/Llama-3.1-8B", revision="main", dtype="bfloat16", geometry=GEO, block_size=16
+)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = list(range(1000, 1000 + 16 * 5 + 7))  # five full blocks and a partial one
 
@@ -77,8 +79,14 @@ def test_cross_process_determinism_and_pinned_value() -> None:
     expected = ",".join(h.hex() for h in BlockHasher(IDENT).hash_blocks(TOKENS))
     outputs = set()
     for seed in ("0", "1", "12345", "random"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
+        env = dict(
+            os.environ,
+            PYTHONHASHSEED=seed,
+            PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True
+        )
         outputs.add(out.stdout)
     assert len(outputs) == 1
     hashes_line, digest_line = outputs.pop().splitlines()

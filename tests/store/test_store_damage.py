@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Callable
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_flipped_byte_detected(make_store: MakeStore, direct: bool, where: str) 
         "header-key": 30,
         "header-checksum": 4000,  # padding is not covered by the header checksum: must still be harmless
     }[where]
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(pathlib.Path(path).read_bytes())
     data[offset] ^= 0x01
     _rewrite(path, bytes(data))
     if where == "header-checksum":
@@ -84,7 +85,7 @@ def test_wrong_salt(make_store: MakeStore) -> None:
 
 
 def test_object_under_the_wrong_name(make_store: MakeStore) -> None:
-    store, key, path = _stored(make_store)
+    store, _, path = _stored(make_store)
     alias = random_keys(1)[0]
     alias_path = object_path(os.path.join(store.root, "objects"), alias)
     os.makedirs(os.path.dirname(alias_path), exist_ok=True)

@@ -130,9 +130,23 @@ def test_permission_denied(make_store: MakeStore) -> None:
     caps = "-dac_override,-dac_read_search"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(
-        ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--", sys.executable, "-c", _CHILD,
-         writer.root, str(pathlib.Path(__file__).parent), ",".join(k.hex() for k in keys)],
-        capture_output=True, text=True, env=env, check=False, timeout=60,
+        [
+            "setpriv",
+            f"--inh-caps={caps}",
+            f"--bounding-set={caps}",
+            "--",
+            sys.executable,
+            "-c",
+            _CHILD,
+            writer.root,
+            str(pathlib.Path(__file__).parent),
+            ",".join(k.hex() for k in keys),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
     )
     if done.returncode != 0 and "setpriv" in done.stderr:
         pytest.skip(f"setpriv cannot drop capabilities here: {done.stderr.strip()}")

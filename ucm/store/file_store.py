@@ -267,7 +267,9 @@ class FileStore(Store):
         found = [key in index for key in keys]
         missing = [i for i, hit in enumerate(found) if not hit]
         if len(missing) > 64:  # a batch of stats: overlap them (latency-bound on NFS)
-            for i, hit in zip(missing, self._pool.map(self._stat_present, [keys[i] for i in missing]), strict=True):
+            for i, hit in zip(
+                missing, self._pool.map(self._stat_present, [keys[i] for i in missing]), strict=True
+            ):
                 found[i] = hit
         else:
             for i in missing:
@@ -541,7 +543,9 @@ class FileStore(Store):
         code = exc.errno or 0
         if code not in self._logged_errors:
             self._logged_errors.add(code)
-            log.warning("UCM store: %s of %s failed: %s (further errors like it are only counted)", what, path, exc)
+            log.warning(
+                "UCM store: %s of %s failed: %s (further errors like it are only counted)", what, path, exc
+            )
 
     def _count_dump(self, ok: bool, *, skipped: bool, nbytes: int) -> bool:
         with self._lock:
@@ -604,7 +608,9 @@ def _check_batch(
     for i, buf in enumerate(buffers):
         view = memoryview(buf).cast("B")  # type: ignore[arg-type]
         if view.nbytes != layout.nbytes:
-            raise ValueError(f"buffer {i} has {view.nbytes} bytes; layout {layout.describe()} needs {layout.nbytes}")
+            raise ValueError(
+                f"buffer {i} has {view.nbytes} bytes; layout {layout.describe()} needs {layout.nbytes}"
+            )
         if writable and view.readonly:
             raise ValueError(f"buffer {i} is read-only; load needs writable buffers")
         views.append(view)

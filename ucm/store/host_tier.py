@@ -114,7 +114,11 @@ class HostTierStore(Store):
                 missing.append(i)
         with self._lock:
             self._memory_hits += len(keys) - len(missing)
-        inner = self.backing.load([keys[i] for i in missing], [buffers[i] for i in missing], layout) if missing else None
+        inner = (
+            self.backing.load([keys[i] for i in missing], [buffers[i] for i in missing], layout)
+            if missing
+            else None
+        )
 
         def finish(result: list[bool]) -> None:
             for i in missing:
