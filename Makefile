@@ -61,8 +61,8 @@ cluster-up: venv bins
 cluster-down: venv
 	$(PY) -m e2e.cluster down
 
-demo:
-	@echo "make demo is not built yet (issue: install and first run)"; exit 1
+demo: venv bins
+	$(PY) -m e2e.ucm_demo
 
 gpu-check:
 	@echo "make gpu-check is not built yet (issue: vLLM connector / transfer path)"; exit 1

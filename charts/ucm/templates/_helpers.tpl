@@ -61,6 +61,14 @@ app.kubernetes.io/part-of: ucm
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{- define "ucm.workerImage" -}}
+{{- printf "%s:%s" .Values.workerImage.repository (default .Chart.AppVersion .Values.workerImage.tag) -}}
+{{- end -}}
+
+{{- define "ucm.routerImage" -}}
+{{- printf "%s:%s" .Values.routerImage.repository (default .Chart.AppVersion .Values.routerImage.tag) -}}
+{{- end -}}
+
 {{/*
 The operator's RBAC rules, read from files/operator-rbac.yaml: the one place they are declared
 (the operator's own tests check its API calls against the same file). Renders a YAML map
