@@ -92,7 +92,7 @@ class Registry:
         # revision -> (prefill states, decode states); rebuilt on every discovery change
         self._by_revision: dict[str, tuple[list[EndpointState], list[EndpointState]]] = {}
         self._revision_created: dict[str, float] = {}
-        self._rr = 0
+        self._rr: dict[tuple[str | None, str], int] = {}  # rotation counter per (revision, role)
         self.generation = 0  # bumps on every change (tests and the debug view use it)
 
     # ---- discovery side -------------------------------------------------------------------
@@ -121,13 +121,16 @@ class Registry:
         return list(self._states.values())
 
     # ---- selection ------------------------------------------------------------------------
-    def _least_loaded(self, states: list[EndpointState], now: float) -> EndpointState | None:
+    def _least_loaded(
+        self, states: list[EndpointState], now: float, group: tuple[str | None, str]
+    ) -> EndpointState | None:
         """Fewest outstanding requests; ties rotate so idle endpoints share sequential traffic."""
         n = len(states)
         if n == 0:
             return None
-        start = self._rr % n
-        self._rr += 1
+        turn = self._rr.get(group, 0)
+        self._rr[group] = turn + 1
+        start = turn % n
         best: EndpointState | None = None
         for i in range(n):
             state = states[(start + i) % n]
@@ -141,7 +144,7 @@ class Registry:
         best: tuple[int, float, str] | None = None
         chosen: tuple[str, EndpointState] | None = None
         for revision, (prefills, decodes) in self._by_revision.items():
-            prefill = self._least_loaded(prefills, now)
+            prefill = self._least_loaded(prefills, now, (revision, "prefill"))
             if prefill is None:
                 continue
             decode_load = min((d.outstanding for d in decodes if d.available(now)), default=None)
@@ -172,7 +175,7 @@ class Registry:
             pool = self._by_revision.get(revision, ([], []))[1]
         if exclude is not None:
             pool = [s for s in pool if s is not exclude]
-        return self._least_loaded(pool, now)
+        return self._least_loaded(pool, now, (revision, "decode"))
 
     def complete_revisions(self) -> list[str]:
         now = self._clock()

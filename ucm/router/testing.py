@@ -26,10 +26,12 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from aiohttp import web
 
+from ucm.router.endpoints import Endpoint, Role
 from ucm.router.loop import run
 
 UpstreamRole = Literal["prefill", "decode", "both"]
@@ -51,7 +53,7 @@ class FakeBehavior:
 class RecordedRequest:
     path: str
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive
 
 
 class FakeUpstream:
@@ -80,6 +82,11 @@ class FakeUpstream:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         self.app = app
+
+    def endpoint(self, revision: str = "r1", created: float = 0.0) -> Endpoint:
+        """This server as a discovered endpoint of `revision`."""
+        role: Role = "prefill" if self.role == "prefill" else "decode"
+        return Endpoint(self.url, role, revision, name=self.name, created=created)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
@@ -113,7 +120,7 @@ class FakeUpstream:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if self.record:
-            self.requests.append(RecordedRequest(request.path, body, dict(request.headers)))
+            self.requests.append(RecordedRequest(request.path, body, request.headers.copy()))
         b = self.behavior
         if b.hang:
             await asyncio.sleep(3600)
@@ -240,6 +247,25 @@ def _whole(model: str, chat: bool, text: str, n: int, served_by: str) -> dict[st
 
 def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def sse_events(text: str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order (asserts every event is well formed)."""
+    events = []
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), f"malformed SSE event: {block!r}"
+        events.append(block[len("data: ") :])
+    return events
+
+
+def metric_value(text: str, sample: str) -> float:
+    """Value of one sample (`name{labels}` exactly as rendered) in a Prometheus text body."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _error(status: int, message: str) -> web.Response:
