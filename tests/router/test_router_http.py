@@ -123,7 +123,7 @@ async def test_models_health_ready_and_debug_view(make_upstream, make_router, ht
 async def test_fallback_decode_only_is_counted(make_upstream, make_router, http) -> None:
     d = await make_upstream("decode", "d0")
     router = await make_router([], [d])  # no prefill endpoint at all
-    status, body = await post(
+    status, _body = await post(
         http, router, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}
     )
     assert status == 200 and "kv_transfer_params" not in d.requests[0].body
