@@ -1,0 +1,119 @@
+"""Child processes that never outlive their owner.
+
+Every control-plane component runs in its own session (so its process group can be signalled as
+a whole and a Ctrl-C in the terminal reaches only the Python side, which then tears down in
+order) with stdout/stderr in a log file. A foreground owner (pytest) also asks the kernel to
+SIGKILL the child if the owner dies without cleaning up (PR_SET_PDEATHSIG), so even `kill -9`
+of pytest leaves nothing running. A background cluster (`python -m e2e.cluster up`) omits that,
+records PIDs in a state file, and `down` kills them after checking that each PID still runs the
+recorded binary (PIDs get reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the thread that spawned it exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+@dataclass
+class Component:
+    """One running component: its process and where it logs."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    argv: tuple[str, ...]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exited(self) -> int | None:
+        """The exit code if the process has ended, else None."""
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def spawn(name: str, argv: Sequence[str], log_dir: Path, *, die_with_parent: bool) -> Component:
+    """Starts argv in its own session, logging to log_dir/<name>.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
+        )
+    return Component(name, process, log_path, tuple(argv))
+
+
+def pid_runs(pid: int, executable: str) -> bool:
+    """True if `pid` is alive and was started from `executable` (guards against PID reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return cmdline.split(b"\0", 1)[0].decode(errors="replace") == executable
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def terminate_groups(pids: Sequence[int], alive: Callable[[int], bool], grace_s: float = 5.0) -> list[int]:
+    """SIGTERM every process group (each component leads its own), then SIGKILL whatever is
+    still alive after grace_s. SIGTERM first so the components flush their logs.
+    Returns the PIDs that needed SIGKILL."""
+    for pid in pids:
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    remaining = [pid for pid in pids if alive(pid)]
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.05)
+        remaining = [pid for pid in remaining if alive(pid)]
+    for pid in remaining:
+        _signal_group(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(alive(pid) for pid in remaining) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return remaining
+
+
+def stop_components(components: Sequence[Component], grace_s: float = 5.0) -> None:
+    """Stops components this process started (and reaps them, so none stays a zombie)."""
+
+    def alive(pid: int) -> bool:
+        for c in components:
+            if c.pid == pid:
+                return c.exited() is None
+        return False
+
+    terminate_groups([c.pid for c in components if c.exited() is None], alive, grace_s)
+    for c in components:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            c.process.wait(timeout=1)
