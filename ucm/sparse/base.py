@@ -10,7 +10,7 @@ hooks; `ucm.sparse.vllm_patch` forwards the attention hooks from inside vLLM's a
 Every hook has a dense default (do nothing, need every slot), so an algorithm overrides only what
 it uses and a half-wired integration degrades to dense attention, never to wrong attention.
 
-Call order, per process role (checked by `HookOrderChecker` in tests):
+Call order, per process role:
   scheduler: request_begin(r) -> [estimate_num_slots(r), allocate_slots(r, n), build_sparse_meta(out)]*
              -> request_finished(r)
   worker:    register_kv_caches(caches) once, then per step:
@@ -123,7 +123,7 @@ class UcmSparseBase:
 
     def attention_begin(self, layer_name: str, query: torch.Tensor, paged_kv: Any, attn_metadata: Any) -> Any:
         """Just before attention, with the step's queries and the layer's paged KV
-        (`ucm.sparse.paged.PagedKV`); may select blocks and return a modified `attn_metadata`
+        (`ucm.sparse.paged.LayerKV`); may select blocks and return a modified `attn_metadata`
         (the default returns it unchanged: dense attention)."""
         return attn_metadata
 

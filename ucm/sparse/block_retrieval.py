@@ -26,7 +26,7 @@ import torch
 from ucm.sparse import retrieval_math as rm
 from ucm.sparse.base import SlotAllocation, SparseConfigError, SparseRole, UcmSparseBase, validate_keys
 from ucm.sparse.offload import ResidentBlocks
-from ucm.sparse.paged import PagedKV, PagedSummaries, compact_decode_rows, decode_rows, written_blocks
+from ucm.sparse.paged import LayerKV, PagedSummaries, compact_decode_rows, decode_rows, written_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +306,7 @@ class BlockRetrievalSparse(UcmSparseBase):
 
     def attention_begin(self, layer_name: str, query: torch.Tensor, paged: Any, attn_metadata: Any) -> Any:
         """Select blocks for every decode row and return metadata with compacted rows (see `paged`)."""
-        if not isinstance(paged, PagedKV) or not hasattr(attn_metadata, "block_table"):
+        if not isinstance(paged, LayerKV) or not hasattr(attn_metadata, "block_table"):
             return attn_metadata
         bs = paged.block_size
         summaries = self._summaries.get(layer_name)

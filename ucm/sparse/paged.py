@@ -22,23 +22,25 @@ from typing import Any
 import torch
 
 from ucm.sparse import retrieval_math as rm
+from ucm.transfer.paged import CacheLayout, canonical_view
 
 
 @dataclasses.dataclass
-class PagedKV:
-    """One layer's paged cache as two views [num_physical_blocks, block_size, num_kv_heads, head_dim]."""
+class LayerKV:
+    """One layer's paged cache as two views [num_physical_blocks, block_size, num_kv_heads, head_dim]
+    (named apart from `ucm.transfer.paged.PagedKV`, which holds every layer for block transfer)."""
 
     key_cache: torch.Tensor
     value_cache: torch.Tensor
 
     @classmethod
-    def from_layer_cache(cls, kv_cache: torch.Tensor, layout: str) -> PagedKV:
-        """`layout` "blocks_first" = [NB, 2, bs, H, D] (Triton), "kv_first" = [2, NB, bs, H, D] (FlashAttention)."""
-        if layout == "blocks_first":
-            return cls(kv_cache[:, 0], kv_cache[:, 1])
-        if layout == "kv_first":
-            return cls(kv_cache[0], kv_cache[1])
-        raise ValueError(f"paged KV layout: expected 'blocks_first' or 'kv_first', got {layout!r}")
+    def from_layer_cache(cls, kv_cache: torch.Tensor, layout: CacheLayout, head_size: int) -> LayerKV:
+        """Views (no copy) of one layer's cache as vLLM hands it to the backend; vLLM 0.32's
+        FlashAttention and Triton backends both use `CacheLayout.BHNC` ([blocks, heads, bs, K+V])."""
+        canonical = canonical_view(kv_cache, layout, head_size)  # [blocks, 2, bs, heads, head]
+        if canonical.shape[1] != 2:
+            raise ValueError(f"sparse attention needs separate K and V; layout {layout.name} has a latent cache")
+        return cls(canonical[:, 0], canonical[:, 1])
 
     @property
     def block_size(self) -> int:
@@ -48,13 +50,13 @@ class PagedKV:
 class PagedSummaries:
     """Per-physical-block key summaries of one layer, refreshed for the blocks written."""
 
-    def __init__(self, paged: PagedKV) -> None:
+    def __init__(self, paged: LayerKV) -> None:
         nb, _, heads, d = paged.key_cache.shape
         self.kmin = torch.zeros(heads, nb, d, dtype=paged.key_cache.dtype, device=paged.key_cache.device)
         self.kmax = torch.zeros_like(self.kmin)
         self.kmean = torch.zeros_like(self.kmin)
 
-    def refresh(self, paged: PagedKV, blocks: torch.Tensor) -> None:
+    def refresh(self, paged: LayerKV, blocks: torch.Tensor) -> None:
         """Recompute the summaries of physical `blocks` from the cache (all slots of each block; a
         partial block's summary is never used for ranking: it is always in the local window)."""
         if blocks.numel() == 0:
@@ -112,7 +114,7 @@ def compact_decode_rows(attn_metadata: Any, selections: dict[int, torch.Tensor],
 
 
 def paged_reference_attention(
-    query: torch.Tensor, paged: PagedKV, attn_metadata: Any, scale: float
+    query: torch.Tensor, paged: LayerKV, attn_metadata: Any, scale: float
 ) -> torch.Tensor:
     """Plain torch paged attention for decode rows (query [T, Hq, D] -> [T, Hq, D]); the CPU
     stand-in for the GPU kernel in tests, reading exactly the block table and seq_lens it is given."""

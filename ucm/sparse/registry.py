@@ -53,7 +53,8 @@ def create_sparse(config: Mapping[str, object], role: object, vllm_config: Any =
     """Build the algorithm named by `config["name"]` for `role` and make it this process's active one.
 
     `config` is the connector's `ucm_sparse_config` object; `role` is "scheduler"/"worker" or vLLM's
-    KVConnectorRole. A second call for the same role with the same algorithm replaces the active
+    KVConnectorRole. On the worker side with a `vllm_config`, vLLM's attention backends are
+    hooked (`vllm_patch.install_attention_hooks`). A second call for the same role with the same algorithm replaces the active
     instance (a connector re-created in one process); with a different algorithm it is an error.
     """
     if not isinstance(config, Mapping):
@@ -73,6 +74,11 @@ def create_sparse(config: Mapping[str, object], role: object, vllm_config: Any =
                 f"ucm_sparse_config.name: {name!r} requested but {current.name!r} is already active in this "
                 f"process ({sparse_role.value} side); one sparse algorithm per process"
             )
+        if sparse_role is SparseRole.WORKER and vllm_config is not None:
+            # inside a vLLM worker: hook attention (refuses any vLLM but the pinned version)
+            from ucm.sparse.vllm_patch import install_attention_hooks
+
+            install_attention_hooks()
         instance = cls(parsed, sparse_role, vllm_config)
         if current is not None:
             current.close()

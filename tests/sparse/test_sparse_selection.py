@@ -1,0 +1,113 @@
+"""Block selection: windows always kept, exact top-k on constructed data, stride, dense at 100%."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ucm.sparse import retrieval_math as rm
+from ucm.sparse.block_retrieval import BlockRetrievalConfig, DecodeLayer
+
+H, HQ, D, BS = 2, 4, 32, 16
+
+
+def layer(n_tokens: int, **cfg: object) -> tuple[DecodeLayer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    keys, values = torch.randn(n_tokens, H, D), torch.randn(n_tokens, H, D)
+    config = BlockRetrievalConfig.from_dict({"min_blocks": 4, **cfg})
+    dl = DecodeLayer(config, num_kv_heads=H, head_dim=D, block_size=BS, max_tokens=n_tokens + 64, scale=D**-0.5)
+    dl.append(keys, values)
+    return dl, keys, values
+
+
+def test_windows_always_kept_and_size() -> None:
+    dl, _, _ = layer(40 * BS + 5, keep_ratio=0.2, init_blocks=2, local_blocks=3, retrieval_stride=1)
+    nb = dl.num_blocks  # 41, last partial
+    for _ in range(5):
+        _, report = dl.step(torch.randn(HQ, D))
+        sel = report.selection
+        assert sel.shape == (H, math.ceil(0.2 * nb))
+        for h in range(H):
+            row = sel[h].tolist()
+            assert row == sorted(set(row))
+            assert {0, 1, nb - 3, nb - 2, nb - 1} <= set(row)
+
+
+def test_top_k_exact_on_constructed_needles() -> None:
+    """Blocks whose keys align with the query (per head, different needles) are exactly the top-k."""
+    nb = 32
+    torch.manual_seed(0)
+    keys = torch.randn(nb * BS, H, D) * 0.1
+    query = torch.zeros(HQ, D)
+    query[:2, 0] = 1.0  # group of KV head 0 looks along channel 0
+    query[2:, 1] = 1.0  # group of KV head 1 along channel 1
+    needles = {0: [5, 11, 20], 1: [3, 17, 25]}
+    for h, blocks in needles.items():
+        for i, b in enumerate(blocks):
+            keys[b * BS + 7, h, h] = 5.0 + i  # one strong token per needle block
+    kb, n = rm.to_block_major(keys, BS)
+    for kind in ("bounds", "mean"):
+        sel = rm.select_blocks(
+            query, rm.build_block_summaries(kb, n), keep_ratio=6 / nb, init_blocks=1, local_blocks=2, kind=kind
+        )
+        for h, blocks in needles.items():
+            assert sel[h].tolist() == sorted([0, *blocks, nb - 2, nb - 1]), kind
+    # ground truth agrees: the needles hold the largest attention mass outside the windows
+    mass = rm.block_attention_mass(query, kb, n, scale=1.0)
+    for h, blocks in needles.items():
+        assert set(mass[h, 1 : nb - 2].topk(3).indices.add(1).tolist()) == set(blocks)
+
+
+def test_bounds_find_a_single_needle_token_that_the_mean_misses() -> None:
+    """Why the Quest bound: one matching token in a block barely moves its mean key."""
+    nb = 40
+    torch.manual_seed(3)
+    keys = torch.randn(nb * BS, 1, D)
+    query = torch.zeros(1, D)
+    query[0, 0] = 1.0
+    keys[17 * BS + 3, 0, 0] = 8.0  # a single needle token in block 17
+    kb, n = rm.to_block_major(keys, BS)
+    s = rm.build_block_summaries(kb, n)
+    bounds = rm.select_blocks(query, s, keep_ratio=4 / nb, init_blocks=1, local_blocks=2, kind="bounds")
+    assert 17 in bounds[0].tolist()
+    assert int(rm.score_blocks(query, s, "bounds")[0, 1:-2].argmax()) + 1 == 17
+
+
+def test_stride_reuses_retrieval_and_windows_follow() -> None:
+    dl, _, _ = layer(30 * BS, keep_ratio=0.3, retrieval_stride=3)
+    rescored = []
+    selections = []
+    for step in range(7):
+        _, report = dl.step(torch.randn(HQ, D))
+        rescored.append(report.rescored)
+        selections.append(report.selection)
+        assert (report.summary_bytes > 0) == report.rescored
+        if step == 1:  # the sequence grows into a new block: the local window follows
+            dl.append(torch.randn(BS, H, D), torch.randn(BS, H, D))
+    assert rescored == [True, False, False, True, False, False, True]
+    nb_before, nb_after = 30, 31
+    assert selections[0][:, -2:].tolist() == [[nb_before - 2, nb_before - 1]] * H
+    assert selections[2][:, -2:].tolist() == [[nb_after - 2, nb_after - 1]] * H
+    middle = lambda sel, nb: sel[:, 1:-2]  # noqa: E731 - retrieved part between the windows
+    assert torch.equal(middle(selections[0], 30), middle(selections[1], 30))
+    assert torch.equal(middle(selections[0], 30), middle(selections[2], 31))
+
+
+@pytest.mark.parametrize("n_tokens", [20 * BS, 20 * BS + 9])
+def test_keep_ratio_one_is_dense(n_tokens: int) -> None:
+    dl, keys, values = layer(n_tokens, keep_ratio=1.0)
+    kb, n = rm.to_block_major(keys, BS)
+    vb, _ = rm.to_block_major(values, BS)
+    for _ in range(3):
+        q = torch.randn(HQ, D)
+        out, report = dl.step(q)
+        torch.testing.assert_close(out, rm.dense_decode_attention(q, kb, vb, n, D**-0.5), rtol=1e-5, atol=1e-6)
+        assert report.kv_bytes == 2 * n_tokens * H * D * 4
+
+
+def test_short_context_stays_dense() -> None:
+    dl, _, _ = layer(3 * BS, keep_ratio=0.1)
+    _, report = dl.step(torch.randn(HQ, D))
+    assert report.selection.tolist() == [[0, 1, 2]] * H and not report.rescored

@@ -1,0 +1,121 @@
+"""The attention hooks inside vLLM 0.32's forward pass: a wrapper around the backend's `forward`.
+
+Why the backend impl and not `Attention.forward`: with torch.compile / CUDA graphs, the model's
+`Attention.forward` is traced away, but every path (eager or compiled, through the
+`unified_attention_with_output` custom op) still ends in `layer.impl.forward(layer, query, key,
+value, kv_cache, attn_metadata, output, ...)`, looked up on the impl class at call time. Wrapping
+that method there sees the query, the layer's paged KV cache and the per-layer metadata.
+
+What the wrapper does: if a worker-side sparse algorithm is active (`get_active_sparse`), it calls
+`attention_begin(layer_name, query, LayerKV, attn_metadata)`, runs the original kernel with the
+metadata it returns (block retrieval: decode rows compacted to the selected blocks), then
+`attention_finished(layer_name, output)`. With no active algorithm it calls the original directly.
+
+It patches private vLLM internals, so it is pinned: any vLLM other than 0.32.0 is refused with an
+error naming the found version. CUDA-graph capture of decode batches fixes block-table shapes but
+reads their contents, so compacted rows (same shape, fewer valid entries) stay graph-compatible;
+the per-row Python selection loop does not run inside a captured graph, so use it with
+`--enforce-eager` (or piecewise graphs that exclude attention, vLLM's default) — see the README.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from ucm.sparse.base import SparseRole
+from ucm.sparse.registry import get_active_sparse
+
+SUPPORTED_VLLM = "0.32.0"
+
+# backend impl classes wrapped, with the cache layout their forward receives
+PATCH_TARGETS: tuple[tuple[str, str], ...] = (
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+)
+_MARK = "__ucm_sparse_original__"
+
+
+class VllmVersionError(RuntimeError):
+    """The installed vLLM is not the version the patch was written against."""
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """The installed vLLM version, or `VllmVersionError` unless it is exactly 0.32.0."""
+    if version is None:
+        import vllm
+
+        version = str(vllm.__version__)
+    if version != SUPPORTED_VLLM:
+        raise VllmVersionError(
+            f"ucm sparse attention patches vLLM {SUPPORTED_VLLM} attention internals, but vLLM {version} is "
+            f"installed; install vllm=={SUPPORTED_VLLM} or remove ucm_sparse_config from the connector config"
+        )
+    return version
+
+
+def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` (an impl's forward) with the sparse attention hooks around it."""
+    from ucm.sparse.paged import LayerKV
+    from ucm.transfer.paged import CacheLayout
+
+    @functools.wraps(original)
+    def forward(
+        self: Any,
+        layer: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        kv_cache: Any,
+        attn_metadata: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        sparse = get_active_sparse(SparseRole.WORKER)
+        if sparse is None or attn_metadata is None or kv_cache is None or kv_cache.numel() == 0:
+            return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        layer_name = str(getattr(layer, "layer_name", ""))
+        paged = LayerKV.from_layer_cache(kv_cache, CacheLayout.BHNC, int(self.head_size))
+        metadata = sparse.attention_begin(layer_name, query, paged, attn_metadata)
+        result = original(self, layer, query, key, value, kv_cache, metadata, *args, **kwargs)
+        output = kwargs.get("output", args[0] if args else result)
+        sparse.attention_finished(layer_name, output)
+        return result
+
+    setattr(forward, _MARK, original)
+    return forward
+
+
+def is_patched(cls: type) -> bool:
+    return hasattr(cls.__dict__.get("forward"), _MARK)
+
+
+def install_attention_hooks(version: str | None = None) -> list[type]:
+    """Wrap the `forward` of every importable backend impl in `PATCH_TARGETS` (idempotent);
+    returns the classes patched. Raises `VllmVersionError` on any vLLM but 0.32.0."""
+    check_vllm_version(version)
+    patched: list[type] = []
+    for module_name, class_name in PATCH_TARGETS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue  # a backend this build of vLLM lacks; the others are still hooked
+        if not is_patched(cls):
+            cls.forward = make_attention_wrapper(cls.forward)
+        patched.append(cls)
+    if not patched:
+        raise VllmVersionError(f"vLLM {SUPPORTED_VLLM}: none of {PATCH_TARGETS} could be imported")
+    return patched
+
+
+def uninstall_attention_hooks() -> None:
+    """Restore the original `forward` methods (tests; a process that turns sparse attention off)."""
+    for module_name, class_name in PATCH_TARGETS:
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if is_patched(cls):
+            cls.forward = getattr(cls.__dict__["forward"], _MARK)
