@@ -95,7 +95,7 @@ def test_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
     assert exists(cluster, "clusterrole", cluster_role) and exists(cluster, "clusterrolebinding", cluster_role)
     assert not exists(cluster, "-n", namespace, "role", f"{RELEASE}-operator")
     deploy = kubectl_json(cluster, "-n", namespace, "get", "deployment", f"{RELEASE}-operator")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run"]
+    assert "--namespace" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
 
     cluster.helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "60s")
     for args in (("-n", namespace, "deployment", f"{RELEASE}-operator"), ("-n", namespace, "serviceaccount", SA),

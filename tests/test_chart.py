@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "ucm"
 RULES_FILE = CHART / "files" / "operator-rbac.yaml"
 RELEASE, NAMESPACE = "ucm", "ucm-system"
+LIVENESS = ["--liveness", "http://0.0.0.0:8080/healthz"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,9 @@ def test_default_install_is_namespaced_with_exactly_the_rules_file(helm: Path) -
     pod = deploy["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
     (container,) = pod["containers"]
-    assert container["args"] == ["run", "--namespace", NAMESPACE]
+    assert container["args"] == ["run", "--namespace", NAMESPACE, *LIVENESS]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert not by_kind(docs, "ServiceMonitor")
 
 
@@ -121,7 +125,7 @@ def test_watch_all_namespaces_uses_a_cluster_role(helm: Path) -> None:
     # Cluster-scoped names carry the release namespace so installs in two namespaces do not collide.
     assert NAMESPACE in role["metadata"]["name"]
     (deploy,) = by_kind(docs, "Deployment")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run"]
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", *LIVENESS]
 
 
 def test_watch_another_namespace_puts_the_role_there(helm: Path) -> None:
@@ -131,7 +135,7 @@ def test_watch_another_namespace_puts_the_role_there(helm: Path) -> None:
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
     assert binding["subjects"][0]["namespace"] == NAMESPACE
     (deploy,) = by_kind(docs, "Deployment")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", "--namespace", "team-a"]
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", "--namespace", "team-a", *LIVENESS]
 
 
 def test_operator_pod_is_non_root_with_resources(helm: Path) -> None:
@@ -184,13 +188,33 @@ def test_service_monitor_needs_the_prometheus_operator_api(helm: Path) -> None:
                   "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
     (monitor,) = by_kind(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "prom"
-    (service,) = by_kind(docs, "Service")
-    (deploy,) = by_kind(docs, "Deployment")
-    assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
-    port_name = monitor["spec"]["endpoints"][0]["port"]
-    assert port_name in {p["name"] for p in service["spec"]["ports"]}
-    container_ports = deploy["spec"]["template"]["spec"]["containers"][0].get("ports", [])
-    assert port_name in {p["name"] for p in container_ports}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "watch.allNamespaces=true",
+                  "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+    assert by_kind(docs, "ServiceMonitor")[0]["spec"]["namespaceSelector"] == {"any": True}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []))
+
+
+def test_service_monitor_scrapes_the_services_the_operator_creates(helm: Path) -> None:
+    """The monitor's selector and port name must match what `ucm-operator render` produces."""
+    (monitor,) = by_kind(render(helm, "--set", "serviceMonitor.enabled=true",
+                                "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"), "ServiceMonitor")
+    example = REPO / "examples" / "ucmcluster-heterogeneous.yaml"
+    result = subprocess.run([str(Path(sys.executable).parent / "ucm-operator"), "render", "-f", str(example)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    services = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Service"]
+    roles = {s["metadata"]["labels"]["ucm.dev/role"] for s in services
+             if _selects(monitor["spec"]["selector"], s["metadata"]["labels"])}
+    assert roles == {"prefill", "decode", "router"}
+    port = monitor["spec"]["endpoints"][0]["port"]
+    for service in services:
+        assert port in {p["name"] for p in service["spec"]["ports"]}, service["metadata"]["name"]
 
 
 def test_rbac_checksum_rolls_the_operator_when_rules_change(helm: Path) -> None:
