@@ -1,0 +1,127 @@
+"""`ucm-operator`: run the operator, render or validate a UCMCluster offline, benchmark it.
+
+    ucm-operator run [--namespace NS ...] [--workers N] [--resync-seconds S] [--liveness URL]
+    ucm-operator render -f cluster.yaml        # the manifests the operator would apply
+    ucm-operator validate -f cluster.yaml      # the operator-side checks (exit 1 if invalid)
+    ucm-operator bench [--clusters 50] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+
+def _load(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") if path != "-" else sys.stdin as handle:
+        docs = [d for d in yaml.safe_load_all(handle) if d]
+    clusters = [d for d in docs if isinstance(d, dict) and d.get("kind") == "UCMCluster"]
+    if not clusters:
+        raise SystemExit(f"{path}: no UCMCluster document found")
+    return clusters
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import Operator, Options
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    namespaces = tuple(args.namespace or ())
+    if not namespaces and os.environ.get("UCM_WATCH_NAMESPACE"):
+        namespaces = (os.environ["UCM_WATCH_NAMESPACE"],)
+    options = Options(namespaces=namespaces, workers=args.workers, resync_seconds=args.resync_seconds,
+                      liveness_endpoint=args.liveness)
+    logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
+    Operator(options).run()
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .build import build_children
+    from .compat import check_cluster
+    from .spec import SpecError, parse_cluster
+
+    out: list[dict[str, Any]] = []
+    for body in _load(args.file):
+        if args.namespace:
+            body.setdefault("metadata", {})["namespace"] = args.namespace
+        try:
+            spec = parse_cluster(body)
+        except SpecError as exc:
+            print(f"{args.file}: {exc}", file=sys.stderr)
+            return 1
+        problems = check_cluster(spec)
+        if problems:
+            for problem in problems:
+                print(f"{args.file}: {problem}", file=sys.stderr)
+            return 1
+        out += build_children(spec)
+    yaml.safe_dump_all(out, sys.stdout, sort_keys=False)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .compat import check_cluster
+    from .spec import SpecError, parse_cluster
+
+    status = 0
+    for body in _load(args.file):
+        name = body.get("metadata", {}).get("name", "?")
+        try:
+            problems = [str(p) for p in check_cluster(parse_cluster(body))]
+        except SpecError as exc:
+            problems = [str(exc)]
+        for problem in problems:
+            print(f"{args.file}: UCMCluster {name}: {problem}")
+        print(f"{args.file}: UCMCluster {name}: {'valid' if not problems else 'NOT valid'}")
+        status = status or int(bool(problems))
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ucm-operator", description="The UCM Kubernetes operator")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="reconcile UCMClusters against the current kubeconfig (or in-cluster)")
+    run.add_argument("--namespace", "-n", action="append", help="watch this namespace (repeatable); default: all")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)")
+    run.add_argument("--workers", type=int, default=4, help="clusters reconciled in parallel (default 4)")
+    run.add_argument("--resync-seconds", type=float, default=300.0,
+                     help="re-check every cluster this often even without events (default 300)")
+    run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    run.set_defaults(func=cmd_run)
+
+    render = sub.add_parser("render", help="print the manifests the operator would apply for a UCMCluster file")
+    render.add_argument("-f", "--file", required=True, help="YAML file with UCMCluster documents ('-': stdin)")
+    render.add_argument("--namespace", help="namespace to render into (default: the file's, else default)")
+    render.set_defaults(func=cmd_render)
+
+    validate = sub.add_parser("validate", help="run the operator's own checks on a UCMCluster file")
+    validate.add_argument("-f", "--file", required=True, help="YAML file with UCMCluster documents ('-': stdin)")
+    validate.set_defaults(func=cmd_validate)
+
+    from .bench import register as register_bench
+
+    register_bench(sub.add_parser("bench", help="time to Serving for many UCMClusters; writes on a no-op resync"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for noisy in ("kopf.objects", "kopf.activities.authentication", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""One reconciliation of one UCMCluster: read, validate, build, apply what changed, prune what is
+no longer wanted, write the status if it changed. Idempotent and stateless across restarts (the
+in-memory drift record only ever adds writes, never skips needed ones), so the operator killed at
+any point converges when it starts again.
+
+Zero writes on a no-op resync is by construction:
+- a child is applied only when its desired manifest hash differs from the hash annotation on the
+  live object, or when the live object changed since this process last applied it (its
+  generation — or resourceVersion for kinds without one — moved: someone edited it);
+- the status is patched only when the newly computed object differs from the live one, and
+  conditions keep their lastTransitionTime while unchanged;
+- Warning events are posted only when a problem first appears or changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .build import build_children
+from .compat import LiveStore, Problem, check_cluster
+from .constants import (
+    ANNOTATION_APPLIED_HASH,
+    API_VERSION,
+    KIND,
+    LABEL_CLUSTER,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+)
+from .kube import CHILD_KINDS, Kube, KubeError
+from .meta import claim_name, revision
+from .spec import SpecError, parse_cluster
+from .status import CONDITION_TYPES, Observed, compute_status, now
+
+JSON = dict[str, Any]
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one pass did: objects written (applied or pruned), whether the status was patched,
+    and errors (the runtime retries with backoff when there are any)."""
+
+    found: bool = True
+    applied: int = 0
+    pruned: int = 0
+    status_written: bool = False
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def writes(self) -> int:
+        return self.applied + self.pruned + int(self.status_written)
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
+    return obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
+
+
+def _version(obj: Mapping[str, Any]) -> str:
+    """What changes when someone edits the object's desired state: the generation where the kind
+    has one (status updates by controllers do not move it), else the resourceVersion."""
+    meta = obj.get("metadata") or {}
+    generation = meta.get("generation")
+    return f"g{generation}" if generation else f"rv{meta.get('resourceVersion', '')}"
+
+
+def _hash(obj: Mapping[str, Any]) -> str | None:
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(ANNOTATION_APPLIED_HASH)
+    return str(value) if value is not None else None
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+class Reconciler:
+    """Reconciles UCMClusters through a `Kube`. Thread-safe across different clusters; the runtime
+    guarantees one pass at a time per cluster."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        # uid of a child -> (hash we applied, its version right after): detects edits by others.
+        self._applied: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+        self.passes = 0
+
+    # --- drift memory ------------------------------------------------------------------------
+
+    def _remember(self, obj: Mapping[str, Any], digest: str) -> None:
+        uid = (obj.get("metadata") or {}).get("uid")
+        if uid:
+            with self._lock:
+                self._applied[uid] = (digest, _version(obj))
+
+    def needs_apply(self, desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
+        if live is None:
+            return True
+        digest = _hash(desired)
+        if _hash(live) != digest:
+            return True
+        uid = live["metadata"].get("uid", "")
+        with self._lock:
+            record = self._applied.get(uid)
+            if record is None or record[0] != digest:
+                # First sight since start (or re-applied by an earlier process): trust the
+                # annotation and take the current version as the baseline for later edits.
+                self._applied[uid] = (str(digest), _version(live))
+                return False
+        # PVCs: the binder rewrites them (status, annotations) and their spec is immutable.
+        return record[1] != _version(live) and live["kind"] != "PersistentVolumeClaim"
+
+    # --- one pass ----------------------------------------------------------------------------
+
+    def reconcile(self, namespace: str, name: str) -> Outcome:
+        self.passes += 1
+        body = self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None:
+            return Outcome(found=False)
+        if body["metadata"].get("deletionTimestamp"):
+            return Outcome()  # children go by garbage collection
+        try:
+            spec = parse_cluster(body)
+        except SpecError as exc:
+            return self._unparseable(body, exc)
+        selector = f"{LABEL_CLUSTER}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
+        live: dict[tuple[str, str, str], JSON] = {}
+        for api_version, kind in CHILD_KINDS:
+            for obj in self.kube.list(api_version, kind, namespace, selector):
+                live[_key(obj)] = obj
+        pods = self.kube.list("v1", "Pod", namespace, selector)
+        claim = self._claim(spec.store.kind, namespace, claim_name(spec), live)
+        live_store = LiveStore()
+        if claim is not None:
+            live_store = LiveStore(tuple(claim["spec"].get("accessModes") or ()),
+                                   claim["spec"].get("storageClassName"),
+                                   ((claim.get("status") or {}).get("capacity") or {}).get("storage")
+                                   or claim["spec"].get("resources", {}).get("requests", {}).get("storage"))
+        problems = check_cluster(spec, live_store)
+        outcome = Outcome()
+        if not problems:
+            self._apply(spec.uid, build_children(spec), live, outcome)
+        observed = Observed(spec=spec, generation=spec.generation, revision=revision(spec), problems=problems,
+                            deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
+                            claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
+        status = compute_status(observed, body.get("status"))
+        self._report(body, status, problems, outcome)
+        return outcome
+
+    def _claim(self, store_kind: str, namespace: str, name: str,
+               live: Mapping[tuple[str, str, str], JSON]) -> JSON | None:
+        if store_kind == "pvc":
+            found = live.get(("v1", "PersistentVolumeClaim", name))
+            # A retained claim from an earlier cluster of this name carries our labels too.
+            return found if found is not None else self.kube.get("v1", "PersistentVolumeClaim", namespace, name)
+        if store_kind == "existingClaim":
+            return self.kube.get("v1", "PersistentVolumeClaim", namespace, name)
+        return None
+
+    def _apply(self, uid: str, desired: Sequence[JSON], live: dict[tuple[str, str, str], JSON],
+               outcome: Outcome) -> None:
+        wanted = set()
+        for manifest in desired:
+            key = _key(manifest)
+            wanted.add(key)
+            current = live.get(key)
+            if current is not None and current["metadata"].get("deletionTimestamp"):
+                continue  # being deleted; its deletion event brings us back to re-create it
+            if not self.needs_apply(manifest, current):
+                continue
+            try:
+                result = self.kube.apply(manifest)
+            except KubeError as exc:
+                outcome.errors.append(f"{manifest['kind']} {manifest['metadata']['name']}: {exc.message}")
+                continue
+            self._remember(result, str(_hash(manifest)))
+            live[key] = result
+            outcome.applied += 1
+        if outcome.errors:
+            return  # never remove what runs while its replacement failed to apply
+        for key, obj in list(live.items()):
+            if key in wanted or not _owned_by(obj, uid) or obj["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                self.kube.delete(obj)
+            except KubeError as exc:
+                outcome.errors.append(f"delete {key[1]} {key[2]}: {exc.message}")
+                continue
+            del live[key]
+            outcome.pruned += 1
+
+    def _report(self, body: JSON, status: JSON, problems: Sequence[Problem], outcome: Outcome) -> None:
+        previous = body.get("status") or {}
+        before = {c.get("type"): c for c in previous.get("conditions") or []}
+        after = {c["type"]: c for c in status["conditions"]}
+        # Events only when a problem appears or changes: a resync repeats nothing.
+        for ctype, bad, reason in (("Valid", "False", "InvalidSpec"), ("Degraded", "True", "ApplyFailed")):
+            cond = after.get(ctype)
+            if cond is None or cond["status"] != bad or (ctype == "Degraded" and cond["reason"] != "ApplyFailed"):
+                continue
+            old = before.get(ctype) or {}
+            if old.get("status") == cond["status"] and old.get("message") == cond["message"]:
+                continue
+            try:
+                self.kube.event(body, type_="Warning", reason=reason, message=cond["message"], when=now())
+            except KubeError as exc:
+                log.warning("could not post event for %s: %s", body["metadata"]["name"], exc)
+        if status != previous:
+            try:
+                self.kube.patch_status(body, status)
+                outcome.status_written = True
+            except KubeError as exc:
+                if exc.status != 404:
+                    outcome.errors.append(f"status: {exc.message}")
+        if problems:
+            log.warning("%s/%s is not valid: %s", body["metadata"]["namespace"], body["metadata"]["name"],
+                        "; ".join(str(p) for p in problems))
+
+    def _unparseable(self, body: JSON, exc: SpecError) -> Outcome:
+        """A spec the API server accepted but that cannot be read (a schema older than this
+        operator): Valid=False naming the field; nothing else is touched."""
+        previous = body.get("status") or {}
+        status = dict(previous)
+        old = {c.get("type"): c for c in previous.get("conditions") or []}
+        generation = int(body["metadata"].get("generation") or 0)
+        valid = {"type": "Valid", "status": "False", "reason": "InvalidSpec", "message": str(exc),
+                 "observedGeneration": generation}
+        prior = old.get("Valid") or {}
+        valid["lastTransitionTime"] = (prior["lastTransitionTime"] if prior.get("status") == "False"
+                                       and prior.get("lastTransitionTime") else now())
+        conditions = [valid if c.get("type") == "Valid" else c for c in previous.get("conditions") or []]
+        if "Valid" not in old:
+            conditions.insert(0, valid)
+        status.update(observedGeneration=generation,
+                      conditions=sorted(conditions, key=lambda c: CONDITION_TYPES.index(c["type"])
+                                        if c.get("type") in CONDITION_TYPES else 99))
+        outcome = Outcome()
+        self._report(body, status, [Problem(exc.field, "InvalidSpec", exc.message)], outcome)
+        return outcome

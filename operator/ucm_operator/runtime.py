@@ -1,0 +1,229 @@
+"""The operator process: kopf watches UCMClusters and their children, a work queue coalesces the
+events into one reconcile per cluster at a time, and worker threads run `Reconciler.reconcile`.
+
+Why not kopf's create/update handlers: they persist handler progress in annotations (a write per
+change) and need finalizers for deletion; the design here needs neither. `@kopf.on.event` handlers
+only enqueue the cluster's key, so kopf itself writes nothing and every write comes from the
+reconciler, which writes only what changed. A periodic resync re-enqueues every known cluster to
+repair drift that produced no event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import kopf
+
+from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from .kube import Kube, load_api_client
+from .reconcile import Reconciler
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (namespace, name)
+
+# Children whose changes can change the status or need repair: (group, version, plural).
+WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "pods"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("", "v1", "serviceaccounts"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+)
+
+
+class WorkQueue:
+    """client-go style: a key is queued at most once; a key added while being processed is
+    processed once more afterwards; one worker per key at a time."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._dirty: set[Key] = set()
+        self._processing: set[Key] = set()
+
+    def add(self, key: Key) -> None:
+        if key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key not in self._processing:
+            self._queue.put_nowait(key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self.add, key)
+
+    async def get(self) -> Key:
+        key = await self._queue.get()
+        self._dirty.discard(key)
+        self._processing.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._queue.put_nowait(key)
+
+    @property
+    def idle(self) -> bool:
+        return not self._dirty and not self._processing
+
+
+@dataclasses.dataclass
+class Options:
+    namespaces: tuple[str, ...] = ()     # empty: all namespaces
+    workers: int = 4
+    resync_seconds: float = 300.0
+    liveness_endpoint: str | None = None
+
+
+class Operator:
+    """One operator instance; `run()` blocks until stopped (signal or `stop()`)."""
+
+    def __init__(self, options: Options, kube: Kube | None = None) -> None:
+        self.options = options
+        self.kube = kube or Kube(load_api_client(pool_size=options.workers + 4))
+        self.reconciler = Reconciler(self.kube)
+        self.known: set[Key] = set()
+        self._failures: dict[Key, int] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._queue: WorkQueue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.resyncs = 0
+
+    # --- kopf wiring ---------------------------------------------------------------------------
+
+    def _registry(self) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+
+        @kopf.on.login(registry=registry)
+        def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+            return kopf.login_via_client(**kwargs)
+
+        @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+        def on_cluster(**kwargs: Any) -> None:
+            key = (str(kwargs["namespace"]), str(kwargs["name"]))
+            if kwargs["event"].get("type") == "DELETED":
+                self.known.discard(key)
+                return
+            self.known.add(key)
+            self._enqueue(key)
+
+        def on_child(**kwargs: Any) -> None:
+            cluster = (kwargs["labels"] or {}).get(LABEL_CLUSTER)
+            if cluster:
+                self._enqueue((str(kwargs["namespace"]), str(cluster)))
+
+        for group, version, plural in WATCHED_CHILDREN:
+            kopf.on.event(group or "", version, plural, registry=registry, id=f"child-{plural}",
+                          labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_CLUSTER: kopf.PRESENT})(on_child)
+        return registry
+
+    def _settings(self) -> kopf.OperatorSettings:
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False          # the reconciler posts its own, deduplicated Events
+        settings.scanning.disabled = True         # no cluster-wide CRD/namespace watching (RBAC)
+        settings.peering.standalone = True        # one replica; no peering objects to keep alive
+        settings.peering.mandatory = False
+        settings.watching.server_timeout = 300
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+        for group, _version, plural in WATCHED_CHILDREN:
+            # Server-side filtering: the operator never downloads pods or services it does not own.
+            settings.watching.label_selectors[(group, plural) if group else plural] = selector
+        return settings
+
+    def _enqueue(self, key: Key) -> None:
+        if self._queue is not None:
+            self._queue.add(key)
+
+    # --- workers -----------------------------------------------------------------------------
+
+    async def _worker(self, executor: concurrent.futures.Executor) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self._queue.get()
+            try:
+                outcome = await loop.run_in_executor(executor, self.reconciler.reconcile, *key)
+                if outcome.errors:
+                    raise RuntimeError("; ".join(outcome.errors))
+                self._failures.pop(key, None)
+            except Exception as exc:
+                failures = self._failures.get(key, 0) + 1
+                self._failures[key] = failures
+                delay = min(60.0, 0.5 * 2 ** min(failures, 7))
+                log.warning("reconcile %s/%s failed (%s); retrying in %.1fs", key[0], key[1], exc, delay)
+                self._queue.add_after(key, delay)
+            finally:
+                self._queue.done(key)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.resync_seconds)
+            self.resync_now()
+
+    def resync_now(self) -> None:
+        """Re-enqueue every known cluster (thread-safe)."""
+        def enqueue_all() -> None:
+            self.resyncs += 1
+            for key in sorted(self.known):
+                self._enqueue(key)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(enqueue_all)
+
+    def wait_idle(self, timeout: float, settle: float = 0.5) -> bool:
+        """Block until the queue has been empty for `settle` seconds (tests, bench)."""
+        deadline = time.monotonic() + timeout
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
+            if self._queue is not None and self._queue.idle:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= settle:
+                    return True
+            else:
+                quiet_since = None
+            time.sleep(0.05)
+        return False
+
+    async def main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = WorkQueue()
+        executor = concurrent.futures.ThreadPoolExecutor(self.options.workers, thread_name_prefix="reconcile")
+        tasks = [asyncio.create_task(self._worker(executor)) for _ in range(self.options.workers)]
+        tasks.append(asyncio.create_task(self._resync()))
+        try:
+            await kopf.operator(
+                registry=self._registry(), settings=self._settings(),
+                clusterwide=not self.options.namespaces, namespaces=list(self.options.namespaces),
+                standalone=True, liveness_endpoint=self.options.liveness_endpoint,
+                stop_flag=self._stop, ready_flag=self._ready,
+            )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def run(self) -> None:
+        asyncio.run(self.main())
+
+    # --- in-process use (bench, tests) ----------------------------------------------------------
+
+    def start_in_thread(self, timeout: float = 60.0) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="ucm-operator", daemon=True)
+        thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("operator did not become ready")
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
