@@ -1,0 +1,176 @@
+"""The vLLM 0.32 integration: the patch applies to the real backend classes, the version guard
+fires, and the wrapper hands the kernel compacted metadata that computes the right attention."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from ucm.sparse import UcmSparseBase, create_sparse, register_sparse, shutdown_sparse, vllm_patch
+from ucm.sparse import retrieval_math as rm
+from ucm.sparse.paged import LayerKV, paged_reference_attention
+
+triton_attn = pytest.importorskip("vllm.v1.attention.backends.triton_attn")
+
+H, HQ, D, BS = 2, 4, 16, 16
+LAYER = "model.layers.0.self_attn.attn"
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    shutdown_sparse()
+    yield
+    shutdown_sparse()
+    vllm_patch.uninstall_attention_hooks()
+
+
+def test_patch_applies_to_real_vllm_classes_and_restores() -> None:
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+
+    originals = {cls: cls.forward for cls in (triton_attn.TritonAttentionImpl, FlashAttentionImpl)}
+    patched = vllm_patch.install_attention_hooks()
+    assert set(patched) == set(originals)
+    for cls, original in originals.items():
+        assert vllm_patch.is_patched(cls)
+        assert cls.forward.__wrapped__ is original  # type: ignore[attr-defined]
+    vllm_patch.install_attention_hooks()  # idempotent: not wrapped twice
+    assert triton_attn.TritonAttentionImpl.forward.__wrapped__ is originals[triton_attn.TritonAttentionImpl]  # type: ignore[attr-defined]
+    vllm_patch.uninstall_attention_hooks()
+    for cls, original in originals.items():
+        assert cls.forward is original
+
+
+def test_version_guard() -> None:
+    import vllm
+
+    assert vllm.__version__ == "0.32.0"
+    assert vllm_patch.check_vllm_version() == "0.32.0"
+    with pytest.raises(vllm_patch.VllmVersionError, match=r"vLLM 0\.33\.1 is installed; install vllm==0\.32\.0"):
+        vllm_patch.install_attention_hooks(version="0.33.1")
+    assert not vllm_patch.is_patched(triton_attn.TritonAttentionImpl)
+
+
+def test_worker_with_vllm_config_installs_the_hooks() -> None:
+    create_sparse({"name": "block_retrieval"}, "worker", vllm_config=SimpleNamespace(cache_config=None))
+    assert vllm_patch.is_patched(triton_attn.TritonAttentionImpl)
+
+
+def build_batch(seq_lens: list[int], query_lens: list[int]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """A BHNC paged cache with shuffled physical blocks and real TritonAttentionMetadata."""
+    torch.manual_seed(5)
+    blocks_per_row = [math.ceil(s / BS) for s in seq_lens]
+    num_physical = sum(blocks_per_row) + 3
+    perm = torch.randperm(num_physical)
+    kv_cache = torch.randn(num_physical, H, BS, 2 * D)
+    width = max(blocks_per_row)
+    block_table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    slots: list[int] = []
+    used = 0
+    for row, nb in enumerate(blocks_per_row):
+        block_table[row, :nb] = perm[used : used + nb].to(torch.int32)
+        used += nb
+        for pos in range(seq_lens[row] - query_lens[row], seq_lens[row]):
+            slots.append(int(block_table[row, pos // BS]) * BS + pos % BS)
+    qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    n = int(qsl[-1])
+    metadata = triton_attn.TritonAttentionMetadata(
+        num_actual_tokens=n, max_query_len=max(query_lens), query_start_loc=qsl, max_seq_len=max(seq_lens),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), seq_threshold_3D=0, num_par_softmax_segments=0,
+        softmax_segm_output=torch.empty(0), softmax_segm_max=torch.empty(0), softmax_segm_expsum=torch.empty(0),
+        causal=True,
+    )
+    return kv_cache, metadata, torch.randn(n, HQ, D)
+
+
+def run_wrapped(kv_cache: torch.Tensor, metadata: Any, query: torch.Tensor, seen: list[Any]) -> torch.Tensor:
+    """Call the installed wrapper around a CPU stand-in kernel (the real one needs a GPU)."""
+
+    def kernel(self: Any, layer: Any, q: Any, k: Any, v: Any, cache: Any, md: Any, output: Any, **_: Any) -> Any:
+        seen.append(("kernel", md))
+        output.copy_(paged_reference_attention(q, LayerKV.from_layer_cache(cache, vllm_patch_layout(), D), md, D**-0.5))
+        return output
+
+    wrapper = vllm_patch.make_attention_wrapper(kernel)
+    output = torch.zeros_like(query)
+    wrapper(SimpleNamespace(head_size=D), SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, output)
+    return output
+
+
+def vllm_patch_layout() -> Any:
+    from ucm.transfer.paged import CacheLayout
+
+    return CacheLayout.BHNC
+
+
+class Recorder(UcmSparseBase):
+    name = "recorder_for_tests"
+    log: list[Any] = []
+
+    def attention_begin(self, layer_name: str, query: torch.Tensor, paged_kv: Any, attn_metadata: Any) -> Any:
+        self.log.append(("begin", layer_name, isinstance(paged_kv, LayerKV)))
+        return attn_metadata
+
+    def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:
+        self.log.append(("finished", layer_name))
+
+
+def test_hooks_called_in_order_around_the_kernel() -> None:
+    register_sparse("recorder_for_tests", f"{__name__}:Recorder")
+    create_sparse({"name": "recorder_for_tests"}, "worker")
+    kv_cache, metadata, query = build_batch([20 * BS], [1])
+    Recorder.log.clear()
+    run_wrapped(kv_cache, metadata, query, Recorder.log)
+    assert [e[0] for e in Recorder.log] == ["begin", "kernel", "finished"]
+    assert Recorder.log[0] == ("begin", LAYER, True) and Recorder.log[1][1] is metadata
+
+
+def test_no_active_algorithm_is_dense_passthrough() -> None:
+    kv_cache, metadata, query = build_batch([20 * BS], [1])
+    seen: list[Any] = []
+    run_wrapped(kv_cache, metadata, query, seen)
+    assert seen[0][1] is metadata
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.25])
+def test_compacted_metadata_computes_block_sparse_attention(keep_ratio: float) -> None:
+    sparse = create_sparse(
+        {"name": "block_retrieval", "keep_ratio": keep_ratio, "min_blocks": 4, "retrieval_stride": 1}, "worker"
+    )
+    seq_lens, query_lens = [40 * BS + 5, 24 * BS, 10 * BS], [1, 1, 7]  # two decode rows, one prefill row
+    kv_cache, metadata, query = build_batch(seq_lens, query_lens)
+    dense = paged_reference_attention(query, LayerKV.from_layer_cache(kv_cache, vllm_patch_layout(), D), metadata, D**-0.5)
+    original_table = metadata.block_table.clone()
+    seen: list[Any] = []
+    sparse.execute_begin(None)
+    out = run_wrapped(kv_cache, metadata, query, seen)
+    sparse.execute_finished()
+    md = seen[0][1]
+    assert torch.equal(metadata.block_table, original_table)  # the shared metadata is untouched
+    assert md.seq_lens[2] == seq_lens[2] and torch.equal(md.block_table[2], original_table[2])  # prefill
+    torch.testing.assert_close(out[-7:], dense[-7:])
+    if keep_ratio == 1.0:
+        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+        assert md.seq_lens.tolist() == seq_lens
+        return
+    paged = LayerKV.from_layer_cache(kv_cache, vllm_patch_layout(), D)
+    for row in (0, 1):
+        nb = math.ceil(seq_lens[row] / BS)
+        keep = rm.num_blocks_to_keep(nb, keep_ratio, 1, 2)
+        tail = seq_lens[row] - (nb - 1) * BS
+        assert int(md.seq_lens[row]) == (keep - 1) * BS + tail
+        kept_physical = md.block_table[row, :keep].tolist()
+        logical = [original_table[row, :nb].tolist().index(p) for p in kept_physical]
+        assert logical[0] == 0 and logical[-2:] == [nb - 2, nb - 1] and logical == sorted(logical)
+        # the same attention computed directly over those logical blocks of the row
+        keys = paged.key_cache[original_table[row, :nb].long()].permute(2, 0, 1, 3)
+        values = paged.value_cache[original_table[row, :nb].long()].permute(2, 0, 1, 3)
+        selection = torch.tensor(logical).expand(H, -1)
+        t = int(metadata.query_start_loc[row])
+        expected = rm.sparse_decode_attention(query[t], keys, values, seq_lens[row], selection, D**-0.5)
+        torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-5)
