@@ -6,7 +6,7 @@ while layer i+1 computes. A load batch is the reverse: host payloads (already re
 are copied to the device and scattered layer by layer, and `LoadBatch.wait_layer(i)` only makes the
 compute stream wait for layer i, so later layers keep loading while earlier ones compute.
 
-Host memory holds, per head group, one contiguous block-major tensor ``[n, layers, S, N, heads, D]``;
+Host memory holds, per head group, one contiguous block-major tensor ``[n, layers, heads, N, S, D]``;
 block i's bytes are one contiguous run, which is what the store writes. Because a layer of many
 blocks is not contiguous in that order, a layer-wise save first lands in a layer-major staging
 tensor (one contiguous DMA per layer) and is repacked on the host once per batch (`finish`).
@@ -95,7 +95,7 @@ class SaveBatch:
         self.head_count = max(g.start + g.count for g in self.groups) - self.head_start
         self._streams = _Streams(paged.device)
         self._stage_raw: torch.Tensor | None = None
-        self._stage: torch.Tensor | None = None  # [L, n, S, N, heads, D] layer-major
+        self._stage: torch.Tensor | None = None  # [L, n, heads, N, S, D] layer-major
         self._done_layers: set[int] = set()
         self._events: list[torch.cuda.Event] = []
         self._keep: list[torch.Tensor] = []  # device temporaries alive until the copies finish
@@ -103,7 +103,7 @@ class SaveBatch:
     def _stage_tensor(self) -> torch.Tensor:
         if self._stage is None:
             p = self.paged
-            shape = (p.num_layers, self.n, p.num_states, p.block_size, self.head_count, p.head_size)
+            shape = (p.num_layers, self.n, self.head_count, p.block_size, p.num_states, p.head_size)
             nbytes = p.dtype.itemsize * int(np.prod(shape))
             self._stage_raw = self.pool.acquire(nbytes)
             self._stage = self._stage_raw.view(p.dtype).view(shape)
@@ -146,7 +146,7 @@ class SaveBatch:
         self._keep.clear()
         stage = self._stage_tensor()
         for g, payload in zip(self.groups, payloads, strict=True):
-            part = stage.narrow(-2, g.start - self.head_start, g.count)
+            part = stage.narrow(2, g.start - self.head_start, g.count)
             payload.tensor.copy_(part.transpose(0, 1))
         assert self._stage_raw is not None
         self.pool.release(self._stage_raw)
