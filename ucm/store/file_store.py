@@ -119,6 +119,7 @@ class FileStore(Store):
         self._logged_errors: set[int] = set()
         self._buffers = fileio.ThreadBuffers()
         self._open_root()
+        self._io_threads = io_threads
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="ucm-store-io")
         self.index_ready = threading.Event()
         threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True).start()
@@ -261,16 +262,21 @@ class FileStore(Store):
         self._indexed(key, st.st_size)
         return True
 
+    def _stat_many(self, keys: list[bytes]) -> list[bool]:
+        return [self._stat_present(key) for key in keys]
+
     def lookup(self, keys: Sequence[Key]) -> list[bool]:
         _check_keys(keys)
-        index = self._index
-        found = [key in index for key in keys]
+        found = list(map(self._index.__contains__, keys))
         missing = [i for i, hit in enumerate(found) if not hit]
-        if len(missing) > 64:  # a batch of stats: overlap them (latency-bound on NFS)
-            for i, hit in zip(
-                missing, self._pool.map(self._stat_present, [keys[i] for i in missing]), strict=True
+        if len(missing) > 256:  # many stats: a few chunks in parallel (each stat is an RPC on NFS)
+            chunk = -(-len(missing) // self._io_threads)
+            parts = [missing[i : i + chunk] for i in range(0, len(missing), chunk)]
+            for part, hits in zip(
+                parts, self._pool.map(self._stat_many, [[keys[i] for i in p] for p in parts]), strict=True
             ):
-                found[i] = hit
+                for i, hit in zip(part, hits, strict=True):
+                    found[i] = hit
         else:
             for i in missing:
                 found[i] = self._stat_present(keys[i])
@@ -282,12 +288,19 @@ class FileStore(Store):
         return found
 
     def lookup_prefix(self, keys: Sequence[Key]) -> int:
-        """Stops at the first miss, so a new prompt costs one stat, not one per block."""
+        """Stats only the keys the index lacks, and stops at the first real miss, so a new
+        prompt costs one stat, not one per block."""
         _check_keys(keys)
-        index = self._index
+        in_index = list(map(self._index.__contains__, keys))
         count = 0
-        for key in keys:
-            if key not in index and not self._stat_present(key):
+        while count < len(keys):
+            try:
+                gap = in_index.index(False, count)
+            except ValueError:
+                count = len(keys)
+                break
+            count = gap
+            if not self._stat_present(keys[gap]):
                 break
             count += 1
         with self._lock:
