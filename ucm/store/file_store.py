@@ -272,10 +272,9 @@ class FileStore(Store):
         if len(missing) > 256:  # many stats: a few chunks in parallel (each stat is an RPC on NFS)
             chunk = -(-len(missing) // self._io_threads)
             parts = [missing[i : i + chunk] for i in range(0, len(missing), chunk)]
-            for part, hits in zip(
-                parts, self._pool.map(self._stat_many, [[keys[i] for i in p] for p in parts]), strict=True
-            ):
-                for i, hit in zip(part, hits, strict=True):
+            results = self._pool.map(self._stat_many, [[keys[i] for i in p] for p in parts])
+            for part, part_found in zip(parts, results, strict=True):
+                for i, hit in zip(part, part_found, strict=True):
                     found[i] = hit
         else:
             for i in missing:
