@@ -364,3 +364,26 @@ async def test_concurrency_limit_rejects_instead_of_queueing(make_upstream, make
         assert (await s.read()).endswith(b"data: [DONE]\n\n")
         s.release()
     assert (await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"}))[0] == 200
+
+
+async def test_unreachable_decode_is_retried_once_elsewhere(make_upstream, make_router, http) -> None:
+    good = await make_upstream("decode", "good")
+    dead = await make_upstream("decode", "dead")
+    router = await make_router([], [dead, good])
+    await router.prober.probe_all()  # both healthy now; the next probe is a minute away
+    await dead.close()  # its port now refuses connections, which the router learns from traffic
+    for _ in range(4):
+        assert (await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"}))[0] == 200
+    assert len(good.requests) == 4
+    text = await metrics(http, router)
+    assert (
+        metric_value(text, 'ucm_router_upstream_requests_total{outcome="connect_error",role="decode"}') >= 1
+    )
+    # with nowhere else to go the client gets a 502 naming the cause
+    for state in router.registry.states():
+        if state.endpoint.name == "good":
+            state.probe_ok = False
+        else:
+            state.ejected_until = 0.0
+    status, body = await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert status == 502 and "decode unreachable" in body["error"]["message"]

@@ -140,16 +140,17 @@ class PDProxy:
         body = build_decode_body(parsed, kv_params)
         try:
             return await self._decode(request, decode, parsed, body, headers)
-        except _UpstreamFailed as exc:
-            if not exc.connect:
-                raise
+        except _UpstreamFailed as exc:  # connect error: nothing was sent, so one retry is safe
             retry = self.registry.choose_decode(decode.endpoint.revision, exclude=decode)
             if retry is None:
-                raise
+                raise bad_gateway(f"decode unreachable: {exc}") from exc
             log.warning(
                 "decode %s unreachable (%s); retrying on %s", decode.endpoint.url, exc, retry.endpoint.url
             )
+        try:
             return await self._decode(request, retry, parsed, body, headers)
+        except _UpstreamFailed as exc:
+            raise bad_gateway(f"decode unreachable: {exc}") from exc
 
     def _allow_fallback(self, reason: str, message: str, timeout: bool = False) -> str:
         """Returns the fallback reason when decode-only is allowed, else raises the client error."""
