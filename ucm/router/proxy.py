@@ -39,6 +39,7 @@ from ucm.router.openai_request import ParsedRequest, build_decode_body, build_pr
 
 log = logging.getLogger("ucm.router")
 _EVENT_END = b"\n\n"
+_MAX_PENDING = 1 << 20  # an event larger than this is forwarded in pieces
 
 
 class _UpstreamFailed(Exception):
@@ -272,8 +273,10 @@ class PDProxy:
                 data = pending + chunk if pending else chunk
                 cut = data.rfind(_EVENT_END)
                 if cut < 0:
-                    pending = data
-                    continue
+                    if len(data) <= _MAX_PENDING:
+                        pending = data
+                        continue
+                    cut = len(data) - len(_EVENT_END)  # not SSE framing after all: stop holding it back
                 cut += len(_EVENT_END)
                 pending = data[cut:]
                 await out.write(data[:cut] if pending else data)
