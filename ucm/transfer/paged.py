@@ -23,6 +23,7 @@ CPU; row gathers run at copy speed. Only torch is imported here.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -206,7 +207,7 @@ def _find_stacked(layers: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     offsets = [t.storage_offset() for t in layers]
     layer_stride = offsets[1] - offsets[0]
-    if layer_stride <= 0 or any(b - a != layer_stride for a, b in zip(offsets, offsets[1:], strict=False)):
+    if layer_stride <= 0 or any(b - a != layer_stride for a, b in itertools.pairwise(offsets)):
         return None
     size = (first.shape[0], len(layers), *first.shape[1:])
     stride = (first.stride(0), layer_stride, *first.stride()[1:])

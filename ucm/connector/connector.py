@@ -1,0 +1,272 @@
+"""`UCMConnector`: the vLLM 0.32 `KVConnectorBase_V1` that puts KV blocks in a shared UCM store.
+
+vLLM creates one instance per role: in the scheduler process (`UCMSchedulerSide`: prefix lookups,
+load/save plans, PD `kv_transfer_params`) and in each worker (`UCMWorkerSide`: store I/O and the
+GPU/host transfer path for the heads that rank owns). This class only adapts vLLM's interface to
+those two and builds what both need from vLLM's configuration: the cache identity that names
+blocks, the store, the TP head plan and the cache layout.
+
+Roles: `kv_producer` saves only, `kv_consumer` loads only, `kv_both` does both. A failed load is a
+cache miss, never a failed request, so the connector runs vLLM with
+`kv_load_failure_policy="recompute"` (it says so in the log when it overrides the setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ucm.connector.config import UCMConfig, parse_extra_config
+from ucm.connector.layouts import canonical_group_size, plan_heads
+from ucm.connector.metadata import UCMConnectorMetadata
+from ucm.connector.scheduler import UCMSchedulerSide
+from ucm.connector.stats import UCMConnectorStats, UCMPromMetrics
+from ucm.connector.worker import CacheSpec, UCMWorkerSide
+from ucm.hashing import CacheIdentity, KVGeometry
+from ucm.store import Store, open_store
+from ucm.transfer.buffers import HostBufferPool
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+# Host staging (pinned on CUDA) is allocated on demand up to this many bytes per worker.
+DEFAULT_STAGING_BYTES = 8 << 30
+STAGING_ENV = "UCM_HOST_STAGING_BYTES"
+
+
+def build_identity(vllm_config: VllmConfig, config: UCMConfig) -> CacheIdentity:
+    """Everything that changes the KV bytes, from vLLM's configuration plus the model identity."""
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    dtype = cache.cache_dtype if cache.cache_dtype != "auto" else str(model.dtype).removeprefix("torch.")
+    is_mla = bool(model.use_mla)
+    geometry = KVGeometry(
+        num_layers=model.get_total_num_hidden_layers(),
+        num_kv_heads=1 if is_mla else model.get_total_num_kv_heads(),
+        head_size=model.get_head_size(),
+        is_mla=is_mla,
+    )
+    return CacheIdentity(
+        model=config.model_id,
+        revision=config.model_revision,
+        dtype=str(dtype),
+        geometry=geometry,
+        block_size=cache.block_size,
+        cache_salt=config.cache_salt,
+    )
+
+
+def open_configured_store(config: UCMConfig, identity: CacheIdentity) -> Store:
+    return open_store(
+        config.store_path,
+        host_tier_bytes=config.host_tier_bytes,
+        salt=identity.digest(),
+        capacity_bytes=config.capacity_bytes,
+        durability=config.durability,
+        direct=config.direct_io,
+        io_threads=config.io_threads,
+    )
+
+
+def _tp_rank() -> int:
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return int(parallel_state.get_tensor_model_parallel_rank())
+    return 0
+
+
+class UCMConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        served = vllm_config.model_config.served_model_name
+        default_model = served if isinstance(served, str) else str(vllm_config.model_config.model)
+        self.config = parse_extra_config(ktc.kv_connector_extra_config, default_model_id=default_model)
+        if ktc.kv_load_failure_policy != "recompute":
+            logger.warning(
+                "UCM: setting kv_load_failure_policy=recompute (was %r): a block missing from the shared "
+                "store is a cache miss to recompute, not a request failure", ktc.kv_load_failure_policy,
+            )
+            ktc.kv_load_failure_policy = "recompute"
+        self.identity = build_identity(vllm_config, self.config)
+        self.store = open_configured_store(self.config, self.identity)
+        self.can_save = bool(ktc.is_kv_producer)
+        self.can_load = bool(ktc.is_kv_consumer)
+        sparse = None
+        if self.config.ucm_sparse_config is not None:
+            from ucm.sparse import create_sparse  # optional: only when sparse attention is configured
+
+            sparse = create_sparse(
+                self.config.ucm_sparse_config,
+                "scheduler" if role == KVConnectorRole.SCHEDULER else "worker",
+                vllm_config,
+            )
+        geo = self.identity.geometry
+        logger.info(
+            "UCM connector (%s, %s): store %s, identity %s", role.name, ktc.kv_role, self.config.store_path,
+            self.identity.describe(),
+        )
+        self._scheduler: UCMSchedulerSide | None = None
+        self._worker: UCMWorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            group = canonical_group_size(geo.num_kv_heads, geo.is_mla)
+            self._scheduler = UCMSchedulerSide(
+                identity=self.identity,
+                store=self.store,
+                head_groups=[(h, group) for h in range(0, geo.num_kv_heads, group)],
+                can_load=self.can_load,
+                can_save=self.can_save,
+                produces_for_remote=ktc.kv_role == "kv_producer",
+                load_async=self.config.load_mode == "async",
+                sparse=sparse,
+            )
+        else:
+            tp_size = vllm_config.parallel_config.tensor_parallel_size
+            heads = plan_heads(geo.num_kv_heads, tp_size, _tp_rank(), is_mla=geo.is_mla)
+            staging = int(os.environ.get(STAGING_ENV, DEFAULT_STAGING_BYTES))
+            self._worker = UCMWorkerSide(
+                store=self.store,
+                heads=heads,
+                can_load=self.can_load,
+                can_save=self.can_save,
+                layerwise_save=self.config.layerwise_save,
+                pool=HostBufferPool(staging),
+                sparse=sparse,
+            )
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A dropped save is a future cache miss, never lost output.
+        return False
+
+    @property
+    def scheduler_side(self) -> UCMSchedulerSide:
+        assert self._scheduler is not None, "scheduler-side method called on a worker connector"
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> UCMWorkerSide:
+        assert self._worker is not None, "worker-side method called on a scheduler connector"
+        return self._worker
+
+    # ---- worker side ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        spec = self._cache_spec(kv_caches)
+        self.worker_side.register_kv_caches(kv_caches, spec)
+
+    def _cache_spec(self, kv_caches: dict[str, torch.Tensor]) -> CacheSpec:
+        from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+
+        groups = [g for g in self._kv_cache_config.kv_cache_groups if set(g.layer_names) & set(kv_caches)]
+        specs = {type(g.kv_cache_spec).__name__: g.kv_cache_spec for g in groups}
+        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+            raise ValueError(
+                f"UCM supports models with one full-attention KV cache group; this model has {sorted(specs)} "
+                "(start vLLM with --disable-hybrid-kv-cache-manager for models mixing attention types)"
+            )
+        spec = groups[0].kv_cache_spec
+        return CacheSpec(
+            num_blocks=self._kv_cache_config.num_blocks,
+            block_size=spec.block_size,
+            num_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            is_mla=isinstance(spec, MLAAttentionSpec),
+        )
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert isinstance(connector_metadata, UCMConnectorMetadata)
+        self.worker_side.bind(connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker_side.start_load()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker_side.wait_layer(layer_name)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        self.worker_side.save_layer(layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        self.worker_side.finish_step()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done = self.worker_side.poll_finished()
+        return None, (done or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        self.store.close()
+
+    # ---- scheduler side ------------------------------------------------------------------------
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.scheduler_side.kv_cache_manager = kv_cache_manager
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler_side.build_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return False, self.scheduler_side.request_finished(request)
+
+    # ---- stats ---------------------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._scheduler is not None:
+            return self._scheduler.take_stats()
+        return self.worker_side.stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return UCMConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type[PromMetric], type[PromMetricT]],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        return UCMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,230 @@
+"""Scheduler side of the UCM connector: external prefix hits, load and save plans, PD hand-off.
+
+Per request the scheduler keeps the chained block hashes of its tokens (`ucm.hashing`), how far
+its blocks are known to be in the store, and a pending load plan between
+`get_num_new_matched_tokens` and `update_state_after_alloc`. Each step `build_meta` turns plans into
+`LoadSpec`s and, for producers, `SaveSpec`s for the prompt blocks that become full in that step
+(chunked prefill saves chunk by chunk; a resumed request reloads what was saved before it was
+preempted).
+
+Hits are full blocks only and never the whole prompt: vLLM must compute at least the last prompt
+token to sample the next one. A consumer handed `kv_transfer_params` from a producer
+(`do_remote_prefill`) waits, bounded by `remote_wait_s`, for the producer's dump to become
+visible, so the decode side does not recompute just because it raced the write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
+from ucm.connector.stats import UCMConnectorStats
+from ucm.hashing import BlockHasher, CacheIdentity, block_key
+from ucm.store.base import Store
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+# kv_transfer_params keys this connector reads and writes (besides vLLM's do_remote_*).
+PARAM_IDENTITY = "ucm_identity"  # hex digest of the producer's CacheIdentity
+PARAM_TOKENS = "ucm_num_tokens"  # prompt tokens whose full blocks the producer saved
+
+
+@dataclasses.dataclass
+class _RequestState:
+    request: Request
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+    hashed_tokens: int = 0
+    saved_blocks: int = 0  # blocks [0, saved_blocks) are in the store or being saved
+    pending: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    first_lookup: float = dataclasses.field(default_factory=time.monotonic)
+    lookup_counted: bool = False
+
+
+class UCMSchedulerSide:
+    """The scheduler-role logic (no torch, no worker state)."""
+
+    def __init__(
+        self,
+        *,
+        identity: CacheIdentity,
+        store: Store,
+        head_groups: Sequence[tuple[int, int]],
+        can_load: bool,
+        can_save: bool,
+        produces_for_remote: bool,
+        load_async: bool,
+        remote_wait_s: float = 10.0,
+        sparse: Any = None,
+    ) -> None:
+        self.identity = identity
+        self.block_size = identity.block_size
+        self.hasher = BlockHasher(identity)
+        self.store = store
+        self.head_groups = list(head_groups)
+        self.can_load = can_load
+        self.can_save = can_save
+        self.produces_for_remote = produces_for_remote
+        self.load_async = load_async
+        self.remote_wait_s = remote_wait_s
+        self.sparse = sparse
+        self.kv_cache_manager: KVCacheManager | None = None
+        self.stats = UCMConnectorStats()
+        self._states: dict[str, _RequestState] = {}
+        self._loads: list[LoadSpec] = []
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._states.get(request.request_id)
+        if state is None:
+            state = self._states[request.request_id] = _RequestState(request)
+            if self.sparse is not None:
+                self.sparse.request_begin(request)
+        state.request = request
+        return state
+
+    def _hashes(self, state: _RequestState, num_tokens: int) -> list[bytes]:
+        """Hashes of the full blocks of the first `num_tokens` tokens (extended incrementally)."""
+        full = num_tokens - num_tokens % self.block_size
+        if full > state.hashed_tokens:
+            tokens = state.request.all_token_ids[state.hashed_tokens : full]
+            parent = state.hashes[-1] if state.hashes else None
+            state.hashes.extend(self.hasher.hash_blocks(tokens, parent))
+            state.hashed_tokens = full
+        return state.hashes[: full // self.block_size]
+
+    def keys_of(self, block_hash: bytes) -> list[bytes]:
+        return [block_key(block_hash, start, count) for start, count in self.head_groups]
+
+    def _present_prefix(self, hashes: Sequence[bytes]) -> int:
+        """Leading blocks whose every head group is in the store."""
+        if not hashes:
+            return 0
+        per_block = len(self.head_groups)
+        found = self.store.lookup([k for h in hashes for k in self.keys_of(h)])
+        for i in range(len(hashes)):
+            if not all(found[i * per_block : (i + 1) * per_block]):
+                return i
+        return len(hashes)
+
+    # ---- vLLM scheduler hooks ------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state(request)
+        if not self.can_load:
+            return 0, False
+        # At least one token is always computed by vLLM, so the last block may never fully hit.
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        if first >= max_blocks:
+            return 0, False
+        hashes = self._hashes(state, max_blocks * self.block_size)
+        hits = self._present_prefix(hashes[first:max_blocks])
+        if not state.lookup_counted:
+            state.lookup_counted = True
+            self.stats.add("lookup_tokens", max_blocks * self.block_size)
+        expected = self._remote_expected_blocks(request)
+        if expected is not None and first + hits < min(expected, max_blocks):
+            waited = time.monotonic() - state.first_lookup
+            if waited < self.remote_wait_s:
+                return None, False  # the producer's dump is not visible yet: ask again next step
+            logger.warning(
+                "UCM: request %s: producer saved %d blocks but only %d are in the store after %.1fs; "
+                "recomputing the rest", request.request_id, expected, first + hits, waited,
+            )
+        state.pending = (first, hits) if hits else None
+        tokens = hits * self.block_size
+        return tokens, bool(tokens) and self.load_async
+
+    def _remote_expected_blocks(self, request: Request) -> int | None:
+        params = request.kv_transfer_params
+        if not params or not params.get("do_remote_prefill"):
+            return None
+        identity = params.get(PARAM_IDENTITY)
+        if identity is not None and identity != self.identity.digest().hex():
+            logger.warning(
+                "UCM: request %s: kv_transfer_params come from a producer with another cache identity "
+                "(%s, ours %s: %s); its blocks cannot be used", request.request_id, identity,
+                self.identity.digest().hex(), self.identity.describe(),
+            )
+            return None
+        tokens = params.get(PARAM_TOKENS)
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+            return None
+        return tokens // self.block_size
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        state = self._state(request)
+        pending, state.pending = state.pending, None
+        if num_external_tokens == 0 or pending is None:
+            return
+        first, hits = pending
+        count = min(hits, num_external_tokens // self.block_size)
+        block_ids = blocks.get_block_ids()[0][first : first + count]
+        self._loads.append(
+            LoadSpec(
+                req_id=request.request_id,
+                block_ids=list(block_ids),
+                block_hashes=state.hashes[first : first + count],
+                is_async=self.load_async,
+            )
+        )
+        state.saved_blocks = max(state.saved_blocks, first + count)
+        self.stats.add("hit_tokens", count * self.block_size)
+
+    def build_meta(self, scheduler_output: SchedulerOutput) -> UCMConnectorMetadata:
+        meta = UCMConnectorMetadata(loads=self._loads)
+        self._loads = []
+        if self.can_save:
+            cached = scheduler_output.scheduled_cached_reqs
+            progress = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+            progress += list(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+            for req_id, num_computed in progress:
+                save = self._save_spec(req_id, num_computed, scheduler_output.num_scheduled_tokens[req_id])
+                if save is not None:
+                    meta.saves.append(save)
+        if self.sparse is not None:
+            meta.sparse_meta = self.sparse.build_sparse_meta(scheduler_output)
+        return meta
+
+    def _save_spec(self, req_id: str, num_computed: int, num_scheduled: int) -> SaveSpec | None:
+        state = self._states.get(req_id)
+        if state is None or self.kv_cache_manager is None:
+            return None
+        request = state.request
+        end = min(num_computed + num_scheduled, request.num_prompt_tokens)
+        full_end = end // self.block_size
+        first = max(state.saved_blocks, num_computed // self.block_size)
+        if full_end <= first:
+            return None
+        hashes = self._hashes(state, full_end * self.block_size)
+        block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
+        state.saved_blocks = full_end
+        return SaveSpec(req_id=req_id, block_ids=list(block_ids[first:full_end]), block_hashes=hashes[first:full_end])
+
+    def request_finished(self, request: Request) -> dict[str, Any] | None:
+        state = self._states.pop(request.request_id, None)
+        if self.sparse is not None:
+            self.sparse.request_finished(request)
+        params = request.kv_transfer_params or {}
+        if not self.can_save or not (self.produces_for_remote or params.get("do_remote_decode")):
+            return None
+        saved = state.saved_blocks if state is not None else 0
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            PARAM_IDENTITY: self.identity.digest().hex(),
+            PARAM_TOKENS: saved * self.block_size,
+        }
+
+    def take_stats(self) -> UCMConnectorStats | None:
+        return self.stats.take()

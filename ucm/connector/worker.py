@@ -1,0 +1,316 @@
+"""Worker side of the UCM connector: store I/O for the blocks the scheduler planned, per TP rank.
+
+Loads (`start_load`): each rank reads the objects of the head groups it owns into pinned host
+payloads; a sync load waits for the read, then copies layer by layer (`wait_layer` makes only that
+layer's attention wait). An async load is polled in `poll_finished` and reported to vLLM as
+finished receiving. Blocks whose objects are missing or damaged are never scattered: their ids go
+to `take_load_errors`, vLLM recomputes them, and saves of the affected request are dropped for the
+step (its later blocks were computed from KV that is now known to be wrong).
+
+Saves: `save_layer` starts the copy of each layer as attention finishes it; `finish_step` completes
+the copies, repacks per head group and hands the payloads to the store's asynchronous dump, whose
+completion is polled at later steps (the host buffers return to the bounded pool then).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ucm.connector.layouts import HeadPlan, detect_layout
+from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
+from ucm.connector.stats import UCMConnectorStats
+from ucm.hashing import block_key
+from ucm.store.base import BlockLayout, Store, Task
+from ucm.transfer.buffers import HostBufferPool
+from ucm.transfer.paged import PagedKV
+from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What the attention spec says about this worker's cache (used to check tensor shapes)."""
+
+    num_blocks: int
+    block_size: int
+    num_heads: int  # KV heads in this rank's cache
+    head_size: int
+    head_size_v: int
+    is_mla: bool
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    match = re.search(r"\d+", name)
+    return (int(match.group()) if match else -1, name)
+
+
+@dataclasses.dataclass
+class _PendingLoad:
+    spec: LoadSpec
+    task: Task
+    payloads: list[HostPayload]
+    started: float
+
+
+@dataclasses.dataclass
+class _PendingDump:
+    task: Task
+    payloads: list[HostPayload]
+    started: float
+    nbytes: int
+    blocks: int
+
+
+class UCMWorkerSide:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        heads: HeadPlan,
+        can_load: bool,
+        can_save: bool,
+        layerwise_save: bool,
+        pool: HostBufferPool,
+        sparse: Any = None,
+    ) -> None:
+        self.store = store
+        self.heads = heads
+        self.can_load = can_load
+        self.can_save = can_save and heads.writes
+        self.layerwise_save = layerwise_save
+        self.pool = pool
+        self.sparse = sparse
+        self.stats = UCMConnectorStats()
+        self.paged: PagedKV | None = None
+        self.layer_index: dict[str, int] = {}
+        self.layout: BlockLayout | None = None
+        self._groups: list[HeadGroup] = []  # local head offsets
+        self._group_keys: list[tuple[int, int]] = []  # global (start, count) for the keys
+        self._meta: UCMConnectorMetadata | None = None
+        self._loads: list[tuple[LoadBatch, list[HostPayload]]] = []
+        self._async: dict[str, _PendingLoad] = {}
+        self._save: SaveBatch | None = None
+        self._save_specs: list[SaveSpec] = []
+        self._save_started = 0.0
+        self._dumps: list[_PendingDump] = []
+        self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
+        self._finished_recving: set[str] = set()
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], spec: CacheSpec) -> None:
+        names = sorted(kv_caches, key=_layer_order)
+        layouts = {
+            detect_layout(
+                tuple(kv_caches[n].shape), num_blocks=spec.num_blocks, block_size=spec.block_size,
+                num_heads=spec.num_heads, head_size=spec.head_size, head_size_v=spec.head_size_v,
+                is_mla=spec.is_mla, layer_name=n,
+            )
+            for n in names
+        }
+        if len(layouts) != 1:
+            raise ValueError(f"UCM: layers use different KV layouts {sorted(x.name for x in layouts)}")
+        if spec.num_heads != self.heads.local_count:
+            raise ValueError(
+                f"UCM: this rank's cache holds {spec.num_heads} KV heads but the TP plan expects "
+                f"{self.heads.local_count} (of {self.heads.total_heads})"
+            )
+        layout = layouts.pop()
+        self.paged = PagedKV([kv_caches[n] for n in names], layout, spec.head_size)
+        self.layer_index = {n: i for i, n in enumerate(names)}
+        self._groups = [HeadGroup(local, count) for _, count, local in self.heads.groups()]
+        self._group_keys = [(start, count) for start, count, _ in self.heads.groups()]
+        shape = self.paged.payload_shape(self.heads.group_size)
+        self.layout = BlockLayout(str(self.paged.dtype).removeprefix("torch."), shape, self.paged.dtype.itemsize)
+        logger.info(
+            "UCM: %d layers, layout %s, heads %d..%d of %d in groups of %d, payload %s (%d bytes)%s",
+            len(names), layout.name, self.heads.local_start, self.heads.local_start + self.heads.local_count - 1,
+            self.heads.total_heads, self.heads.group_size, self.layout.describe(), self.layout.nbytes,
+            "" if self.heads.writes else " (replica: reads only)",
+        )
+        if self.sparse is not None:
+            self.sparse.register_kv_caches(dict(kv_caches))
+
+    def _keys(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""
+        return [block_key(h, start, count) for start, count in self._group_keys for h in hashes]
+
+    def _payloads(self, n: int) -> list[HostPayload]:
+        assert self.paged is not None
+        shape = self.paged.payload_shape(self.heads.group_size)
+        return [HostPayload(self.pool, n, shape, self.paged.dtype) for _ in self._groups]
+
+    # ---- per step ------------------------------------------------------------------------------
+
+    def bind(self, meta: UCMConnectorMetadata) -> None:
+        self._meta = meta
+
+    def start_load(self) -> None:
+        meta = self._meta
+        if meta is None or self.paged is None:
+            return
+        if self.sparse is not None:
+            self.sparse.execute_begin(meta.sparse_meta)
+        if not self.can_load:
+            return
+        for spec in meta.loads:
+            if not spec.block_ids:
+                continue
+            pending = self._submit_load(spec)
+            if spec.is_async:
+                self._async[spec.req_id] = pending
+            else:
+                self._complete_load(pending, sync=True)
+
+    def _submit_load(self, spec: LoadSpec) -> _PendingLoad:
+        assert self.layout is not None
+        payloads = self._payloads(len(spec.block_ids))
+        buffers = [buf for p in payloads for buf in p.block_buffers()]
+        task = self.store.load(self._keys(spec.block_hashes), buffers, self.layout)
+        return _PendingLoad(spec, task, payloads, time.perf_counter())
+
+    def _complete_load(self, pending: _PendingLoad, *, sync: bool) -> None:
+        """Scatter the blocks that loaded; remember the ones that did not."""
+        assert self.paged is not None and self.layout is not None
+        spec, n = pending.spec, len(pending.spec.block_ids)
+        results = pending.task.wait()
+        ok = [all(results[g * n + i] for g in range(len(self._groups))) for i in range(n)]
+        good = [i for i in range(n) if ok[i]]
+        if len(good) < n:
+            failed = [spec.block_ids[i] for i in range(n) if not ok[i]]
+            self._load_errors.update(failed)
+            self._failed_reqs.add(spec.req_id)
+            self.stats.add("load_failures", len(failed))
+            logger.warning("UCM: request %s: %d of %d blocks failed to load; vLLM recomputes them",
+                           spec.req_id, len(failed), n)
+        sources = [p.tensor if len(good) == n else p.tensor[good] for p in pending.payloads]
+        batch = LoadBatch(self.paged, [spec.block_ids[i] for i in good], self._groups, sources)
+        batch.start()
+        if sync:
+            self._loads.append((batch, pending.payloads))
+        else:
+            batch.finish()
+            for p in pending.payloads:
+                p.release()
+        self.stats.add("loaded_blocks", len(good))
+        self.stats.add("loaded_bytes", len(good) * len(self._groups) * self.layout.nbytes)
+        self.stats.add("load_seconds", time.perf_counter() - pending.started)
+
+    def wait_layer(self, layer_name: str) -> None:
+        idx = self.layer_index.get(layer_name)
+        if idx is not None:
+            for batch, _ in self._loads:
+                batch.wait_layer(idx)
+        if self.sparse is not None:
+            self.sparse.layer_begin(layer_name)
+
+    def save_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
+        if self.sparse is not None:
+            self.sparse.layer_finished(layer_name, kv_layer)
+        idx = self.layer_index.get(layer_name)
+        if idx is None or not self.layerwise_save:
+            return
+        batch = self._save_batch()
+        if batch is not None:
+            batch.save_layer(idx)
+
+    def _save_batch(self) -> SaveBatch | None:
+        if self._save is not None:
+            return self._save
+        meta = self._meta
+        if meta is None or self.paged is None or not self.can_save or not meta.saves:
+            return None
+        self._save_specs = [s for s in meta.saves if s.block_ids]
+        block_ids = [b for s in self._save_specs for b in s.block_ids]
+        if not block_ids:
+            return None
+        self._save = SaveBatch(self.paged, block_ids, self._groups, self.pool, layerwise=self.layerwise_save)
+        self._save_started = time.perf_counter()
+        return self._save
+
+    def finish_step(self) -> None:
+        """End of the forward pass: loads complete, this step's saves handed to the store."""
+        for batch, payloads in self._loads:
+            batch.finish()
+            for p in payloads:
+                p.release()
+        self._loads.clear()
+        batch = self._save_batch()
+        if batch is not None:
+            self._dump(batch)
+        self._save = None
+        self._save_specs = []
+        self._failed_reqs.clear()
+        self._poll_dumps(block=False)
+        if self.sparse is not None:
+            self.sparse.execute_finished()
+
+    def _dump(self, batch: SaveBatch) -> None:
+        assert self.layout is not None
+        payloads = batch.finish()
+        keys: list[bytes] = []
+        buffers = []
+        offset = 0
+        per_group = [p.block_buffers() for p in payloads]
+        blocks = 0
+        for spec in self._save_specs:
+            n = len(spec.block_ids)
+            if spec.req_id not in self._failed_reqs:
+                for g, (start, count) in enumerate(self._group_keys):
+                    keys += [block_key(h, start, count) for h in spec.block_hashes]
+                    buffers += per_group[g][offset : offset + n]
+                blocks += n
+            offset += n
+        if not keys:
+            for p in payloads:
+                p.release()
+            return
+        task = self.store.dump(keys, buffers, self.layout)
+        self._dumps.append(_PendingDump(task, payloads, self._save_started, len(keys) * self.layout.nbytes, blocks))
+
+    def _poll_dumps(self, *, block: bool) -> None:
+        still: list[_PendingDump] = []
+        for dump in self._dumps:
+            if not (block or dump.task.done()):
+                still.append(dump)
+                continue
+            dump.task.wait()
+            for p in dump.payloads:
+                p.release()
+            self.stats.add("saved_blocks", dump.blocks)
+            self.stats.add("saved_bytes", dump.nbytes)
+            self.stats.add("save_seconds", time.perf_counter() - dump.started)
+        self._dumps = still
+
+    def poll_finished(self) -> set[str]:
+        """Async loads that completed (successfully or not) since the last call."""
+        for req_id, pending in list(self._async.items()):
+            if pending.task.done():
+                del self._async[req_id]
+                self._complete_load(pending, sync=False)
+                self._finished_recving.add(req_id)
+        self._poll_dumps(block=False)
+        done, self._finished_recving = self._finished_recving, set()
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        """Finish every dump in flight so a clean shutdown loses no saved KV."""
+        for pending in self._async.values():
+            pending.task.wait()
+            for p in pending.payloads:
+                p.release()
+        self._async.clear()
+        self._poll_dumps(block=True)
