@@ -138,8 +138,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def test_chart_rbac_is_enough_and_not_more(cluster: Any, namespace: str, tmp_path: Path) -> None:
     helm_install(cluster, namespace)
-    kubeconfig = write_service_account_kubeconfig(cluster.bin_dir / "kubectl", cluster.kubeconfig, namespace, SA,
-                                                  tmp_path / "operator.kubeconfig")
+    kubeconfig = tmp_path / "operator.kubeconfig"
+    write_service_account_kubeconfig(cluster, namespace, SA, kubeconfig)
 
     # Not more: exactly the rules file in the watched namespace, nothing anywhere else.
     granted = {g for g in _rules_review(cluster, kubeconfig, namespace) if g[0] not in DEFAULT_GROUPS}

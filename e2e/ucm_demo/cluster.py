@@ -10,22 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Protocol
 
+from e2e.access import ClusterAccess
 from e2e.cluster import LocalCluster
 
 
-class DemoCluster(Protocol):
-    kubeconfig: Path
-    bin_dir: Path
-    server: str
-
-
-def start_cluster(stack: contextlib.ExitStack, workdir: Path) -> DemoCluster:
+def start_cluster(stack: contextlib.ExitStack, workdir: Path) -> ClusterAccess:
     """Starts the control plane under workdir/cluster; `stack` stops it (last, being first in)."""
-    cluster = LocalCluster(workdir / "cluster")
-    stack.enter_context(cluster)
-    return cluster
+    return stack.enter_context(LocalCluster(workdir / "cluster"))
 
 
 def leftover_processes(marker: Path) -> list[str]:

@@ -8,19 +8,11 @@ whatever the operator can do with it, the chart's RBAC granted.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import yaml
 
-
-def _kubectl(kubectl: Path, kubeconfig: Path, *args: str) -> str:
-    result = subprocess.run([str(kubectl), *args], capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, KUBECONFIG=str(kubeconfig)))
-    if result.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
+from e2e.access import ClusterAccess
 
 
 def service_account_user(namespace: str, service_account: str) -> str:
@@ -28,15 +20,14 @@ def service_account_user(namespace: str, service_account: str) -> str:
 
 
 def write_service_account_kubeconfig(
-    kubectl: Path, admin_kubeconfig: Path, namespace: str, service_account: str, path: Path,
-    duration: str = "24h",
-) -> Path:
+    admin: ClusterAccess, namespace: str, service_account: str, path: Path, duration: str = "24h"
+) -> ClusterAccess:
     """Writes `path`: the admin kubeconfig's cluster (CA and server) with a token for the
-    ServiceAccount instead of the admin's credentials, and checks the API server agrees who it is."""
-    token = _kubectl(kubectl, admin_kubeconfig, "-n", namespace, "create", "token", service_account,
-                     "--duration", duration).strip()
-    admin = yaml.safe_load(_kubectl(kubectl, admin_kubeconfig, "config", "view", "--raw", "--flatten", "--minify"))
-    cluster = admin["clusters"][0]
+    ServiceAccount instead of the admin's credentials; checks that the API server agrees who it
+    is, and returns an accessor that runs kubectl/helm as that identity."""
+    token = admin.kubectl("-n", namespace, "create", "token", service_account, "--duration", duration).stdout.strip()
+    flat = yaml.safe_load(admin.kubectl("config", "view", "--raw", "--flatten", "--minify").stdout)
+    cluster = flat["clusters"][0]
     user = service_account_user(namespace, service_account)
     config = {
         "apiVersion": "v1",
@@ -49,7 +40,8 @@ def write_service_account_kubeconfig(
     }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
-    whoami = _kubectl(kubectl, path, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+    access = ClusterAccess.from_kubeconfig(path, admin.bin_dir)
+    whoami = access.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}").stdout
     if whoami != user:
         raise RuntimeError(f"{path} authenticates as {whoami!r}, expected {user!r}")
-    return path
+    return access

@@ -30,8 +30,10 @@ from typing import Any
 
 import yaml
 
+from e2e.access import ClusterAccess
+
 from . import view
-from .cluster import DemoCluster, leftover_processes, start_cluster
+from .cluster import leftover_processes, start_cluster
 from .identity import write_service_account_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,30 +63,26 @@ class Demo:
         self.args = args
         self.stack = stack
         self.workdir = Path(tempfile.mkdtemp(prefix="ucm-demo-"))
-        self.cluster: DemoCluster | None = None
+        self.cluster: ClusterAccess | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_log = self.workdir / "operator.log"
         self.spec: dict[str, Any] = {}
         self.name = ""
 
     # -- helpers ---------------------------------------------------------------------------
-    def kubectl(self, *args: str, check: bool = True, kubeconfig: Path | None = None) -> str:
+    def kubectl(self, *args: str, check: bool = True) -> str:
         assert self.cluster is not None
-        env = dict(os.environ, KUBECONFIG=str(kubeconfig or self.cluster.kubeconfig))
-        result = subprocess.run([str(self.cluster.bin_dir / "kubectl"), *args], capture_output=True, text=True,
-                                env=env, timeout=120)
+        result = self.cluster.kubectl(*args, check=False, timeout_s=120)
         if check and result.returncode != 0:
             raise DemoFailed(f"kubectl {' '.join(args)} failed:\n{result.stderr.strip()}")
-        return result.stdout
+        return str(result.stdout)
 
     def helm(self, *args: str, check: bool = True) -> str:
         assert self.cluster is not None
-        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig))
-        result = subprocess.run([str(self.cluster.bin_dir / "helm"), *args], capture_output=True, text=True,
-                                env=env, timeout=300)
+        result = self.cluster.helm(*args, check=False, timeout_s=300)
         if check and result.returncode != 0:
             raise DemoFailed(f"helm {' '.join(args)} failed:\n{result.stderr.strip()}")
-        return result.stdout
+        return str(result.stdout)
 
     def get_json(self, *args: str) -> Any:
         return yaml.safe_load(self.kubectl(*args, "-o", "json"))
@@ -125,12 +123,12 @@ class Demo:
     def service_account_kubeconfig(self, service_account: str) -> Path:
         """A kubeconfig that authenticates as the chart's ServiceAccount with a bound token."""
         assert self.cluster is not None
+        path = self.workdir / "operator.kubeconfig"
         try:
-            return write_service_account_kubeconfig(
-                self.cluster.bin_dir / "kubectl", self.cluster.kubeconfig, self.args.namespace, service_account,
-                self.workdir / "operator.kubeconfig")
-        except RuntimeError as error:
-            raise DemoFailed(str(error)) from error
+            write_service_account_kubeconfig(self.cluster, self.args.namespace, service_account, path)
+        except (RuntimeError, subprocess.CalledProcessError) as error:
+            raise DemoFailed(f"could not act as the chart's ServiceAccount: {error}") from error
+        return path
 
     def start_operator(self, kubeconfig: Path) -> None:
         command = [str(Path(sys.executable).parent / "ucm-operator"), "run", "--namespace", self.args.namespace]
