@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import xxhash
+
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import BlockHasher, CacheIdentity, block_key
@@ -36,6 +38,22 @@ logger = logging.getLogger(__name__)
 # kv_transfer_params keys this connector reads and writes (besides vLLM's do_remote_*).
 PARAM_IDENTITY = "ucm_identity"  # hex digest of the producer's CacheIdentity
 PARAM_TOKENS = "ucm_num_tokens"  # prompt tokens whose full blocks the producer saved
+
+
+def _cacheable(request: Request) -> bool:
+    """Token ids alone identify the KV: not for multimodal inputs (placeholder tokens are equal for
+    different images) or prompt embeddings, which UCM therefore neither loads nor saves."""
+    return not request.mm_features and getattr(request, "prompt_embeds", None) is None
+
+
+def _root_parent(request: Request) -> bytes | None:
+    """Start of the hash chain: a request's cache salt and LoRA adapter change its KV, so they
+    seed the chain (requests with different salts or adapters never share blocks)."""
+    salt = request.cache_salt or ""
+    lora = request.lora_request.lora_name if request.lora_request is not None else ""
+    if not salt and not lora:
+        return None
+    return xxhash.xxh3_128_digest(f"ucm-request-root\0{salt}\0{lora}".encode())
 
 
 @dataclasses.dataclass
@@ -96,8 +114,8 @@ class UCMSchedulerSide:
         """Hashes of the full blocks of the first `num_tokens` tokens (extended incrementally)."""
         full = num_tokens - num_tokens % self.block_size
         if full > state.hashed_tokens:
-            tokens = state.request.all_token_ids[state.hashed_tokens : full]
-            parent = state.hashes[-1] if state.hashes else None
+            tokens = list(state.request.all_token_ids[state.hashed_tokens : full])
+            parent = state.hashes[-1] if state.hashes else _root_parent(state.request)
             state.hashes.extend(self.hasher.hash_blocks(tokens, parent))
             state.hashed_tokens = full
         return state.hashes[: full // self.block_size]
@@ -120,7 +138,7 @@ class UCMSchedulerSide:
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
-        if not self.can_load:
+        if not self.can_load or not _cacheable(request):
             return 0, False
         # At least one token is always computed by vLLM, so the last block may never fully hit.
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -198,7 +216,7 @@ class UCMSchedulerSide:
 
     def _save_spec(self, req_id: str, num_computed: int, num_scheduled: int) -> SaveSpec | None:
         state = self._states.get(req_id)
-        if state is None or self.kv_cache_manager is None:
+        if state is None or self.kv_cache_manager is None or not _cacheable(state.request):
             return None
         request = state.request
         end = min(num_computed + num_scheduled, request.num_prompt_tokens)

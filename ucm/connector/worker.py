@@ -306,6 +306,10 @@ class UCMWorkerSide:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def flush(self) -> None:
+        """Wait until every dump handed to the store has completed."""
+        self._poll_dumps(block=True)
+
     def shutdown(self) -> None:
         """Finish every dump in flight so a clean shutdown loses no saved KV."""
         for pending in self._async.values():
