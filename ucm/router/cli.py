@@ -80,7 +80,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eject-after-failures", type=int, default=d.eject_after_failures)
     p.add_argument("--eject-base", type=float, default=d.eject_base_s, metavar="S")
     p.add_argument("--eject-max", type=float, default=d.eject_max_s, metavar="S")
-    p.add_argument("--probe-interval", type=float, default=d.probe_interval_s, metavar="S")
+    p.add_argument(
+        "--probe-interval",
+        type=float,
+        default=d.probe_interval_s,
+        metavar="S",
+        help="seconds between GET /health probes of every upstream; 0 turns them off",
+    )
     p.add_argument("--probe-timeout", type=float, default=d.probe_timeout_s, metavar="S")
     p.add_argument("--affinity-prefix-blocks", type=int, default=d.affinity_prefix_blocks)
     p.add_argument("--affinity-slack", type=int, default=d.affinity_slack)

@@ -28,7 +28,7 @@ class RouterConfig:
     eject_after_failures: int = 3
     eject_base_s: float = 1.0
     eject_max_s: float = 30.0
-    probe_interval_s: float = 5.0
+    probe_interval_s: float = 5.0  # 0 turns active probes off (passive ejection still works)
     probe_timeout_s: float = 2.0
     # Prefix affinity.
     affinity_prefix_blocks: int = 16
@@ -44,6 +44,12 @@ class RouterConfig:
         for name in ("max_body_bytes", "max_concurrent", "eject_after_failures", "affinity_prefix_blocks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.probe_interval_s < 0:
+            raise ValueError(f"probe_interval_s must be >= 0 (0 = off), got {self.probe_interval_s}")
         for field in dataclasses.fields(self):
-            if field.name.endswith("_s") and getattr(self, field.name) <= 0:
+            if (
+                field.name.endswith("_s")
+                and field.name != "probe_interval_s"
+                and getattr(self, field.name) <= 0
+            ):
                 raise ValueError(f"{field.name} must be positive seconds, got {getattr(self, field.name)}")

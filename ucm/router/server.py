@@ -67,10 +67,11 @@ class RouterServer:
     async def start(self) -> None:
         await self.proxy.start()
         await self.discovery.start(self.registry)
-        self.prober = HealthProber(
-            self.registry, self.proxy.session, self.config.probe_interval_s, self.config.probe_timeout_s
-        )
-        self.prober.start()
+        if self.config.probe_interval_s > 0:
+            self.prober = HealthProber(
+                self.registry, self.proxy.session, self.config.probe_interval_s, self.config.probe_timeout_s
+            )
+            self.prober.start()
         self._runner = web.AppRunner(
             self.app, handler_cancellation=True, shutdown_timeout=self.config.drain_timeout_s, access_log=None
         )
