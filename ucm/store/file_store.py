@@ -3,10 +3,11 @@
 Correctness without locks, across processes and hosts:
 
 * Publication: a writer writes header + payload to a uniquely named temp file next to the
-  target, optionally fsyncs it, then `link`s it to the final name (first complete writer wins;
-  EEXIST means another writer already published the same content-addressed bytes, so the dump
-  is a no-op) and unlinks the temp name. Filesystems without hard links fall back to `rename`
-  (last writer wins, same bytes). A writer killed at any moment leaves at most a `.tmp` file,
+  target, optionally fsyncs it, then moves it to the final name with
+  renameat2(RENAME_NOREPLACE), or `link` + `unlink` where that is missing (NFS): the first
+  complete writer wins and EEXIST means another writer already published the same
+  content-addressed bytes, so the dump is a no-op. Filesystems with neither fall back to
+  `rename` (last writer wins, same bytes). A writer killed at any moment leaves at most a `.tmp` file,
   which no reader ever opens and `gc` removes by age.
 * Reading: header and payload come in with one `preadv` straight into the caller's buffer;
   the object is accepted only if magic, version, salt, key, layout, length, header checksum
@@ -17,8 +18,10 @@ Correctness without locks, across processes and hosts:
 * Faults: ENOSPC, EDQUOT, EACCES, EPERM or EROFS while writing log one error naming the path
   and switch the store to refusing dumps (`stats().read_only_reason`); loads keep working.
   Nothing in `load`/`dump` raises for an I/O failure.
-* Index: an in-memory dict key -> file size, filled by a background scan at start-up and by
-  this process's dumps and loads, makes `lookup` of present keys a dict probe. A key not in
+* Index: an in-memory dict key -> file size, filled by a background scan at start-up (and
+  every `rescan_interval_s`) and by this process's dumps and loads, makes `lookup` of present
+  keys a dict probe. An object another host evicted stays a (hinted) hit until the next scan
+  or until a load finds it gone. A key not in
   the index is checked with `os.stat` (another host may have written it since), so lookups
   never miss a block that exists. The index also tracks usage for the capacity limit.
 * Capacity: before a dump would push usage (including writes in flight) over
@@ -52,6 +55,7 @@ from ucm.store.format import (
     Header,
     HeaderError,
     decode_header,
+    is_temp_name,
     object_path,
     payload_checksum,
     shard_dir,
@@ -88,6 +92,7 @@ class FileStore(Store):
         direct: bool = False,
         io_threads: int = 8,
         touch_interval_s: float = 10.0,
+        rescan_interval_s: float = 60.0,
     ) -> None:
         if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
             raise StoreError(f"salt must be {SALT_BYTES} bytes (a CacheIdentity.digest()), got {salt!r}")
@@ -105,6 +110,9 @@ class FileStore(Store):
         self.fsync = durability == "fsync"
         self.direct = direct
         self.touch_interval_ns = int(touch_interval_s * 1e9)
+        self.rescan_interval_s = rescan_interval_s
+        self._last_scan = time.monotonic()
+        self._refresher: threading.Thread | None = None
         self._objects = os.path.join(self.root, OBJECTS_DIR)
         self._quarantine = os.path.join(self.root, QUARANTINE_DIR)
         self._lock = threading.Lock()  # index and counters
@@ -115,6 +123,7 @@ class FileStore(Store):
         self._scanning = False
         self._published_during_scan: list[bytes] = []
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
+        self._use_noreplace = True
         self._use_link = True
         self._logged_errors: set[int] = set()
         self._buffers = fileio.ThreadBuffers()
@@ -122,7 +131,8 @@ class FileStore(Store):
         self._io_threads = io_threads
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="ucm-store-io")
         self.index_ready = threading.Event()
-        threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True).start()
+        self._refresher = threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True)
+        self._refresher.start()
         log.info(
             "UCM file store at %s (salt %s, capacity %s, durability %s, direct I/O %s%s)",
             self.root,
@@ -147,7 +157,8 @@ class FileStore(Store):
         if os.path.exists(marker):
             self._check_marker(marker)
         else:
-            foreign = sorted(set(os.listdir(self.root)) - {OBJECTS_DIR, QUARANTINE_DIR})
+            names = set(os.listdir(self.root)) - {OBJECTS_DIR, QUARANTINE_DIR}
+            foreign = sorted(n for n in names if not is_temp_name(n))  # another process creating it
             if foreign:
                 raise StoreError(
                     f"store path {self.root} is not empty and has no {MARKER_NAME} "
@@ -236,10 +247,14 @@ class FileStore(Store):
             self._published_during_scan = []
             self._index = index
             self._bytes = sum(index.values())
+            self._last_scan = time.monotonic()
         return [(o.key, o.path, o.size, o.mtime_ns) for o in objects]
 
-    def _indexed(self, key: bytes, size: int) -> None:
+    def _indexed(self, key: bytes, size: int, reserved: int = 0) -> None:
+        """Record a present object; `reserved` moves a dump's bytes from in-flight to stored
+        in the same step, so usage is never under-counted in between."""
         with self._lock:
+            self._in_flight -= reserved
             if key not in self._index:
                 self._bytes += size
             self._index[key] = size
@@ -265,8 +280,21 @@ class FileStore(Store):
     def _stat_many(self, keys: list[bytes]) -> list[bool]:
         return [self._stat_present(key) for key in keys]
 
+    def _maybe_refresh(self) -> None:
+        """Rescan in the background every `rescan_interval_s`, so objects evicted by other
+        hosts leave the index (and usage) instead of lingering as hits until a load fails."""
+        if time.monotonic() - self._last_scan < self.rescan_interval_s:
+            return
+        with self._lock:
+            if self._refresher is not None and self._refresher.is_alive():
+                return
+            self._last_scan = time.monotonic()  # at most one attempt per interval
+            self._refresher = threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True)
+            self._refresher.start()
+
     def lookup(self, keys: Sequence[Key]) -> list[bool]:
         _check_keys(keys)
+        self._maybe_refresh()
         found = list(map(self._index.__contains__, keys))
         missing = [i for i, hit in enumerate(found) if not hit]
         if len(missing) > 256:  # many stats: a few chunks in parallel (each stat is an RPC on NFS)
@@ -290,6 +318,7 @@ class FileStore(Store):
         """Stats only the keys the index lacks, and stops at the first real miss, so a new
         prompt costs one stat, not one per block."""
         _check_keys(keys)
+        self._maybe_refresh()
         in_index = list(map(self._index.__contains__, keys))
         count = 0
         while count < len(keys):
@@ -452,12 +481,15 @@ class FileStore(Store):
                 _fsync_dir(leaf)
         except OSError as exc:
             _unlink_quietly(tmp)
-            self._write_failed(exc, where)
-            return self._count_dump(False, skipped=False, nbytes=0)
-        finally:
             with self._lock:
                 self._in_flight -= size
-        self._indexed(key, size)
+            self._write_failed(exc, where)
+            return self._count_dump(False, skipped=False, nbytes=0)
+        except BaseException:
+            with self._lock:
+                self._in_flight -= size
+            raise
+        self._indexed(key, size, reserved=size)
         return self._count_dump(True, skipped=not published, nbytes=n if published else 0)
 
     def _create(self, tmp: str, leaf: str) -> int:
@@ -485,7 +517,19 @@ class FileStore(Store):
             fileio.pwrite_all(fd, [bounce], 0)
 
     def _publish(self, tmp: str, final: str) -> bool:
-        """Make the object visible; False when another writer published it first."""
+        """Make the object visible; False when another writer published it first.
+
+        Preference order: renameat2(RENAME_NOREPLACE) (one atomic metadata operation, first
+        writer wins), then link()+unlink() (same semantics, two operations; NFS), then plain
+        rename() where the filesystem has neither (last writer wins; same bytes anyway)."""
+        if self._use_noreplace:
+            try:
+                if fileio.rename_noreplace(tmp, final):
+                    return True
+            except FileExistsError:
+                _unlink_quietly(tmp)
+                return False
+            self._use_noreplace = False
         if self._use_link:
             try:
                 os.link(tmp, final)
@@ -509,7 +553,7 @@ class FileStore(Store):
             if capacity is None or self._bytes + self._in_flight + size <= capacity:
                 self._in_flight += size
                 return True
-        if size > (capacity or 0):
+        if size > capacity:
             return False  # can never fit
         with self._scan_lock:
             with self._lock:
@@ -521,11 +565,12 @@ class FileStore(Store):
         return True
 
     def _evict_locked(self, target: int) -> None:
+        """Rescan, then remove LRU objects until stored + in-flight bytes <= target."""
         seen = self._rescan_locked()
         with self._lock:
-            target -= self._in_flight
+            current = self._bytes + self._in_flight
         entries = [ObjectEntry(k, p, s, m) for k, p, s, m in seen]
-        removed = evict_lru(entries, sum(e.size for e in entries), max(target, 0))
+        removed = evict_lru(entries, current, max(target, 0))
         for entry in removed:
             self._unindexed(entry.key)
         with self._lock:

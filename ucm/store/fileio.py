@@ -10,10 +10,11 @@ used as a bounce buffer when the caller's memory is not aligned.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -97,6 +98,41 @@ def pread_full(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
         if got:
             pending[0] = pending[0][got:]
     return total
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn: Callable[..., int] = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def rename_noreplace(src: str, dst: str) -> bool:
+    """Atomically rename `src` to `dst` unless `dst` exists (FileExistsError). One metadata
+    operation, where link+unlink takes two. Returns False (nothing done) where the kernel or
+    filesystem lacks RENAME_NOREPLACE (e.g. NFS), so the caller can fall back to link()."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise (
+        OSError(code, os.strerror(code), dst)
+        if code != errno.EEXIST
+        else FileExistsError(code, os.strerror(code), dst)
+    )
 
 
 def drop_cache(fd: int) -> None:
