@@ -163,3 +163,22 @@ def test_startup_logs_path_and_salt(store_dir: pathlib.Path, caplog: pytest.LogC
     caplog.set_level("INFO", logger="ucm.store")
     FileStore(store_dir, salt=SALT).close()
     assert any(str(store_dir) in r.message and SALT.hex() in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", ["renameat2", "link", "rename"])
+def test_every_publish_mode(make_store: MakeStore, mode: str) -> None:
+    """Each fallback (no RENAME_NOREPLACE e.g. on NFS; no hard links) publishes complete objects."""
+    store = make_store(io_threads=8)
+    store._use_noreplace = mode == "renameat2"
+    store._use_link = mode in ("renameat2", "link")
+    keys = random_keys(4)
+    batch = keys * 4  # racing writers of the same keys
+    assert store.dump(batch, [payload_for(k) for k in batch], LAYOUT).wait(10) == [True] * 16
+    stats = store.stats()
+    if mode != "rename":  # first writer wins: exactly one publish per key
+        assert stats.dumps == 4 and stats.dump_skipped == 12
+    reader = make_store()
+    out = [np.zeros(LAYOUT.nbytes, np.uint8) for _ in keys]
+    assert reader.load(keys, out, LAYOUT).wait(10) == [True] * 4
+    assert all(np.array_equal(o, payload_for(k)) for o, k in zip(out, keys, strict=True))
+    assert not [n for n in _all_names(store.root) if n.endswith(".tmp")]
