@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .build import build_children
-from .compat import LiveStore, Problem, check_cluster
+from .compat import LiveStore, check_cluster
 from .constants import (
     ANNOTATION_APPLIED_HASH,
     API_VERSION,
@@ -48,11 +48,12 @@ class Outcome:
     applied: int = 0
     pruned: int = 0
     status_written: bool = False
+    events: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def writes(self) -> int:
-        return self.applied + self.pruned + int(self.status_written)
+        return self.applied + self.pruned + int(self.status_written) + self.events
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -147,7 +148,7 @@ class Reconciler:
                             deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
                             claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
         status = compute_status(observed, body.get("status"))
-        self._report(body, status, problems, outcome)
+        self._report(body, status, outcome)
         return outcome
 
     def _claim(self, store_kind: str, namespace: str, name: str,
@@ -192,7 +193,7 @@ class Reconciler:
             del live[key]
             outcome.pruned += 1
 
-    def _report(self, body: JSON, status: JSON, problems: Sequence[Problem], outcome: Outcome) -> None:
+    def _report(self, body: JSON, status: JSON, outcome: Outcome) -> None:
         previous = body.get("status") or {}
         before = {c.get("type"): c for c in previous.get("conditions") or []}
         after = {c["type"]: c for c in status["conditions"]}
@@ -204,8 +205,11 @@ class Reconciler:
             old = before.get(ctype) or {}
             if old.get("status") == cond["status"] and old.get("message") == cond["message"]:
                 continue
+            meta = body["metadata"]
+            log.warning("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, cond["message"])
             try:
                 self.kube.event(body, type_="Warning", reason=reason, message=cond["message"], when=now())
+                outcome.events += 1
             except KubeError as exc:
                 log.warning("could not post event for %s: %s", body["metadata"]["name"], exc)
         if status != previous:
@@ -215,9 +219,6 @@ class Reconciler:
             except KubeError as exc:
                 if exc.status != 404:
                     outcome.errors.append(f"status: {exc.message}")
-        if problems:
-            log.warning("%s/%s is not valid: %s", body["metadata"]["namespace"], body["metadata"]["name"],
-                        "; ".join(str(p) for p in problems))
 
     def _unparseable(self, body: JSON, exc: SpecError) -> Outcome:
         """A spec the API server accepted but that cannot be read (a schema older than this
@@ -238,5 +239,5 @@ class Reconciler:
                       conditions=sorted(conditions, key=lambda c: CONDITION_TYPES.index(c["type"])
                                         if c.get("type") in CONDITION_TYPES else 99))
         outcome = Outcome()
-        self._report(body, status, [Problem(exc.field, "InvalidSpec", exc.message)], outcome)
+        self._report(body, status, outcome)
         return outcome

@@ -93,6 +93,7 @@ class Operator:
         self.reconciler = Reconciler(self.kube)
         self.known: set[Key] = set()
         self._failures: dict[Key, int] = {}
+        self._seen: set[Key] = set()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._queue: WorkQueue | None = None
@@ -153,6 +154,14 @@ class Operator:
             key = await self._queue.get()
             try:
                 outcome = await loop.run_in_executor(executor, self.reconciler.reconcile, *key)
+                if outcome.writes:
+                    # One line per pass that wrote anything: a quiet log is a no-op resync.
+                    log.info("reconciled %s/%s: applied %d, pruned %d, status %s, events %d", key[0], key[1],
+                             outcome.applied, outcome.pruned, "written" if outcome.status_written else "unchanged",
+                             outcome.events)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    log.info("first pass over %s/%s done: %d writes", key[0], key[1], outcome.writes)
                 if outcome.errors:
                     raise RuntimeError("; ".join(outcome.errors))
                 self._failures.pop(key, None)
@@ -174,6 +183,7 @@ class Operator:
         """Re-enqueue every known cluster (thread-safe)."""
         def enqueue_all() -> None:
             self.resyncs += 1
+            log.info("resync #%d: %d clusters", self.resyncs, len(self.known))
             for key in sorted(self.known):
                 self._enqueue(key)
         if self._loop is not None:

@@ -1,0 +1,207 @@
+"""The operator against the real control plane: the heterogeneous example reaches Serving with pods
+on the right GPU products; scaling, an engine change (rolls both pools, new revision), adding and
+removing a pool, drift repair, a write-free resync; deletion garbage-collects everything and the
+store claim follows its reclaim policy.
+
+The operator runs as a subprocess (`ucm-operator run --namespace NS`) with a ServiceAccount token
+bound to exactly the rules in charts/ucm/files/operator-rbac.yaml.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from ucm_operator.kube import Kube
+
+from e2e.access import ClusterAccess
+from e2e.operator_support import (
+    API,
+    apply_cluster,
+    condition,
+    get_cluster,
+    install_crd,
+    load_example,
+    node_products,
+    printer_columns,
+    running_operator,
+    wait_condition,
+)
+from e2e.wait import wait_for
+
+pytestmark = pytest.mark.e2e
+H100, L40S = "NVIDIA-H100-80GB-HBM3", "NVIDIA-L40S"
+CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
+               ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+               ("policy/v1", "PodDisruptionBudget"), ("v1", "Pod"))
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: ClusterAccess) -> None:
+    install_crd(cluster)
+
+
+@pytest.fixture
+def kube(k8s_api: client.ApiClient) -> Kube:
+    return Kube(k8s_api)
+
+
+def pods_of(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [p for p in kube.list("v1", "Pod", namespace, f"ucm.dev/cluster={name}")
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def worker_revisions(kube: Kube, namespace: str, name: str) -> set[str]:
+    return {p["metadata"]["labels"]["ucm.dev/revision"] for p in pods_of(kube, namespace, name)
+            if p["metadata"]["labels"]["ucm.dev/role"] in ("prefill", "decode")}
+
+
+def settled(kube: Kube, namespace: str, name: str, decode: str) -> Any:
+    """Serving, rolled out (Progressing False) and no terminating pods left."""
+    body = get_cluster(kube, namespace, name)
+    terminating = [p for p in kube.list("v1", "Pod", namespace, f"ucm.dev/cluster={name}")
+                   if p["metadata"].get("deletionTimestamp")]
+    ok = (body is not None and condition(body, "Serving").get("status") == "True"
+          and condition(body, "Progressing").get("status") == "False" and body["status"]["decode"] == decode
+          and body["status"]["observedGeneration"] == body["metadata"]["generation"] and not terminating)
+    return body if ok else None
+
+
+def test_heterogeneous_cluster_lifecycle(cluster: ClusterAccess, namespace: str, kube: Kube, crd: None,
+                                         tmp_path: Path) -> None:
+    name = "llama-pd"
+    with running_operator(cluster, namespace, tmp_path) as operator:
+        body = load_example("ucmcluster-heterogeneous.yaml", namespace=namespace)
+        apply_cluster(cluster, namespace, body)
+        served = wait_for(lambda: settled(kube, namespace, name, "2/2"), "llama-pd Serving", timeout_s=120)
+        status = served["status"]
+        rev1 = status["revision"]
+        assert (status["prefill"], status["decode"]) == ("1/1", "2/2")
+        assert status["routerURL"] == f"http://llama-pd-router.{namespace}.svc:8000"
+        assert {c["type"]: c["status"] for c in status["conditions"]} == {
+            "Valid": "True", "StoreReady": "True", "PrefillReady": "True", "DecodeReady": "True",
+            "RouterReady": "True", "Serving": "True", "Progressing": "False", "Degraded": "False"}
+        assert printer_columns(cluster, namespace, name) | {"AGE": ""} == {
+            "NAME": name, "SERVING": "True", "PREFILL": "1/1", "DECODE": "2/2", "REVISION": rev1, "AGE": ""}
+
+        # Every pod on a node of its pool's GPU product; the router on the CPU node.
+        products = node_products(kube)
+        placed = sorted((p["metadata"]["labels"]["ucm.dev/pool"], products[p["spec"]["nodeName"]])
+                        for p in pods_of(kube, namespace, name))
+        assert placed == [("h100", H100), ("l40s", L40S), ("l40s", L40S), ("router", "")]
+        for pod in pods_of(kube, namespace, name):
+            if pod["metadata"]["labels"]["ucm.dev/role"] == "prefill":
+                assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+        # The router discovers workers through EndpointSlices labeled by cluster and role.
+        slices = kube.request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                              query=[("labelSelector", f"ucm.dev/cluster={name},ucm.dev/role=decode")])["items"]
+        assert sum(len(s.get("endpoints") or []) for s in slices) == 2
+
+        # Scale the decode pool: same revision, 3/3.
+        body["spec"]["decode"][0]["replicas"] = 3
+        apply_cluster(cluster, namespace, body)
+        status = wait_for(lambda: settled(kube, namespace, name, "3/3"), "decode 3/3", timeout_s=60)["status"]
+        assert status["revision"] == rev1
+
+        # An engine change rolls both pools onto a new revision.
+        body["spec"]["engine"]["extraArgs"] += ["--max-num-seqs", "128"]
+        apply_cluster(cluster, namespace, body)
+        status = wait_for(lambda: (b := settled(kube, namespace, name, "3/3")) and b["status"]["revision"] != rev1
+                          and worker_revisions(kube, namespace, name) == {b["status"]["revision"]} and b,
+                          "rollout to a new revision", timeout_s=90)["status"]
+        rev2 = status["revision"]
+        for pool in ("h100", "l40s"):
+            deploy = kube.get("apps/v1", "Deployment", namespace, f"{name}-{pool}")
+            assert deploy is not None
+            assert deploy["spec"]["template"]["metadata"]["labels"]["ucm.dev/revision"] == rev2
+            assert "128" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+
+        # Add a pool, then remove it: its Deployment and PDB are pruned.
+        body["spec"]["decode"].append({"name": "h100-decode", "replicas": 2, "gpu": {"product": H100}})
+        apply_cluster(cluster, namespace, body)
+        wait_for(lambda: settled(kube, namespace, name, "5/5"), "second decode pool ready", timeout_s=60)
+        assert kube.get("policy/v1", "PodDisruptionBudget", namespace, f"{name}-h100-decode") is not None
+        body["spec"]["decode"].pop()
+        apply_cluster(cluster, namespace, body)
+        wait_for(lambda: kube.get("apps/v1", "Deployment", namespace, f"{name}-h100-decode") is None
+                 and kube.get("policy/v1", "PodDisruptionBudget", namespace, f"{name}-h100-decode") is None,
+                 "pruned pool", timeout_s=60)
+        status = wait_for(lambda: settled(kube, namespace, name, "3/3"), "back to one decode pool", timeout_s=60)["status"]
+        assert [p["name"] for p in status["pools"]] == ["h100", "l40s"] and status["revision"] == rev2
+
+        # Drift: a manual scale and a deleted Service are repaired.
+        cluster.kubectl("scale", "-n", namespace, f"deployment/{name}-l40s", "--replicas=1")
+        cluster.kubectl("delete", "-n", namespace, f"service/{name}-router")
+        wait_for(lambda: (d := kube.get("apps/v1", "Deployment", namespace, f"{name}-l40s")) is not None
+                 and d["spec"]["replicas"] == 3 and kube.get("v1", "Service", namespace, f"{name}-router"),
+                 "drift repaired", timeout_s=60)
+        wait_for(lambda: settled(kube, namespace, name, "3/3"), "settled after drift", timeout_s=60)
+
+        # A resync over a settled cluster writes nothing: no "reconciled" line between resyncs.
+        mark = len(operator.log())
+        operator.wait_resyncs(3, mark)
+        lines = operator.lines_since(mark)
+        first = next(i for i, line in enumerate(lines) if "resync #" in line)
+        last = max(i for i, line in enumerate(lines) if "resync #" in line)
+        writes = [line for line in lines[first:last] if "reconciled " in line]
+        assert writes == [], writes
+
+
+@pytest.fixture
+def store_volumes(kube: Kube, namespace: str) -> Iterator[str]:
+    """Two static NFS PersistentVolumes the PV binder can bind claims of this storage class to."""
+    storage_class = f"ucm-{namespace}"[:63]
+    names = [f"{namespace}-pv-{i}" for i in range(2)]
+    for pv in names:
+        kube.request("POST", "/api/v1/persistentvolumes", body={
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": storage_class,
+                     "nfs": {"server": "nfs.example", "path": f"/{pv}"}}})
+    try:
+        yield storage_class
+    finally:
+        for pv in names:
+            kube.request("DELETE", f"/api/v1/persistentvolumes/{pv}")
+
+
+def test_deletion_garbage_collects_and_claims_follow_reclaim_policy(
+        cluster: ClusterAccess, namespace: str, kube: Kube, crd: None, tmp_path: Path, store_volumes: str) -> None:
+    def small(name: str, policy: str) -> dict[str, Any]:
+        return {"apiVersion": API, "kind": "UCMCluster", "metadata": {"name": name, "namespace": namespace},
+                "spec": {"model": {"servedName": "m", "source": "hf://org/model"},
+                         "store": {"pvc": {"storageClassName": store_volumes, "size": "10Gi"}, "reclaimPolicy": policy},
+                         "prefill": [{"name": "p", "gpu": {"product": H100}}],
+                         "decode": [{"name": "d", "gpu": {"product": L40S}}]}}
+
+    with running_operator(cluster, namespace, tmp_path):
+        for name, policy in (("keep", "Retain"), ("drop", "Delete")):
+            apply_cluster(cluster, namespace, small(name, policy))
+        for name in ("keep", "drop"):
+            served = wait_condition(kube, namespace, name, "Serving", timeout=120)
+            assert condition(served, "StoreReady")["reason"] == "Bound"
+        kept = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-store")
+        assert kept is not None and "ownerReferences" not in kept["metadata"]
+        dropped = kube.get("v1", "PersistentVolumeClaim", namespace, "drop-store")
+        assert dropped is not None and dropped["metadata"]["ownerReferences"][0]["kind"] == "UCMCluster"
+
+        cluster.kubectl("delete", "-n", namespace, "ucmc", "keep", "drop", "--wait=false")
+
+        def leftovers() -> list[str]:
+            return [f"{kind} {o['metadata']['name']}" for api_version, kind in CHILD_KINDS
+                    for o in kube.list(api_version, kind, namespace, "ucm.dev/cluster in (keep,drop)")]
+        wait_for(lambda: not leftovers() or None, "garbage collection of every child", timeout_s=90)
+        wait_for(lambda: kube.get("v1", "PersistentVolumeClaim", namespace, "drop-store") is None,
+                 "the Delete-policy claim to go", timeout_s=60)
+        kept = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-store")
+        assert kept is not None and kept["status"]["phase"] == "Bound"
+
+        # Re-creating the Retain cluster adopts the same claim (and its cached KV).
+        apply_cluster(cluster, namespace, small("keep", "Retain"))
+        wait_condition(kube, namespace, "keep", "Serving", timeout=90)
+        again = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-store")
+        assert again is not None and again["metadata"]["uid"] == kept["metadata"]["uid"]
