@@ -252,7 +252,8 @@ async def test_timeouts(make_upstream, make_router, http) -> None:
         u(router3, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
     ) as resp:
         events = sse_events(await resp.text())
-    assert "went idle" in json.loads(events[0])["error"]["message"] and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["text"] == " t0"  # first token at once, then silence
+    assert "went idle" in json.loads(events[1])["error"]["message"] and events[2:] == ["[DONE]"]
 
 
 async def test_mid_stream_failure_ends_with_error_event(make_upstream, make_router, http) -> None:

@@ -1,17 +1,26 @@
 """`ucm bench router`: latency and throughput the PD router adds, with same-run baselines.
 
 Processes (so the router gets its own event loop, as in production):
-* upstreams: `python -m ucm.router.testing` - fake prefill and decode servers (each request:
-  a prefill answer, then a stream of `--tokens` SSE events with `--token-delay-ms` between);
+* upstreams: `python -m ucm.router.testing` - fake prefill and decode servers; each PD request
+  is a prefill answer then a stream of `--tokens` token events, each stamped with the decode's
+  CLOCK_MONOTONIC send time;
 * the router: `ucm router serve` with static lists of those upstreams;
 * the baseline proxy: built like the seed's toy proxy - a new HTTP client session per request,
   round-robin prefill and decode;
 * this process: the load generator (one keep-alive client session).
 
-Each PD request is measured from send to the stream's `[DONE]`. "direct" is the load generator
-doing the prefill -> decode hand-off itself against the upstreams (the same two upstream calls,
-no proxy hop), so `added` = through-proxy minus direct at the same concurrency isolates what
-the proxy costs. Throughput is completed PD streams per second at the highest concurrency.
+"direct" is the load generator doing the prefill -> decode hand-off itself against the
+upstreams (the same two upstream calls, no proxy hop), so through-proxy minus direct at the same
+concurrency isolates what a proxy costs:
+
+* latency runs (1, 16, 64 concurrent streams, decode paced at `--token-delay-ms` per token as a
+  real decode is): time to first token (TTFT: send -> first token event, covering both proxy
+  hops) and per-token delivery delay (token received - token sent by decode). `added_p99_ms` is
+  the added TTFT p99 at the highest concurrency; `added_token_p99_ms` the added per-token p99;
+* throughput run (highest concurrency, unpaced streams): completed PD streams per second for
+  direct, router and toy proxy, and each proxy's CPU time per request (from /proc, which stays
+  meaningful when other processes compete for the CPUs).
+
 The last output line is JSON (`--json`).
 """
 
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -43,9 +53,15 @@ PROMPT = "Summarise the history of the printing press in three sentences. " * 8
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured time per target and level")
-    parser.add_argument("--tokens", type=int, default=16, help="SSE events per decode stream")
-    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured time per target and point")
+    parser.add_argument("--tokens", type=int, default=16, help="token events per decode stream")
+    parser.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=20.0,
+        help="decode pacing in the latency runs (a real decode emits a token every 10-50 ms); "
+        "the throughput run is unpaced",
+    )
     parser.add_argument("--upstreams", type=int, default=2, help="prefill and decode servers each")
     parser.set_defaults(func=bench_main)
 
@@ -102,14 +118,34 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _read_stream(resp: aiohttp.ClientResponse) -> None:
+_STAMP = re.compile(rb'"t_sent": ([0-9.e+-]+)')
+
+
+@dataclasses.dataclass
+class _Sample:
+    """One PD stream as the client saw it (monotonic seconds)."""
+
+    ttft: float  # send -> first token event
+    total: float  # send -> [DONE]
+    event_delays: list[float]  # per token event: received - sent by the decode upstream
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, start: float) -> _Sample:
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+    first = 0.0
+    delays: list[float] = []
     tail = b""
     async for chunk in resp.content.iter_any():
+        now = time.monotonic()
+        stamps = _STAMP.findall(chunk)
+        if stamps and not first:
+            first = now
+        delays.extend(now - float(t) for t in stamps)
         tail = (tail + chunk)[-32:]
     if not tail.endswith(b"data: [DONE]\n\n"):
         raise RuntimeError(f"stream did not end with [DONE]: {tail!r}")
+    return _Sample((first or time.monotonic()) - start, time.monotonic() - start, delays)
 
 
 def _cpu_seconds(pid: int | None) -> float:
@@ -139,48 +175,62 @@ class _Target:
         self._prefill = itertools.cycle(upstreams["prefill"])
         self._decode = itertools.cycle(upstreams["decode"])
 
-    async def one(self, tokens: int) -> None:
-        body: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "stream": True}
+    async def one(self, tokens: int, token_delay_s: float) -> _Sample:
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": tokens,
+            "stream": True,
+            "fake_token_delay_s": token_delay_s,
+            "fake_stamp": True,
+        }
+        start = time.monotonic()
         if self.base is not None:  # through a proxy
             async with self.session.post(self.base + "/v1/completions", json=body) as resp:
-                await _read_stream(resp)
-            return
+                return await _read_stream(resp, start)
         pre = dict(body, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS), stream=False, max_tokens=1)
         async with self.session.post(next(self._prefill) + "/v1/completions", json=pre) as resp:
             answer = await resp.json()
         body["kv_transfer_params"] = answer["kv_transfer_params"]
         async with self.session.post(next(self._decode) + "/v1/completions", json=body) as resp:
-            await _read_stream(resp)
+            return await _read_stream(resp, start)
 
 
-async def _measure(target: _Target, concurrency: int, seconds: float, tokens: int) -> dict[str, float]:
-    latencies: list[float] = []
+async def _measure(
+    target: _Target, concurrency: int, seconds: float, tokens: int, token_delay_s: float
+) -> dict[str, float]:
+    samples: list[_Sample] = []
     completed = 0  # including warm-up: the CPU counter covers it too
-    warm_until = time.perf_counter() + min(0.3, seconds / 4)
+    warm_until = time.monotonic() + min(0.3, seconds / 4)
     end = warm_until + seconds
 
     async def worker() -> None:
         nonlocal completed
         while True:
-            start = time.perf_counter()
+            start = time.monotonic()
             if start >= end:
                 return
-            await target.one(tokens)
+            sample = await target.one(tokens, token_delay_s)
             completed += 1
             if start >= warm_until:
-                latencies.append(time.perf_counter() - start)
+                samples.append(sample)
 
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     cpu0 = _cpu_seconds(target.pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - max(t0, warm_until)
+    elapsed = time.monotonic() - max(t0, warm_until)
     cpu = _cpu_seconds(target.pid) - cpu0
+    events = [d for s in samples for d in s.event_delays]
     return {
+        "ttft_p50_ms": _pct([s.ttft for s in samples], 0.5) * 1e3,
+        "ttft_p99_ms": _pct([s.ttft for s in samples], 0.99) * 1e3,
+        "total_p50_ms": _pct([s.total for s in samples], 0.5) * 1e3,
+        "total_p99_ms": _pct([s.total for s in samples], 0.99) * 1e3,
+        "event_p50_ms": _pct(events, 0.5) * 1e3,
+        "event_p99_ms": _pct(events, 0.99) * 1e3,
+        "rps": len(samples) / elapsed,
+        "streams": float(len(samples)),
         "proxy_cpu_ms_per_request": cpu * 1e3 / max(completed, 1) if target.pid else 0.0,
-        "p50_ms": _pct(latencies, 0.5) * 1e3,
-        "p99_ms": _pct(latencies, 0.99) * 1e3,
-        "rps": len(latencies) / elapsed,
-        "requests": float(len(latencies)),
     }
 
 
@@ -205,11 +255,22 @@ def _wait_port(proc: subprocess.Popen[str], what: str) -> int:
     raise RuntimeError(f"{what} did not start within 60 s")
 
 
+def _line(level: int | str, name: str, stats: dict[str, float], pid: int | None) -> str:
+    cpu = f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req" if pid else ""
+    return (
+        f"  c={level:<3} {name:<9} ttft p50/p99 {stats['ttft_p50_ms']:6.2f}/{stats['ttft_p99_ms']:6.2f} ms"
+        f"  token p50/p99 {stats['event_p50_ms']:6.2f}/{stats['event_p99_ms']:6.2f} ms"
+        f"  {stats['rps']:7.1f} streams/s{cpu}"
+    )
+
+
 async def _run_all(
     args: argparse.Namespace, upstreams: dict[str, list[str]], router: tuple[str, int], toy: tuple[str, int]
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
-    results: dict[str, Any] = {}
+    latency: dict[str, dict[str, Any]] = {}
+    throughput: dict[str, Any] = {}
+    delay = args.token_delay_ms / 1e3
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         targets = [
             _Target("direct", session, None, upstreams),
@@ -217,73 +278,74 @@ async def _run_all(
             _Target("toy_proxy", session, toy[0], upstreams, toy[1]),
         ]
         for target in targets:  # connection set-up and first-call costs stay out of the numbers
-            await asyncio.gather(*(target.one(args.tokens) for _ in range(8)))
+            await asyncio.gather(*(target.one(args.tokens, 0.0) for _ in range(8)))
+        print(f"latency: streams paced at {args.token_delay_ms:g} ms/token", file=sys.stderr)
         for level in args.concurrency:
             for target in targets:
-                stats = await _measure(target, level, args.seconds, args.tokens)
-                results.setdefault(str(level), {})[target.name] = stats
-                print(
-                    f"  c={level:<3} {target.name:<9} p50 {stats['p50_ms']:7.2f} ms  p99 {stats['p99_ms']:7.2f} ms"
-                    f"  {stats['rps']:8.1f} req/s"
-                    + (f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req" if target.pid else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-    return results
+                stats = await _measure(target, level, args.seconds, args.tokens, delay)
+                latency.setdefault(str(level), {})[target.name] = stats
+                print(_line(level, target.name, stats, target.pid), file=sys.stderr, flush=True)
+        top = max(args.concurrency)
+        print(f"throughput: {top} unpaced streams", file=sys.stderr)
+        for target in targets:
+            stats = await _measure(target, top, args.seconds, args.tokens, 0.0)
+            throughput[target.name] = stats
+            print(_line(top, target.name, stats, target.pid), file=sys.stderr, flush=True)
+    return {"latency": latency, "throughput": throughput}
+
+
+def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
+    latency, throughput = results["latency"], results["throughput"]
+    out: dict[str, Any] = {}
+    for level, by_target in latency.items():
+        direct = by_target["direct"]
+        for name in ("router", "toy_proxy"):
+            for metric in ("ttft", "event"):
+                for q in ("p50", "p99"):
+                    key = f"{metric}_{q}_ms"
+                    out[f"{name}_added_{key}_c{level}"] = round(by_target[name][key] - direct[key], 3)
+    t = str(top)
+    return {
+        # headline: time to first token through the router minus the client doing the PD hand-off
+        # itself, at the highest concurrency (paced streams)
+        "added_p50_ms": out[f"router_added_ttft_p50_ms_c{t}"],
+        "added_p99_ms": out[f"router_added_ttft_p99_ms_c{t}"],
+        "added_token_p99_ms": out[f"router_added_event_p99_ms_c{t}"],
+        "toy_proxy_added_p99_ms": out[f"toy_proxy_added_ttft_p99_ms_c{t}"],
+        "router_rps": round(throughput["router"]["rps"], 1),
+        "toy_proxy_rps": round(throughput["toy_proxy"]["rps"], 1),
+        "direct_rps": round(throughput["direct"]["rps"], 1),
+        "router_vs_toy_throughput": round(throughput["router"]["rps"] / throughput["toy_proxy"]["rps"], 2),
+        "router_cpu_ms_per_request": round(throughput["router"]["proxy_cpu_ms_per_request"], 3),
+        "toy_proxy_cpu_ms_per_request": round(throughput["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
+        "concurrency": top,
+        "cpus": os.cpu_count(),
+        **out,
+        **results,
+    }
 
 
 def bench_main(args: argparse.Namespace) -> int:
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
     try:
-        up = _spawn(
-            [
-                py,
-                "-m",
-                "ucm.router.testing",
-                "--prefill",
-                str(args.upstreams),
-                "--decode",
-                str(args.upstreams),
-                "--tokens",
-                str(args.tokens),
-                "--token-delay-s",
-                str(args.token_delay_ms / 1e3),
-                "--model",
-                MODEL,
-            ]
-        )
+        up = _spawn([py, "-m", "ucm.router.testing", "--prefill", str(args.upstreams), "--decode",
+                     str(args.upstreams), "--tokens", str(args.tokens), "--model", MODEL])  # fmt: skip
         procs.append(up)
         assert up.stdout is not None
         upstreams = json.loads(up.stdout.readline())
         flags = [f for u in upstreams["prefill"] for f in ("--prefill", u)]
         flags += [f for u in upstreams["decode"] for f in ("--decode", u)]
-        router = _spawn(
-            [
-                py,
-                "-m",
-                "ucm",
-                "router",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--model",
-                MODEL,
-                "--probe-interval",
-                "30",
-                *flags,
-            ]
-        )
+        router = _spawn([py, "-m", "ucm", "router", "serve", "--host", "127.0.0.1", "--port", "0", "--model", MODEL,
+                         "--probe-interval", "30", *flags])  # fmt: skip
         procs.append(router)
         toy = _spawn([py, "-m", "ucm.router.bench", *flags])
         procs.append(toy)
         router_url = f"http://127.0.0.1:{_wait_port(router, 'router')}"
         toy_url = f"http://127.0.0.1:{_wait_port(toy, 'toy proxy')}"
         print(
-            f"PD streams of {args.tokens} events, {args.upstreams}+{args.upstreams} fake upstreams, "
-            f"{args.seconds:.1f} s per point (cpus: {os.cpu_count()})",
+            f"PD streams of {args.tokens} token events; {args.upstreams}+{args.upstreams} fake upstreams; "
+            f"{args.seconds:.1f} s per point; {os.cpu_count()} cpus shared by all processes",
             file=sys.stderr,
         )
         results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid)))
@@ -296,36 +358,16 @@ def bench_main(args: argparse.Namespace) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    top = str(max(args.concurrency))
-    summary: dict[str, Any] = {}
-    for level, by_target in results.items():
-        direct = by_target["direct"]
-        for name in ("router", "toy_proxy"):
-            summary[f"{name}_added_p50_ms_c{level}"] = round(by_target[name]["p50_ms"] - direct["p50_ms"], 3)
-            summary[f"{name}_added_p99_ms_c{level}"] = round(by_target[name]["p99_ms"] - direct["p99_ms"], 3)
-    out = {
-        "added_p50_ms": summary[f"router_added_p50_ms_c{top}"],
-        "added_p99_ms": summary[f"router_added_p99_ms_c{top}"],
-        "router_rps": round(results[top]["router"]["rps"], 1),
-        "toy_proxy_rps": round(results[top]["toy_proxy"]["rps"], 1),
-        "direct_rps": round(results[top]["direct"]["rps"], 1),
-        "router_cpu_ms_per_request": round(results[top]["router"]["proxy_cpu_ms_per_request"], 3),
-        "toy_proxy_cpu_ms_per_request": round(results[top]["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
-        "router_vs_toy_throughput": round(
-            results[top]["router"]["rps"] / results[top]["toy_proxy"]["rps"], 2
-        ),
-        "concurrency": int(top),
-        **summary,
-        "levels": results,
-    }
+    out = _summarise(results, max(args.concurrency))
     for key, value in out.items():
-        if key != "levels" and not key.startswith(("router_added", "toy_proxy_added")):
+        if not isinstance(value, dict) and "_added_" not in key:
             print(f"{key}: {value}")
-    for level in results:
+    for level in results["latency"]:
         print(
-            f"c={level}: added p50/p99 router {summary[f'router_added_p50_ms_c{level}']}/"
-            f"{summary[f'router_added_p99_ms_c{level}']} ms, toy {summary[f'toy_proxy_added_p50_ms_c{level}']}/"
-            f"{summary[f'toy_proxy_added_p99_ms_c{level}']} ms"
+            f"c={level}: added ttft p50/p99 router {out[f'router_added_ttft_p50_ms_c{level}']}/"
+            f"{out[f'router_added_ttft_p99_ms_c{level}']} ms (toy {out[f'toy_proxy_added_ttft_p50_ms_c{level}']}/"
+            f"{out[f'toy_proxy_added_ttft_p99_ms_c{level}']}); added per-token p99 router "
+            f"{out[f'router_added_event_p99_ms_c{level}']} ms (toy {out[f'toy_proxy_added_event_p99_ms_c{level}']})"
         )
     if args.json:
         print(json.dumps(out))

@@ -174,6 +174,9 @@ class FakeUpstream:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await out.prepare(request)
         b = self.behavior
+        # test-double knobs a client may set per request (vLLM itself ignores unknown fields)
+        delay = float(body.get("fake_token_delay_s", b.token_delay_s))
+        stamp = bool(body.get("fake_stamp", False))
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": "fake-1", "object": kind, "created": created, "model": self.model}
@@ -186,14 +189,17 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.abort()
                 return out
-            if b.token_delay_s:
-                await asyncio.sleep(b.token_delay_s)
             choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
             if chat:
                 choice["delta"] = {"content": f" t{i}"}
             else:
                 choice["text"] = f" t{i}"
-            await out.write(_event({**base, "choices": [choice]}))
+            event: dict[str, Any] = {**base, "choices": [choice]}
+            if stamp:  # CLOCK_MONOTONIC is system-wide: a client on this host can diff it
+                event["t_sent"] = time.monotonic()
+            await out.write(_event(event))
+            if delay and i < n - 1:  # the first token leaves at once, like a decode after its KV load
+                await asyncio.sleep(delay)
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
             await out.write(_event({**base, "choices": [], "usage": _usage(n), "served_by": self.name}))
