@@ -40,6 +40,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 from ucm.store import fileio
 from ucm.store.base import BlockLayout, Key, Store, StoreError, StoreStats, Task, WritableBuffer
@@ -71,6 +72,8 @@ log = logging.getLogger("ucm.store")
 _READ_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 _LOW_WATERMARK = 0.9
+# Blocks at least this large hash on a separate thread, overlapping the checksum with I/O.
+_PIPELINE_BYTES = 256 * 1024
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -130,6 +133,9 @@ class FileStore(Store):
         self._open_root()
         self._io_threads = io_threads
         self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="ucm-store-io")
+        self._verify_pool = concurrent.futures.ThreadPoolExecutor(
+            io_threads, thread_name_prefix="ucm-store-verify"
+        )
         self.index_ready = threading.Event()
         self._refresher = threading.Thread(target=self._warm_index, name="ucm-store-scan", daemon=True)
         self._refresher.start()
@@ -346,7 +352,9 @@ class FileStore(Store):
             [self._pool.submit(self._load_one, k, v, description) for k, v in zip(keys, views, strict=True)]
         )
 
-    def _load_one(self, key: bytes, buf: memoryview, description: str) -> bool:
+    def _load_one(self, key: bytes, buf: memoryview, description: str) -> bool | Future[bool]:
+        """Read on an I/O thread; verify the payload checksum on a verify thread for large
+        blocks, so this I/O thread moves on to the next read and the device stays busy."""
         path = object_path(self._objects, key)
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self.direct else 0))
@@ -356,10 +364,11 @@ class FileStore(Store):
             self._unindexed(key)
             return self._count_load(False, 0)
         try:
-            self._read_object(fd, key, buf, description)
+            inode = os.fstat(fd).st_ino
+            checksum = self._read_object(fd, key, buf, description)
             self._touch(fd)
         except _Damaged as exc:
-            self._quarantine_object(fd, key, path, str(exc))
+            self._quarantine_object(inode, key, path, str(exc))
             return self._count_load(False, 0)
         except _LayoutMismatch as exc:
             log.debug("UCM store: %s: %s", path, exc)
@@ -369,9 +378,19 @@ class FileStore(Store):
             return self._count_load(False, 0)
         finally:
             os.close(fd)
+        if buf.nbytes >= _PIPELINE_BYTES:
+            return self._verify_pool.submit(self._verify, key, path, inode, buf, checksum)
+        return self._verify(key, path, inode, buf, checksum)
+
+    def _verify(self, key: bytes, path: str, inode: int, buf: memoryview, checksum: int) -> bool:
+        if payload_checksum(buf) != checksum:
+            self._quarantine_object(inode, key, path, "payload checksum mismatch")
+            return self._count_load(False, 0)
         return self._count_load(True, buf.nbytes)
 
-    def _read_object(self, fd: int, key: bytes, buf: memoryview, description: str) -> None:
+    def _read_object(self, fd: int, key: bytes, buf: memoryview, description: str) -> int:
+        """Read and check the header, read the payload into `buf`; the payload checksum the
+        header promises (the caller verifies it: the bytes in `buf` are not valid until then)."""
         n = buf.nbytes
         bounce: memoryview | None = None
         if self.direct and not fileio.is_aligned(buf):
@@ -398,10 +417,9 @@ class FileStore(Store):
             raise _Damaged(f"payload length {header.payload_len} does not match layout {description} ({n})")
         if got < HEADER_SIZE + n:
             raise _Damaged(f"truncated: {got - HEADER_SIZE} of {n} payload bytes")
-        if payload_checksum(payload) != header.payload_checksum:
-            raise _Damaged("payload checksum mismatch")
         if bounce is not None:
             fileio.copy_bytes(buf, payload)
+        return header.payload_checksum
 
     def _touch(self, fd: int) -> None:
         """Bump mtime (the LRU clock) at most once per touch interval: a metadata write per
@@ -416,13 +434,13 @@ class FileStore(Store):
             except OSError:
                 pass  # recency is best effort; never fail a load over it
 
-    def _quarantine_object(self, fd: int, key: bytes, path: str, reason: str) -> None:
+    def _quarantine_object(self, inode: int, key: bytes, path: str, reason: str) -> None:
         log.warning("UCM store: damaged object %s (%s); quarantined, treated as a miss", path, reason)
         self._unindexed(key)
         with self._lock:
             self._stats.corrupt += 1
         try:
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            if os.stat(path).st_ino != inode:
                 return  # replaced since we read it: not ours to move
             os.rename(path, os.path.join(self._quarantine, temp_name(key.hex()).lstrip(".")))
         except OSError:
@@ -467,10 +485,9 @@ class FileStore(Store):
             return self._count_dump(False, skipped=False, nbytes=0)
         where = tmp
         try:
-            header = Header(self.salt, key, description, n, payload_checksum(buf)).encode()
             fd = self._create(tmp, leaf)
             try:
-                self._write_object(fd, header, buf)
+                self._write_object(fd, key, description, buf)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -500,21 +517,35 @@ class FileStore(Store):
             os.makedirs(leaf, exist_ok=True)
             return os.open(tmp, flags, 0o644)
 
-    def _write_object(self, fd: int, header: bytes, buf: memoryview) -> None:
+    def _write_object(self, fd: int, key: bytes, description: str, buf: memoryview) -> None:
+        """Header + payload at offset 0. For large blocks the payload is written first while a
+        verify thread computes its checksum, then the header: hashing overlaps the write."""
         n = buf.nbytes
+        pending = self._verify_pool.submit(payload_checksum, buf) if n >= _PIPELINE_BYTES else None
+
+        def header() -> bytes:
+            checksum = pending.result() if pending is not None else payload_checksum(buf)
+            return Header(self.salt, key, description, n, checksum).encode()
+
         if not self.direct:
-            fileio.pwrite_all(fd, [memoryview(header), buf], 0)
-        elif fileio.is_aligned(buf):
+            if pending is None:
+                fileio.pwrite_all(fd, [memoryview(header()), buf], 0)
+            else:
+                fileio.pwrite_all(fd, [buf], HEADER_SIZE)
+                fileio.pwrite_all(fd, [memoryview(header())], 0)
+            return
+        if fileio.is_aligned(buf):
+            fileio.pwrite_all(fd, [buf], HEADER_SIZE)
             header_view = self._buffers.get(HEADER_SIZE)
-            header_view[:] = header
-            fileio.pwrite_all(fd, [header_view, buf], 0)
         else:
             padded = fileio.align_up(n)
             bounce = self._buffers.get(HEADER_SIZE + padded)
-            bounce[:HEADER_SIZE] = header
             fileio.copy_bytes(bounce[HEADER_SIZE : HEADER_SIZE + n], buf)
             bounce[HEADER_SIZE + n :] = bytes(padded - n)  # never leak an older block's bytes
-            fileio.pwrite_all(fd, [bounce], 0)
+            fileio.pwrite_all(fd, [bounce[HEADER_SIZE:]], HEADER_SIZE)
+            header_view = bounce[:HEADER_SIZE]
+        header_view[:] = header()
+        fileio.pwrite_all(fd, [header_view], 0)
 
     def _publish(self, tmp: str, final: str) -> bool:
         """Make the object visible; False when another writer published it first.
@@ -640,6 +671,7 @@ class FileStore(Store):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._verify_pool.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return f"FileStore({self.root!r}, salt={self.salt.hex()})"

@@ -6,25 +6,52 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ucm.store.base import Task
 
 
 class FutureTask(Task):
-    """One future per block; a block's future yields its success flag."""
+    """One future per block; a block's future yields its success flag, or a second future
+    that does (a read whose checksum is verified on another thread)."""
 
-    def __init__(self, futures: Sequence[concurrent.futures.Future[bool]]) -> None:
+    def __init__(
+        self, futures: Sequence[concurrent.futures.Future[bool | concurrent.futures.Future[bool]]]
+    ) -> None:
         self._futures = list(futures)
 
+    @staticmethod
+    def _inner(f: concurrent.futures.Future[Any]) -> concurrent.futures.Future[Any] | None:
+        if f.exception() is not None:
+            return None
+        result = f.result()
+        return result if isinstance(result, concurrent.futures.Future) else None
+
     def done(self) -> bool:
-        return all(f.done() for f in self._futures)
+        for f in self._futures:
+            if not f.done():
+                return False
+            inner = self._inner(f)
+            if inner is not None and not inner.done():
+                return False
+        return True
 
     def wait(self, timeout: float | None = None) -> list[bool]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         _, pending = concurrent.futures.wait(self._futures, timeout=timeout)
         if pending:
             raise TimeoutError(f"{len(pending)} of {len(self._futures)} blocks still in flight")
+        inner = [self._inner(f) for f in self._futures]
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        _, pending = concurrent.futures.wait([i for i in inner if i is not None], timeout=remaining)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(self._futures)} blocks still being verified")
         # A worker never raises (failures are results), but never let one escape as an exception.
-        return [f.exception() is None and bool(f.result()) for f in self._futures]
+        results = []
+        for f, i in zip(self._futures, inner, strict=True):
+            source = i if i is not None else f
+            results.append(source.exception() is None and source.result() is True)
+        return results
 
 
 class DoneTask(Task):
