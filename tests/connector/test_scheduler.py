@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -145,7 +146,10 @@ def test_corrupted_block_turns_into_recompute(model_dir: pathlib.Path, tmp_path:
     engine.step()  # recomputes tokens 16..68
     assert_kv(engine, "r", prompt, 69)  # recomputed blocks are right, not garbage
     engine.run_until_idle()
+    engine.flush()
     assert len(engine.outputs["r"]) == 2
+    healed = [p for p in tmp_path.rglob("*") if p.is_file() and victim.hex() in p.name and "quarantine" not in str(p)]
+    assert healed, "the recomputed block is saved again"
     failures = sum(s.get("load_failures", 0) for s in engine.stats)
     assert failures == 1
 
@@ -183,3 +187,24 @@ def test_pd_handoff_through_kv_transfer_params(model_dir: pathlib.Path, tmp_path
     other.add("x", [1] * 40, kv_transfer_params={**params, PARAM_IDENTITY: "00" * 16})
     so = other.step()
     assert so.num_scheduled_tokens["x"] == 40
+
+
+def test_async_load_finishes_through_get_finished(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    prompt = [(i * 23) % 250 + 1 for i in range(69)]
+    produce(model_dir, tmp_path, prompt)
+    engine = Engine(model_dir, tmp_path, extra={"load_mode": "async"})
+    engine.add("r", prompt)
+    so = engine.step()
+    assert "r" not in so.num_scheduled_tokens  # waiting for its KV, not computing
+    (load,) = engine.metas[-1].loads
+    assert load.is_async and len(load.block_ids) == 4
+    deadline = time.monotonic() + 30  # the store reads on its own threads; steps go on meanwhile
+    while time.monotonic() < deadline:
+        so = engine.step()
+        if "r" in so.num_scheduled_tokens:
+            break
+        time.sleep(0.01)
+    assert so.num_scheduled_tokens["r"] == 5  # resumed after the load, with 64 tokens loaded
+    assert_kv(engine, "r", prompt, 69)
+    engine.run_until_idle()
+    assert len(engine.outputs["r"]) == 2

@@ -229,6 +229,18 @@ class UCMSchedulerSide:
         state.saved_blocks = full_end
         return SaveSpec(req_id=req_id, block_ids=list(block_ids[first:full_end]), block_hashes=hashes[first:full_end])
 
+    def blocks_failed(self, invalid_block_ids: set[int]) -> None:
+        """Loads of these blocks failed (vLLM recomputes them): save them again once recomputed, so
+        the store heals instead of missing them for every later request."""
+        if not invalid_block_ids or self.kv_cache_manager is None:
+            return
+        for req_id, state in self._states.items():
+            block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
+            for idx, block_id in enumerate(block_ids[: state.saved_blocks]):
+                if block_id in invalid_block_ids:
+                    state.saved_blocks = idx
+                    break
+
     def request_finished(self, request: Request) -> dict[str, Any] | None:
         state = self._states.pop(request.request_id, None)
         if self.sparse is not None:
