@@ -87,8 +87,10 @@ class PDProxy:
         # No connector limit: the router bounds concurrency itself (max_concurrent), so aiohttp
         # never queues a request behind the pool.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        # No cookies between the router and its upstreams: the dummy jar skips per-request cookie work.
         self._session = aiohttp.ClientSession(
             connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._t_stream,
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
