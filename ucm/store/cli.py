@@ -49,7 +49,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--threads", type=int, default=4, help="I/O threads for both raw and store (default 4)"
     )
-    bench.add_argument("--rounds", type=int, default=3, help="alternating raw/store rounds; medians reported")
+    bench.add_argument("--rounds", type=int, default=5, help="alternating raw/store rounds; medians reported")
     bench.add_argument("--direct", action="store_true", help="O_DIRECT for both raw and store")
     bench.add_argument(
         "--fsync", action="store_true", help="fsync every block (raw) / durability=fsync (store)"

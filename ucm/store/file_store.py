@@ -213,6 +213,8 @@ class FileStore(Store):
 
     def _probe_direct(self) -> None:
         probe = os.path.join(self.root, MARKER_NAME)
+        if not os.path.exists(probe):
+            return  # an empty read-only directory: nothing will ever be read or written
         try:
             os.close(os.open(probe, os.O_RDONLY | _O_DIRECT | _O_CLOEXEC))
         except OSError as exc:

@@ -52,8 +52,11 @@ class AlignedBuffer:
 
     def view(self, size: int) -> memoryview:
         if size > len(self._map):
-            self._map.close()
-            self._map = mmap.mmap(-1, align_up(size))
+            old, self._map = self._map, mmap.mmap(-1, align_up(size))
+            try:
+                old.close()
+            except BufferError:
+                pass  # a view of it is still alive; the memory goes when that view does
         return memoryview(self._map)[:size]
 
 
