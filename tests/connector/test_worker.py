@@ -1,0 +1,173 @@
+"""Worker side of the connector against a real FileStore: every KV layout round-trips bit-exact into
+different block ids, and blocks cross layouts and tensor-parallel sizes (TP 2 <-> TP 1, MLA)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("vllm")
+
+from ucm.connector.layouts import detect_layout, plan_heads  # noqa: E402
+from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata  # noqa: E402
+from ucm.connector.worker import CacheSpec, UCMWorkerSide  # noqa: E402
+from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry  # noqa: E402
+from ucm.store import open_store  # noqa: E402
+from ucm.transfer import CacheLayout, HostBufferPool  # noqa: E402
+from ucm.transfer.synthetic import make_paged_cache  # noqa: E402
+
+L, NB, BS, HEADS, D = 3, 10, 16, 4, 8
+
+
+def identity(is_mla: bool = False) -> CacheIdentity:
+    geo = KVGeometry(L, 1 if is_mla else HEADS, D, is_mla)
+    return CacheIdentity("test/model", "main", "bfloat16", geo, BS)
+
+
+def hashes(n: int, seed: int = 0, is_mla: bool = False) -> list[bytes]:
+    return BlockHasher(identity(is_mla)).hash_blocks([seed + i for i in range(n * BS)])
+
+
+class Rank:
+    def __init__(self, store_dir: pathlib.Path, layout: CacheLayout, *, tp: int = 1, rank: int = 0,
+                 physical: str = "LBHNC", seed: int = 0, layerwise: bool = True) -> None:
+        is_mla = layout.is_mla
+        self.layout = layout
+        self.heads = plan_heads(1 if is_mla else HEADS, tp, rank, is_mla=is_mla)
+        tensors = make_paged_cache(
+            layout, num_layers=L, num_blocks=NB, block_size=BS, num_heads=self.heads.local_count,
+            head_size=D, physical=physical, seed=seed,
+        )
+        self.caches = {f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(tensors)}
+        self.store = open_store(store_dir, salt=identity(is_mla).digest())
+        self.worker = UCMWorkerSide(
+            store=self.store, heads=self.heads, can_load=True, can_save=True, layerwise_save=layerwise,
+            pool=HostBufferPool(64 << 20),
+        )
+        spec = CacheSpec(NB, BS, self.heads.local_count, D, 0 if is_mla else D, is_mla)
+        self.worker.register_kv_caches(self.caches, spec)
+
+    def _step(self, meta: UCMConnectorMetadata) -> set[int]:
+        w = self.worker
+        w.bind(meta)
+        w.start_load()
+        for name, tensor in self.caches.items():
+            w.wait_layer(name)
+            w.save_layer(name, tensor)
+        w.finish_step()
+        w.flush()
+        return w.take_load_errors()
+
+    def save(self, block_ids: list[int], block_hashes: list[bytes]) -> None:
+        assert self._step(UCMConnectorMetadata(saves=[SaveSpec("r", block_ids, block_hashes)])) == set()
+
+    def load(self, block_ids: list[int], block_hashes: list[bytes]) -> set[int]:
+        return self._step(UCMConnectorMetadata(loads=[LoadSpec("r", block_ids, block_hashes)]))
+
+    def kv(self, block: int) -> torch.Tensor:
+        """[layers, local heads, tokens, K/V, D] of one block, read with plain per-layout indexing."""
+        out = []
+        for t in self.caches.values():
+            if self.layout is CacheLayout.BHNC:
+                out.append(t[block].unflatten(-1, (2, D)))
+            elif self.layout is CacheLayout.FLASH_ATTN:
+                out.append(t[:, block].permute(2, 1, 0, 3))
+            elif self.layout is CacheLayout.FLASHINFER:
+                out.append(t[block].permute(2, 1, 0, 3))
+            elif self.layout is CacheLayout.MLA:
+                out.append(t[block].unsqueeze(-2))
+            else:
+                out.append(t[block][None, :, None, :])
+        return torch.stack(out)
+
+
+ROUND_TRIP = [
+    (CacheLayout.BHNC, "LBHNC", True),
+    (CacheLayout.BHNC, "LBNHC", False),
+    (CacheLayout.BHNC, "BLNHC", True),
+    (CacheLayout.FLASH_ATTN, "LBHNC", True),
+    (CacheLayout.FLASHINFER, "LBHNC", False),
+    (CacheLayout.MLA, "LBHNC", True),
+    (CacheLayout.MLA_3D, "LBHNC", False),
+]
+
+
+@pytest.mark.parametrize(("layout", "physical", "layerwise"), ROUND_TRIP)
+def test_round_trip_into_other_block_ids(tmp_path: pathlib.Path, layout: CacheLayout, physical: str, layerwise: bool) -> None:
+    h = hashes(3, is_mla=layout.is_mla)
+    src = Rank(tmp_path, layout, physical=physical, layerwise=layerwise)
+    src.save([3, 5, 6], h)
+    dst = Rank(tmp_path, layout, physical=physical, seed=7)
+    before = {b: dst.kv(b).clone() for b in range(NB)}
+    assert dst.load([0, 7, 2], h) == set()
+    for s, d in zip([3, 5, 6], [0, 7, 2], strict=True):
+        assert torch.equal(dst.kv(d), src.kv(s))
+    for b in set(range(NB)) - {0, 7, 2}:
+        assert torch.equal(dst.kv(b), before[b])
+
+
+def test_tp2_producer_feeds_tp1_consumer_across_layouts(tmp_path: pathlib.Path) -> None:
+    h = hashes(2, seed=100)
+    producers = [Rank(tmp_path, CacheLayout.FLASHINFER, tp=2, rank=r, seed=r) for r in range(2)]
+    for p in producers:
+        p.save([4, 1], h)
+    consumer = Rank(tmp_path, CacheLayout.BHNC, physical="LBNHC", seed=9)
+    assert consumer.load([8, 3], h) == set()
+    for s, d in zip([4, 1], [8, 3], strict=True):
+        whole = torch.cat([p.kv(s) for p in producers], dim=1)  # heads 0-1 from rank 0, 2-3 from rank 1
+        assert torch.equal(consumer.kv(d), whole)
+
+
+def test_tp1_producer_feeds_tp2_consumer_ranks(tmp_path: pathlib.Path) -> None:
+    h = hashes(2, seed=200)
+    producer = Rank(tmp_path, CacheLayout.FLASH_ATTN, seed=3)
+    producer.save([2, 9], h)
+    for r in range(2):
+        consumer = Rank(tmp_path, CacheLayout.BHNC, tp=2, rank=r, seed=11 + r)
+        assert consumer.load([5, 6], h) == set()
+        for s, d in zip([2, 9], [5, 6], strict=True):
+            assert torch.equal(consumer.kv(d), producer.kv(s)[:, 2 * r : 2 * r + 2])
+
+
+def test_mla_rank0_writes_every_rank_reads(tmp_path: pathlib.Path) -> None:
+    h = hashes(2, seed=300, is_mla=True)
+    ranks = [Rank(tmp_path, CacheLayout.MLA, tp=2, rank=r, seed=r) for r in range(2)]
+    assert ranks[0].worker.can_save and not ranks[1].worker.can_save
+    for rank in ranks:
+        rank.save([1, 2], h)  # rank 1's save is a no-op by design
+    assert ranks[0].store.stats().dumps == 2
+    reader = Rank(tmp_path, CacheLayout.MLA_3D, tp=4, rank=3, seed=5)
+    assert reader.load([7, 8], h) == set()
+    assert torch.equal(reader.kv(7), ranks[0].kv(1)) and torch.equal(reader.kv(8), ranks[0].kv(2))
+
+
+def test_missing_blocks_are_reported_and_never_scattered(tmp_path: pathlib.Path) -> None:
+    h = hashes(3, seed=400)
+    src = Rank(tmp_path, CacheLayout.BHNC)
+    src.save([1, 2], h[:2])
+    dst = Rank(tmp_path, CacheLayout.BHNC, seed=4)
+    untouched = dst.kv(6).clone()
+    assert dst.load([5, 7, 6], h) == {6}
+    assert torch.equal(dst.kv(5), src.kv(1)) and torch.equal(dst.kv(7), src.kv(2))
+    assert torch.equal(dst.kv(6), untouched)
+    stats = dst.worker.stats.take()
+    assert stats is not None and stats.data["load_failures"] == 1 and stats.data["loaded_blocks"] == 2
+
+
+def test_shapes_and_tp_sizes_that_cannot_work_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"matches no supported layout.*BHNC \[10, 4, 16, 16\]"):
+        detect_layout((10, 4, 16, 15), num_blocks=10, block_size=16, num_heads=4, head_size=8, head_size_v=8,
+                      is_mla=False, layer_name="l0")
+    assert detect_layout((2, 10, 16, 4, 8), num_blocks=10, block_size=16, num_heads=4, head_size=8,
+                         head_size_v=8, is_mla=False) is CacheLayout.FLASH_ATTN
+    assert detect_layout((10, 2, 16, 4, 8), num_blocks=10, block_size=16, num_heads=4, head_size=8,
+                         head_size_v=8, is_mla=False) is CacheLayout.FLASHINFER
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*supported tensor parallel sizes: \[1, 2, 4, 8, 16, 32, 64\]"):
+        plan_heads(8, 3, 0, is_mla=False)
+    replica = plan_heads(2, 4, 1, is_mla=False)  # 2 KV heads on 4 ranks: rank 1 holds a copy of head 0
+    assert (replica.local_start, replica.local_count, replica.writes) == (0, 1, False)
+    assert plan_heads(16, 2, 1, is_mla=False).groups() == [(8, 2, 0), (10, 2, 2), (12, 2, 4), (14, 2, 6)]
