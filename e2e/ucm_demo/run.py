@@ -150,9 +150,12 @@ class Demo:
         say(f"      stopping the operator (pid {proc.pid})")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
         try:
             proc.wait(timeout=20)
+            say(f"      operator exited ({proc.returncode}) {time.monotonic() - t0:.1f}s after SIGTERM")
         except subprocess.TimeoutExpired:
+            say("      the operator did not exit within 20s of SIGTERM: killing it (SIGKILL)")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

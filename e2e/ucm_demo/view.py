@@ -168,16 +168,20 @@ def render_topology(snap: Snapshot, spec: JSON) -> str:
 
 def render_explore(kubectl: str, kubeconfig: str, namespace: str, name: str, release: str) -> str:
     """The commands a user can paste into another terminal while the demo keeps running."""
-    return "\n".join([
-        "Explore it from another terminal:",
-        f"  export KUBECONFIG={kubeconfig}",
-        f"  export PATH={kubectl.rsplit('/', 1)[0]}:$PATH     # kubectl and helm built for this repo",
-        f"  kubectl -n {namespace} get ucmclusters                  # SERVING, PREFILL, DECODE, REVISION",
-        f"  kubectl -n {namespace} describe ucmcluster {name}       # conditions with reasons, events",
-        f"  kubectl -n {namespace} get pods -o wide -L {LABEL_ROLE},{LABEL_POOL},{LABEL_REVISION}",
-        f"  kubectl get nodes -L {GPU_PRODUCT_LABEL}",
-        f"  kubectl -n {namespace} get deploy,svc,cm,pdb -l {LABEL_CLUSTER}={name}",
-        f"  kubectl -n {namespace} patch ucmc {name} --type=json -p "
-        "'[{\"op\":\"replace\",\"path\":\"/spec/decode/0/replicas\",\"value\":3}]'   # scale decode",
-        f"  helm -n {namespace} status {release}",
-    ])
+    commands = [
+        (f"export KUBECONFIG={kubeconfig}", ""),
+        (f"export PATH={kubectl.rsplit('/', 1)[0]}:$PATH", "kubectl and helm built for this repo"),
+        (f"kubectl -n {namespace} get ucmclusters", "SERVING, PREFILL, DECODE, REVISION"),
+        (f"kubectl -n {namespace} describe ucmcluster {name}", "conditions with reasons, events"),
+        (f"kubectl -n {namespace} get pods -o wide -L {LABEL_ROLE},{LABEL_POOL},{LABEL_REVISION}", ""),
+        (f"kubectl get nodes -L {GPU_PRODUCT_LABEL}", "GPU product of each node"),
+        (f"kubectl -n {namespace} get deploy,svc,cm,pdb -l {LABEL_CLUSTER}={name}", "what the operator created"),
+        (f"kubectl -n {namespace} patch ucmc {name} --type=merge -p "
+         "'{\"spec\":{\"router\":{\"replicas\":2}}}'", "scale the router; watch it reconcile"),
+        (f"helm -n {namespace} status {release}", ""),
+    ]
+    width = max(len(c) for c, note in commands if note and len(c) < 70)
+    lines = ["Explore it from another terminal:"]
+    for command, note in commands:
+        lines.append(f"  {command:<{width}}   # {note}" if note else f"  {command}")
+    return "\n".join(lines)
