@@ -62,8 +62,9 @@ def condition(obj: dict[str, Any], kind: str) -> str | None:
     return None
 
 
-def helm_install(cluster: Any, namespace: str, *settings: str, action: str = "install") -> None:
-    cluster.helm(action, RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s", *settings)
+def helm_install(cluster: Any, namespace: str, *settings: str, action: str = "install") -> str:
+    return str(cluster.helm(action, RELEASE, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
+                            *settings).stdout)
 
 
 def exists(cluster: Any, *args: str) -> bool:
@@ -71,7 +72,10 @@ def exists(cluster: Any, *args: str) -> bool:
 
 
 def test_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
-    helm_install(cluster, namespace)
+    notes = helm_install(cluster, namespace)
+    # NOTES.txt tells the user how to check the operator and where to apply a UCMCluster.
+    assert f"kubectl -n {namespace} rollout status deployment/{RELEASE}-operator" in notes, notes
+    assert f"kubectl -n {namespace} apply -f examples/ucmcluster-heterogeneous.yaml" in notes, notes
     crd = kubectl_json(cluster, "get", "crd", "ucmclusters.ucm.dev")
     assert condition(crd, "Established") == "True"
     deploy = kubectl_json(cluster, "-n", namespace, "get", "deployment", f"{RELEASE}-operator")
