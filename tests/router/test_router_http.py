@@ -388,3 +388,15 @@ async def test_unreachable_decode_is_retried_once_elsewhere(make_upstream, make_
             state.ejected_until = 0.0
     status, body = await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"})
     assert status == 502 and "decode unreachable" in body["error"]["message"]
+
+
+async def test_shutdown_delay_fails_readiness_but_keeps_serving(make_upstream, make_router, http) -> None:
+    d = await make_upstream("decode", "d0")
+    router = await make_router([], [d], shutdown_delay_s=1.0)
+    shutdown = asyncio.create_task(router.shutdown())
+    await asyncio.sleep(0.1)
+    async with http.get(u(router, "/ready")) as resp:
+        assert resp.status == 503 and (await resp.json())["reason"] == "shutting down"
+    assert (await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"}))[0] == 200
+    await shutdown
+    assert router.draining

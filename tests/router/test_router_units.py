@@ -250,3 +250,18 @@ def test_kubernetes_endpoint_view() -> None:
         ("prefill", "http://10.0.0.1:8000", "abc", "h100", "p1"),
     ]
     assert eps[0].created > 0
+
+
+def test_config_errors_name_the_setting() -> None:
+    from ucm.router.config import RouterConfig
+
+    RouterConfig(model="m", probe_interval_s=0, shutdown_delay_s=0)  # 0 = off is allowed there
+    for bad, needle in [
+        ({"idle_timeout_s": 0}, "idle_timeout_s must be positive"),
+        ({"shutdown_delay_s": -1}, "shutdown_delay_s must be >= 0"),
+        ({"max_concurrent": 0}, "max_concurrent must be positive"),
+        ({"fallback": "maybe"}, "fallback must be 'decode-only' or 'fail'"),
+        ({"model": ""}, "--model"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            RouterConfig(**{"model": "m", **bad})  # type: ignore[arg-type]

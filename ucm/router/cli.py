@@ -76,7 +76,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="non-streaming decode: time to the whole answer",
     )
-    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s, metavar="S")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout_s,
+        metavar="S",
+        help="after SIGTERM: how long in-flight requests and streams may finish",
+    )
+    p.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=d.shutdown_delay_s,
+        metavar="S",
+        help="after SIGTERM: keep serving this long with /ready failing, then drain",
+    )
     p.add_argument("--eject-after-failures", type=int, default=d.eject_after_failures)
     p.add_argument("--eject-base", type=float, default=d.eject_base_s, metavar="S")
     p.add_argument("--eject-max", type=float, default=d.eject_max_s, metavar="S")
@@ -107,6 +120,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         idle_timeout_s=args.idle_timeout,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
+        shutdown_delay_s=args.shutdown_delay,
         eject_after_failures=args.eject_after_failures,
         eject_base_s=args.eject_base,
         eject_max_s=args.eject_max,

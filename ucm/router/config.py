@@ -7,6 +7,7 @@ from typing import Literal
 
 Fallback = Literal["decode-only", "fail"]
 Policy = Literal["least-loaded", "prefix-affinity"]
+_MAY_BE_ZERO = ("probe_interval_s", "shutdown_delay_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,9 @@ class RouterConfig:
     idle_timeout_s: float = 60.0  # between two reads of an upstream body
     request_timeout_s: float = 600.0  # to the headers of a non-streaming decode (whole generation)
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    # SIGTERM: keep serving this long with /ready failing before closing the listener, so that
+    # endpoints controllers and load balancers stop sending new connections first (0 = close at once).
+    shutdown_delay_s: float = 0.0
     # Health.
     eject_after_failures: int = 3
     eject_base_s: float = 1.0
@@ -44,12 +48,11 @@ class RouterConfig:
         for name in ("max_body_bytes", "max_concurrent", "eject_after_failures", "affinity_prefix_blocks"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.probe_interval_s < 0:
-            raise ValueError(f"probe_interval_s must be >= 0 (0 = off), got {self.probe_interval_s}")
         for field in dataclasses.fields(self):
-            if (
-                field.name.endswith("_s")
-                and field.name != "probe_interval_s"
-                and getattr(self, field.name) <= 0
-            ):
-                raise ValueError(f"{field.name} must be positive seconds, got {getattr(self, field.name)}")
+            if not field.name.endswith("_s"):
+                continue
+            value = getattr(self, field.name)
+            if field.name in _MAY_BE_ZERO and value < 0:
+                raise ValueError(f"{field.name} must be >= 0 seconds (0 = off), got {value}")
+            if field.name not in _MAY_BE_ZERO and value <= 0:
+                raise ValueError(f"{field.name} must be positive seconds, got {value}")

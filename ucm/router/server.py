@@ -8,9 +8,10 @@ draining), GET /metrics (Prometheus), GET /debug/endpoints (the router's endpoin
 Admission: at most `max_concurrent` requests in flight; the next one gets 503 with Retry-After
 at once (there is no queue to grow without bound). Bodies above `max_body_bytes` get 413.
 
-Shutdown (`shutdown()`, wired to SIGTERM by the CLI): readiness turns 503, the listening
-socket closes, in-flight requests and streams get up to `drain_timeout_s` to finish, then the
-upstream pool closes.
+Shutdown (`shutdown()`, wired to SIGTERM by the CLI): readiness turns 503, the router keeps
+serving for `shutdown_delay_s` (so Kubernetes takes it out of the Service first), then the
+listening socket closes, in-flight requests and streams get up to `drain_timeout_s` to finish,
+and the upstream pool closes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class RouterServer:
         self.proxy = PDProxy(config, self.registry, self.metrics)
         self.prober: HealthProber | None = None
         self.inflight = 0
-        self.draining = False
+        self.stopping = False  # readiness fails from here on
+        self.draining = False  # new requests are refused from here on
         self.created = int(time.time())
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
@@ -82,7 +84,11 @@ class RouterServer:
         log.info("router for %s listening on %s:%d", self.config.model, self.config.host, self.port)
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded by drain_timeout_s), close."""
+        """Fail readiness, wait shutdown_delay_s (still serving), stop accepting, let in-flight
+        requests finish (bounded by drain_timeout_s), close."""
+        self.stopping = True
+        if self.config.shutdown_delay_s > 0:
+            await asyncio.sleep(self.config.shutdown_delay_s)
         self.draining = True
         log.info("draining %d in-flight request(s)", self.inflight)
         if self._runner is not None:
@@ -157,8 +163,8 @@ class RouterServer:
         return web.json_response({"status": "ok"})
 
     def readiness(self) -> tuple[bool, str]:
-        if self.draining:
-            return False, "draining"
+        if self.stopping:
+            return False, "shutting down"
         revisions = self.registry.complete_revisions()
         if revisions:
             return True, f"prefill+decode pairs in revision(s) {', '.join(revisions)}"
