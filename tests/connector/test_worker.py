@@ -166,7 +166,7 @@ def test_shapes_and_tp_sizes_that_cannot_work_are_clear_errors() -> None:
                          head_size_v=8, is_mla=False) is CacheLayout.FLASH_ATTN
     assert detect_layout((10, 2, 16, 4, 8), num_blocks=10, block_size=16, num_heads=4, head_size=8,
                          head_size_v=8, is_mla=False) is CacheLayout.FLASHINFER
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*supported tensor parallel sizes: \[1, 2, 4, 8, 16, 32, 64\]"):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3.*supported tensor parallel sizes: \[1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64\]"):
         plan_heads(8, 3, 0, is_mla=False)
     replica = plan_heads(2, 4, 1, is_mla=False)  # 2 KV heads on 4 ranks: rank 1 holds a copy of head 0
     assert (replica.local_start, replica.local_count, replica.writes) == (0, 1, False)

@@ -40,7 +40,7 @@ def supported_tp_sizes(total_kv_heads: int, is_mla: bool) -> list[int]:
     group = canonical_group_size(total_kv_heads, is_mla)
     sizes = [tp for tp in range(1, total_kv_heads + 1) if total_kv_heads % tp == 0 and (total_kv_heads // tp) % group == 0]
     if group == 1:
-        sizes += [tp for tp in (16, 32, 64) if tp > total_kv_heads and tp % total_kv_heads == 0]
+        sizes += [tp for tp in range(total_kv_heads + 1, 65) if tp % total_kv_heads == 0]  # replicated heads
     return sizes
 
 
