@@ -12,10 +12,10 @@ metadata it returns (block retrieval: decode rows compacted to the selected bloc
 `attention_finished(layer_name, output)`. With no active algorithm it calls the original directly.
 
 It patches private vLLM internals, so it is pinned: any vLLM other than 0.32.0 is refused with an
-error naming the found version. CUDA-graph capture of decode batches fixes block-table shapes but
-reads their contents, so compacted rows (same shape, fewer valid entries) stay graph-compatible;
-the per-row Python selection loop does not run inside a captured graph, so use it with
-`--enforce-eager` (or piecewise graphs that exclude attention, vLLM's default) — see the README.
+error naming the found version. Selection is Python per decode row, so it cannot live inside a
+captured CUDA graph: during capture the wrapper stays dense, so full-graph decode replays run dense
+attention. Run sparse workers with `--enforce-eager` (or a cudagraph mode that keeps attention out
+of the graph, e.g. `-O '{"cudagraph_mode": "PIECEWISE"}'`) for the selection to take effect.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ucm.sparse.base import SparseRole
 from ucm.sparse.registry import get_active_sparse
@@ -74,7 +76,15 @@ def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> Any:
         sparse = get_active_sparse(SparseRole.WORKER)
-        if sparse is None or attn_metadata is None or kv_cache is None or kv_cache.numel() == 0:
+        if (
+            sparse is None
+            or attn_metadata is None
+            or kv_cache is None
+            or kv_cache.numel() == 0
+            # a captured CUDA graph would freeze this step's compacted block table into every
+            # replay; inside capture stay dense (replays of full graphs then run dense attention)
+            or (kv_cache.is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         layer_name = str(getattr(layer, "layer_name", ""))
         paged = LayerKV.from_layer_cache(kv_cache, CacheLayout.BHNC, int(self.head_size))
