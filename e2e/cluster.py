@@ -24,6 +24,7 @@ import argparse
 import atexit
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -50,6 +51,36 @@ STATE_FILE = "state.json"
 # Fake pod IPs (kwok hands them out); like node IPs they exist only in API objects.
 POD_CIDR = "10.244.0.1/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+# Reverse start order: clients first, then the API server, then etcd. etcd's graceful stop
+# waits for open watch streams and the API server's for etcd, so stopping them together costs
+# the whole grace period and ends in SIGKILL (and logs cut short).
+STOP_TIERS = (
+    ("kwok", "kube-scheduler", "kube-controller-manager"),
+    ("kube-apiserver",),
+    ("etcd",),
+)
+TEMP_PREFIX = "ucm-cluster-"
+OWNER_FILE = "owner.pid"
+KEPT_FILE = "KEPT"
+
+
+def sweep_orphaned_workdirs(temp_root: Path | None = None) -> list[Path]:
+    """Removes temporary cluster directories whose owner process is gone and that were not kept
+    on purpose after a failure: what a SIGKILLed test run leaves (its components died with it,
+    via PR_SET_PDEATHSIG, but nothing could delete the directory)."""
+    removed = []
+    for directory in Path(temp_root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if (directory / KEPT_FILE).exists() or Path(f"/proc/{owner}").exists():
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
 
 
 class ClusterStartError(ClusterError):
@@ -81,7 +112,11 @@ class LocalCluster(ClusterAccess):
         verbose: bool = False,
     ) -> None:
         self._own_workdir = workdir is None
-        self.workdir = (workdir or Path(tempfile.mkdtemp(prefix="ucm-cluster-"))).resolve()
+        if workdir is None:
+            sweep_orphaned_workdirs()
+            workdir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+            (workdir / OWNER_FILE).write_text(str(os.getpid()))
+        self.workdir = workdir.resolve()
         bins = binaries or default_bin_dir(require=True)
         super().__init__(kubeconfig=self.workdir / "kubeconfig", bin_dir=bins, server="")
         self.pools = pools
@@ -124,9 +159,11 @@ class LocalCluster(ClusterAccess):
             if self._stopped:
                 return
             self._stopped = True
-        stop_components(self.components)
+        for tier in STOP_TIERS:
+            stop_components([c for c in self.components if c.name in tier])
         if failed:
             logs = "\n".join(f"  {c.name}: {c.log_path}" for c in self.components)
+            (self.workdir / KEPT_FILE).write_text("logs kept after a failure\n")
             print(f"local cluster failed; component logs kept:\n{logs}", file=sys.stderr)
         elif self._own_workdir and not self.detach:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -368,7 +405,9 @@ def cluster_down(directory: Path = BACKGROUND_DIR) -> int:
     if state is not None:
         alive = _alive_processes(state)
         executables = {int(p["pid"]): str(p["executable"]) for p in alive}
-        terminate_groups(list(executables), lambda pid: pid_runs(pid, executables[pid]))
+        for tier in STOP_TIERS:
+            pids = [int(p["pid"]) for p in alive if p["name"] in tier]
+            terminate_groups(pids, lambda pid: pid_runs(pid, executables[pid]))
         stopped = len(alive)
     shutil.rmtree(directory, ignore_errors=True)
     return stopped

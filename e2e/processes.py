@@ -105,7 +105,8 @@ def terminate_groups(pids: Sequence[int], alive: Callable[[int], bool], grace_s:
 
 
 def stop_components(components: Sequence[Component], grace_s: float = 5.0) -> None:
-    """Stops components this process started (and reaps them, so none stays a zombie)."""
+    """Stops components this process started (and reaps them, so none stays a zombie), all in
+    one go. Callers that need an order call this once per tier."""
 
     def alive(pid: int) -> bool:
         for c in components:

@@ -91,7 +91,7 @@ publish() {
 # adds a staging module needs no edit here.
 kube_module() {
   local dir="$HERE/kube"
-  if grep -qE "^\s*(require )?k8s\.io/kubernetes $KUBERNETES_VERSION\$" "$dir/go.mod" 2>/dev/null; then
+  if grep -qE "^\s*(require )?k8s\.io/kubernetes $KUBERNETES_VERSION( // indirect)?\$" "$dir/go.mod" 2>/dev/null; then
     return 0
   fi
   log "generating kube/go.mod for k8s.io/kubernetes $KUBERNETES_VERSION"
