@@ -81,7 +81,13 @@ class RouterServer:
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=1024)
         await site.start()
         self.port = site.port
-        log.info("router for %s listening on %s:%d", self.config.model, self.config.host, self.port)
+        c = self.config
+        log.info(
+            "router for %s listening on %s:%d (policy=%s, fallback=%s, max_concurrent=%d); "
+            "%d endpoint(s), complete revisions: %s",
+            c.model, c.host, self.port, c.policy, c.fallback, c.max_concurrent,
+            len(self.registry.states()), ", ".join(self.registry.complete_revisions()) or "none",
+        )  # fmt: skip
 
     async def shutdown(self) -> None:
         """Fail readiness, wait shutdown_delay_s (still serving), stop accepting, let in-flight
