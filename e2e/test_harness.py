@@ -1,0 +1,130 @@
+"""Tests of the control-plane harness itself: version pins, simulated nodes, and that start-up
+failures and a killed owner leave no process behind. The first group needs no binaries; the
+`e2e` ones start real components."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2e import binaries
+from e2e.cluster import KEPT_FILE, ClusterStartError, LocalCluster, sweep_orphaned_workdirs
+from e2e.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TAINT, H100, L40S, build_nodes
+from e2e.processes import pid_runs
+from e2e.wait import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_versions_file_errors_name_the_file_and_what_is_wrong(tmp_path: Path) -> None:
+    bad_line = tmp_path / "versions.env"
+    bad_line.write_text("KUBERNETES_VERSION=v1.36.3\nnot a pin\n")
+    with pytest.raises(ValueError, match=r"versions\.env:2: expected KEY=VALUE"):
+        binaries.versions(bad_line)
+    missing = tmp_path / "missing.env"
+    missing.write_text("# only one pin\nKUBERNETES_VERSION=v1.36.3\n")
+    with pytest.raises(ValueError, match=r"missing\.env: missing version pin\(s\) ETCD_VERSION, KWOK_VERSION, HELM_VERSION"):
+        binaries.versions(missing)
+
+
+def test_python_and_build_script_agree_on_the_cache_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UCM_BIN_CACHE", str(tmp_path))
+    script = subprocess.run(
+        ["bash", str(binaries.BUILD_SCRIPT), "--print-dir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert script == str(binaries.bin_dir())
+    assert Path(script).parent == tmp_path
+    pins = binaries.versions()
+    assert pins["KUBERNETES_VERSION"] in script and pins["HELM_VERSION"] in script
+
+
+def test_missing_binaries_name_the_command_that_builds_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UCM_BIN_CACHE", str(tmp_path))
+    with pytest.raises(binaries.BinariesMissing, match=r"kube-apiserver, .*helm.*make bins"):
+        binaries.bin_dir(require=True)
+
+
+def test_simulated_nodes_model_two_gpu_products_and_a_cpu_node() -> None:
+    nodes = build_nodes()
+    by_product: dict[str | None, list[dict[str, object]]] = {}
+    for node in nodes:
+        by_product.setdefault(node["metadata"]["labels"].get(GPU_PRODUCT_LABEL), []).append(node)
+    assert {p: len(n) for p, n in by_product.items()} == {H100: 2, L40S: 2, None: 1}
+    for product, gpus in ((H100, "8"), (L40S, "4")):
+        for node in by_product[product]:
+            assert node["status"]["allocatable"][GPU_RESOURCE] == gpus  # type: ignore[index]
+            assert node["spec"]["taints"] == [GPU_TAINT]  # type: ignore[index]
+    cpu = by_product[None][0]
+    assert GPU_RESOURCE not in cpu["status"]["allocatable"] and not cpu["spec"]  # type: ignore[index, operator]
+    addresses = [n["status"]["addresses"][0]["address"] for n in nodes]
+    assert len(set(addresses)) == len(nodes)
+
+
+class _BrokenApiserver(LocalCluster):
+    def _apiserver_argv(self, pki):  # type: ignore[no-untyped-def]
+        return [*super()._apiserver_argv(pki), "--no-such-flag"]
+
+
+@pytest.mark.e2e
+def test_failed_start_names_the_component_keeps_its_log_and_leaves_no_process() -> None:
+    cluster = _BrokenApiserver()
+    with pytest.raises(ClusterStartError, match=r"kube-apiserver exited with code \d+") as failure:
+        cluster.start(timeout_s=60)
+    log = cluster.workdir / "logs" / "kube-apiserver.log"
+    assert str(log) in str(failure.value)
+    assert "unknown flag: --no-such-flag" in log.read_text()
+    assert (cluster.workdir / KEPT_FILE).exists()
+    assert cluster.components and all(c.exited() is not None for c in cluster.components)
+    # Kept on purpose, so the sweep of orphaned directories must leave it alone.
+    assert cluster.workdir not in sweep_orphaned_workdirs()
+    subprocess.run(["rm", "-rf", str(cluster.workdir)], check=True)
+
+
+OWNER = """
+import json, sys, time
+from e2e.cluster import LocalCluster
+c = LocalCluster().start()
+print(json.dumps({"workdir": str(c.workdir), "ports": list(c.ports.values()),
+                  "pids": {x.pid: x.argv[0] for x in c.components}}), flush=True)
+time.sleep(600)
+"""
+
+
+def _listening(port: int) -> bool:
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=False).stdout
+    return bool(out.strip())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_owner_killed_leaves_no_process_or_port(sig: signal.Signals) -> None:
+    """SIGKILL: the kernel kills the components (PR_SET_PDEATHSIG). SIGTERM: the harness tears
+    down in order through atexit. Either way nothing keeps running or listening."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER], cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
+    try:
+        assert owner.stdout is not None
+        info = json.loads(owner.stdout.readline())
+        pids = {int(pid): exe for pid, exe in info["pids"].items()}
+        assert len(pids) == 5 and all(pid_runs(pid, exe) for pid, exe in pids.items())
+        owner.send_signal(sig)
+        owner.wait(timeout=30)
+        wait_for(lambda: not any(pid_runs(pid, exe) for pid, exe in pids.items()), "components to exit", timeout_s=15)
+        ports = [p for p in info["ports"] if p != 0]
+        wait_for(lambda: not any(_listening(p) for p in ports), f"ports {ports} to close", timeout_s=10)
+        workdir = Path(info["workdir"])
+        if sig == signal.SIGKILL:
+            assert workdir.exists()  # nobody could delete it ...
+            assert workdir in sweep_orphaned_workdirs()  # ... so the next cluster start does
+        assert not workdir.exists()  # after SIGTERM, atexit removed it
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
