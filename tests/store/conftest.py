@@ -24,6 +24,7 @@ def make_store(store_dir: pathlib.Path) -> Iterator[Callable[..., FileStore]]:
     def make(**options: Any) -> FileStore:
         options.setdefault("salt", SALT)
         options.setdefault("io_threads", 4)
+        options.setdefault("prepare_shards", False)  # 4,096 mkdirs per test store: covered once, separately
         path = options.pop("path", store_dir)
         store = FileStore(path, **options)
         store.index_ready.wait(10)

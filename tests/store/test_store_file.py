@@ -182,3 +182,12 @@ def test_every_publish_mode(make_store: MakeStore, mode: str) -> None:
     assert reader.load(keys, out, LAYOUT).wait(10) == [True] * 4
     assert all(np.array_equal(o, payload_for(k)) for o, k in zip(out, keys, strict=True))
     assert not [n for n in _all_names(store.root) if n.endswith(".tmp")]
+
+
+def test_shards_are_created_up_front(make_store: MakeStore) -> None:
+    store = make_store(prepare_shards=True)
+    shards = os.listdir(os.path.join(store.root, "objects"))
+    assert len(shards) == 4096 and {len(s) for s in shards} == {3}
+    keys = random_keys(3)
+    assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True] * 3
+    assert make_store(prepare_shards=True).stats().blocks == 3

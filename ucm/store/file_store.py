@@ -53,6 +53,7 @@ from ucm.store.format import (
     OBJECTS_DIR,
     QUARANTINE_DIR,
     SALT_BYTES,
+    SHARD_NAMES,
     Header,
     HeaderError,
     decode_header,
@@ -96,6 +97,7 @@ class FileStore(Store):
         io_threads: int = 8,
         touch_interval_s: float = 10.0,
         rescan_interval_s: float = 60.0,
+        prepare_shards: bool = True,
     ) -> None:
         if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
             raise StoreError(f"salt must be {SALT_BYTES} bytes (a CacheIdentity.digest()), got {salt!r}")
@@ -114,6 +116,7 @@ class FileStore(Store):
         self.direct = direct
         self.touch_interval_ns = int(touch_interval_s * 1e9)
         self.rescan_interval_s = rescan_interval_s
+        self.prepare_shards = prepare_shards
         self._last_scan = time.monotonic()
         self._refresher: threading.Thread | None = None
         self._objects = os.path.join(self.root, OBJECTS_DIR)
@@ -227,10 +230,30 @@ class FileStore(Store):
     def _warm_index(self) -> None:
         try:
             self.refresh()
+            if self.prepare_shards and not self.index_ready.is_set():
+                self._create_shards()
         except Exception:  # never let a scan failure take the process down
             log.exception("UCM store: index scan of %s failed; lookups fall back to stat", self.root)
         finally:
             self.index_ready.set()
+
+    def _create_shards(self) -> None:
+        """Create the shard directories that do not exist yet, so writes need no mkdir.
+        Best effort: a dump creates its shard itself if this has not (or could not)."""
+        if self._stats.read_only_reason is not None:
+            return
+        try:
+            existing = set(os.listdir(self._objects))
+        except OSError:
+            return
+        for name in SHARD_NAMES:
+            if name not in existing:
+                try:
+                    os.mkdir(os.path.join(self._objects, name))
+                except FileExistsError:
+                    pass
+                except OSError:
+                    return
 
     def refresh(self) -> list[tuple[bytes, str, int, int]]:
         """Rescan the directory; the index and usage then reflect every host's objects.
@@ -516,7 +539,7 @@ class FileStore(Store):
         try:
             return os.open(tmp, flags, 0o644)
         except FileNotFoundError:
-            os.makedirs(leaf, exist_ok=True)
+            os.makedirs(leaf, exist_ok=True)  # shards are pre-created; this covers a young store
             return os.open(tmp, flags, 0o644)
 
     def _write_object(self, fd: int, key: bytes, description: str, buf: memoryview) -> None:

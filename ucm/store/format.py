@@ -3,13 +3,15 @@
 Layout under the store root::
 
     ucm-store.json              marker: {"format": "ucm-file-store", "version": 1}
-    objects/ab/cd/<key hex>.kv  one published object per key (two hex levels of sharding)
-    objects/ab/cd/.<key hex>.<host>.<pid>.<rand>.tmp   a write in progress (or one killed)
+    objects/abc/<key hex>.kv    one published object per key (4,096 shards: first 3 hex digits)
+    objects/abc/.<key hex>.<host>.<pid>.<rand>.tmp   a write in progress (or one killed)
     quarantine/<key hex>.<rand> objects found damaged (kept for inspection, removed by `gc`)
 
 Why: one file per object makes publication atomic (write a temp file, then `link`/`rename`
-it into place) on local disks and on NFS alike, without locks. Two hex levels keep directories
-small (65,536 leaves) for stores of many millions of blocks. Temp files live next to their
+it into place) on local disks and on NFS alike, without locks. 4,096 shard directories keep
+each one small (10 M blocks is ~2,400 per directory) while being few enough to create them all
+up front (in the background at start-up): a young store then pays no mkdir per write, as a
+65,536-leaf two-level tree would for its first few hundred thousand blocks. Temp files live next to their
 target so the final rename never crosses a directory on the server; their names start with a
 dot and end with `.tmp`, so nothing that looks for `*.kv` can ever see a half-written object.
 
@@ -119,13 +121,17 @@ def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
+SHARD_CHARS = 3
+SHARD_NAMES = tuple(f"{i:03x}" for i in range(16**SHARD_CHARS))
+
+
 def shard_dir(objects_root: str, key_hex: str) -> str:
-    return os.path.join(objects_root, key_hex[0:2], key_hex[2:4])
+    return os.path.join(objects_root, key_hex[:SHARD_CHARS])
 
 
 def object_path(objects_root: str, key: bytes) -> str:
     key_hex = key.hex()
-    return os.path.join(objects_root, key_hex[0:2], key_hex[2:4], key_hex + OBJECT_SUFFIX)
+    return os.path.join(objects_root, key_hex[:SHARD_CHARS], key_hex + OBJECT_SUFFIX)
 
 
 def temp_name(key_hex: str) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 
-from ucm.store.format import is_temp_name, key_from_name
+from ucm.store.format import SHARD_CHARS, is_temp_name, key_from_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,17 +30,16 @@ class TempEntry:
     mtime_ns: int
 
 
-def _subdirs(path: str) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return sorted(e.path for e in it if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
-    except FileNotFoundError:
-        return []
-
-
 def leaf_dirs(objects_root: str) -> Iterator[str]:
-    for top in _subdirs(objects_root):
-        yield from _subdirs(top)
+    """The shard directories (named by the first hex digits of their keys)."""
+    try:
+        with os.scandir(objects_root) as it:
+            shards = sorted(
+                e.path for e in it if len(e.name) == SHARD_CHARS and e.is_dir(follow_symlinks=False)
+            )
+    except FileNotFoundError:
+        return
+    yield from shards
 
 
 def scan_leaf(leaf: str, with_stat: bool = True) -> tuple[list[ObjectEntry], list[TempEntry]]:
