@@ -80,7 +80,8 @@ class ClusterAccess:
 
     def env(self) -> dict[str, str]:
         """The environment for CLI tools: this cluster's KUBECONFIG, our binaries first on PATH,
-        and Helm's cache/config/data next to the kubeconfig so tests never touch ~/.config/helm."""
+        and kubectl's and Helm's caches next to the kubeconfig, so tests never touch ~/.kube or
+        ~/.config/helm."""
         helm_home = self.kubeconfig.parent / "helm"
         return {
             **os.environ,
@@ -89,6 +90,9 @@ class ClusterAccess:
             "HELM_CACHE_HOME": str(helm_home / "cache"),
             "HELM_CONFIG_HOME": str(helm_home / "config"),
             "HELM_DATA_HOME": str(helm_home / "data"),
+            # kubectl's discovery cache is keyed by host:port; a later cluster on a reused port
+            # must not see this one's API groups.
+            "KUBECACHEDIR": str(self.kubeconfig.parent / "kube-cache"),
         }
 
     def _run(self, tool: str, args: Sequence[str], check: bool, input: str | None, timeout_s: float) -> subprocess.CompletedProcess[str]:
