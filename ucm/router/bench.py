@@ -320,6 +320,8 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
         "toy_proxy_cpu_ms_per_request": round(throughput["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
         "concurrency": top,
         "cpus": os.cpu_count(),
+        # other work on the machine skews latencies (each proxy hop waits for a CPU slice)
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         **out,
         **results,
     }
@@ -345,7 +347,8 @@ def bench_main(args: argparse.Namespace) -> int:
         toy_url = f"http://127.0.0.1:{_wait_port(toy, 'toy proxy')}"
         print(
             f"PD streams of {args.tokens} token events; {args.upstreams}+{args.upstreams} fake upstreams; "
-            f"{args.seconds:.1f} s per point; {os.cpu_count()} cpus shared by all processes",
+            f"{args.seconds:.1f} s per point; {os.cpu_count()} cpus shared by all processes "
+            f"(load average {os.getloadavg()[0]:.1f})",
             file=sys.stderr,
         )
         results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid)))
