@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from e2e.access import ClusterAccess, ClusterError, write_kubeconfig
+from e2e.binaries import BinariesMissing
 from e2e.binaries import bin_dir as default_bin_dir
 from e2e.nodes import DEFAULT_POOLS, KWOK_ANNOTATION, KWOK_ANNOTATION_VALUE, NodePool, build_nodes
 from e2e.pki import ADMIN, CONTROLLER_MANAGER, SCHEDULER, SERVICE_CIDR, Pki, create_pki
@@ -61,6 +62,7 @@ STOP_TIERS = (
     ("kube-apiserver",),
     ("etcd",),
 )
+PORT_CLASH_ATTEMPTS = 3
 TEMP_PREFIX = "ucm-cluster-"
 OWNER_FILE = "owner.pid"
 KEPT_FILE = "KEPT"
@@ -144,13 +146,32 @@ class LocalCluster(ClusterAccess):
             _install_exit_signals()
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        try:
-            self._start(deadline)
-        except BaseException:
-            self.stop(failed=True)
-            raise
+        for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
+            try:
+                self._start(deadline)
+                break
+            except ClusterStartError as exc:
+                # free_port() cannot reserve a port: another process may take it before our
+                # component binds. Such a clash is retried with fresh ports.
+                if "address already in use" not in str(exc) or attempt == PORT_CLASH_ATTEMPTS:
+                    self.stop(failed=True)
+                    raise
+                print(f"local cluster: port clash, retrying ({exc.args[0].splitlines()[0]})", file=sys.stderr)
+                self._reset()
+            except BaseException:
+                self.stop(failed=True)
+                raise
         self.timings["total"] = time.monotonic() - t0
         return self
+
+    def _reset(self) -> None:
+        """Stops what a failed attempt started and clears its state, for a retry."""
+        for tier in STOP_TIERS:
+            stop_components([c for c in self.components if c.name in tier])
+        self.components.clear()
+        self.ports.clear()
+        for sub in ("etcd", "apiserver", "controller-manager", "scheduler", "logs"):
+            shutil.rmtree(self.workdir / sub, ignore_errors=True)
 
     def stop(self, failed: bool = False) -> None:
         """Stops every component (idempotent). On failure keeps the logs and prints where they
@@ -426,11 +447,7 @@ def cluster_up(directory: Path = BACKGROUND_DIR) -> Path:
     cluster_down(directory)
     directory.mkdir(parents=True)
     cluster = LocalCluster(directory, detach=True, verbose=True)
-    try:
-        cluster.start()
-    except BaseException:
-        # Logs stay in `directory` (printed by stop()); `down` removes them.
-        raise
+    cluster.start()  # on failure the logs stay in `directory` (stop() prints them); `down` removes them
     (directory / STATE_FILE).write_text(json.dumps(cluster.state(), indent=2))
     print(f"local cluster up in {cluster.timings['total']:.1f}s: {cluster.server}", file=sys.stderr)
     return cluster.kubeconfig
@@ -443,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "up":
         try:
             kubeconfig = cluster_up()
-        except ClusterError as exc:
+        except (ClusterError, BinariesMissing) as exc:
             print(f"cluster up failed: {exc}", file=sys.stderr)
             return 1
         print(f"KUBECONFIG={kubeconfig}")

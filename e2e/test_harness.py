@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import e2e.cluster as cluster_module
 from e2e import binaries
 from e2e.cluster import KEPT_FILE, ClusterStartError, LocalCluster, sweep_orphaned_workdirs
 from e2e.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TAINT, H100, L40S, build_nodes
@@ -128,3 +130,17 @@ def test_owner_killed_leaves_no_process_or_port(sig: signal.Signals) -> None:
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+@pytest.mark.e2e
+def test_a_port_taken_before_a_component_binds_it_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_free_port = cluster_module.free_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        handed_out = iter([taken])  # the first port asked for (etcd's client port) is busy
+        monkeypatch.setattr(cluster_module, "free_port", lambda: next(handed_out, None) or real_free_port())
+        with LocalCluster() as cluster:
+            assert cluster.ports["etcd-client"] != taken
+            assert "Ready" in cluster.kubectl("get", "nodes", "cpu-0").stdout
