@@ -158,9 +158,15 @@ def test_chart_rbac_is_enough_and_not_more(cluster: Any, namespace: str, tmp_pat
         assert answer == "no", f"{user} may {verb} {resource} in {ns or 'the cluster'}"
 
     # Enough: the operator, as that identity, takes the example to Serving.
+    _operator_serves_example(cluster, kubeconfig, namespace, ["--namespace", namespace], tmp_path)
+
+
+def _operator_serves_example(cluster: Any, kubeconfig: Path, namespace: str, args: list[str], tmp_path: Path) -> None:
+    """Runs `ucm-operator run ARGS` with `kubeconfig`, applies the example in `namespace`, waits for
+    Serving, and fails on any RBAC denial in the operator's log."""
     log_path = tmp_path / "operator.log"
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "ucm-operator"), "run", "--namespace", namespace],
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "ucm-operator"), "run", *args],
                                 env=dict(os.environ, KUBECONFIG=str(kubeconfig)), stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
     try:
@@ -176,3 +182,21 @@ def test_chart_rbac_is_enough_and_not_more(cluster: Any, namespace: str, tmp_pat
         _stop(proc)
     log = log_path.read_text(errors="replace")
     assert "Forbidden" not in log and " 403" not in log, f"the operator hit RBAC denials:\n{log[-3000:]}"
+
+
+def test_all_namespaces_rbac_reconciles_another_namespace(cluster: Any, namespace: str, tmp_path: Path) -> None:
+    """watch.allNamespaces=true: the ClusterRole lets the operator (no --namespace) serve a
+    UCMCluster in a namespace the chart was not installed in, and grants the same rules there."""
+    other = f"{namespace[:50]}-apps"
+    helm_install(cluster, namespace, "--set", "watch.allNamespaces=true")
+    cluster.kubectl("create", "namespace", other)
+    try:
+        kubeconfig = tmp_path / "operator.kubeconfig"
+        identity = write_service_account_kubeconfig(cluster, namespace, SA, kubeconfig)
+        granted = {g for g in _rules_review(identity, other) if g[0] not in DEFAULT_GROUPS}
+        assert granted == _file_rules()
+        _operator_serves_example(cluster, kubeconfig, other, [], tmp_path)
+    finally:
+        # The ClusterRole and its binding outlive the namespace: uninstall removes them.
+        cluster.helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
+        cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
