@@ -118,6 +118,7 @@ class Engine:
         num_blocks: int = 64,
         max_batched_tokens: int = 256,
         extra: dict[str, Any] | None = None,
+        runner: Any = None,
     ) -> None:
         global _none_hash_ready
         if not _none_hash_ready:
@@ -141,6 +142,8 @@ class Engine:
         self.kv_params: dict[str, dict[str, Any] | None] = {}
         self.metas: list[Any] = []
         self.stats: list[dict[str, Any]] = []
+        self.runner = runner  # (engine, scheduler_output) -> {req_id: (per-layer KV, logits)}
+        self.logits: dict[str, list[torch.Tensor]] = {}
 
     def add(self, req_id: str, prompt: Sequence[int], max_tokens: int = 2,
             kv_transfer_params: dict[str, Any] | None = None) -> Request:
@@ -164,9 +167,19 @@ class Engine:
         if corrupt is not None:
             corrupt(meta)
         w.start_load_kv(None)  # type: ignore[arg-type]
+        model_out: dict[str, Any] = {}
+        if self.runner is not None:
+            # A real model needs every earlier layer's KV before it runs, so wait for all layers,
+            # run the forward, then write and save layer by layer.
+            for name in LAYERS:
+                w.wait_for_layer_load(name)
+            model_out = self.runner(self, so)
         for li, name in enumerate(LAYERS):
-            w.wait_for_layer_load(name)
-            self._compute_layer(so, li, name)
+            if self.runner is None:
+                w.wait_for_layer_load(name)
+                self._compute_layer(so, li, name)
+            else:
+                self._write_layer(so, li, name, {r: kv[li] for r, (kv, _) in model_out.items()})
             w.save_kv_layer(name, self.caches[name], None)  # type: ignore[arg-type]
         w.wait_for_save()
         _, recving = w.get_finished(so.finished_req_ids)
@@ -178,7 +191,12 @@ class Engine:
         for rid in req_ids:
             req = self.requests[rid]
             done_prefill = req.num_computed_tokens >= req.num_tokens
-            sampled.append([7 + len(self.outputs.setdefault(rid, []))] if done_prefill else [])
+            if rid in model_out:
+                logits = model_out[rid][1]
+                self.logits.setdefault(rid, []).append(logits[-1])
+                sampled.append([int(logits[-1].argmax())] if done_prefill else [])
+            else:
+                sampled.append([7 + len(self.outputs.setdefault(rid, []))] if done_prefill else [])
         output = ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
@@ -197,15 +215,22 @@ class Engine:
 
     def _compute_layer(self, so: Any, layer: int, name: str) -> None:
         """Write the stand-in KV of every token scheduled this step into its vLLM-allocated slot."""
-        cache = self.caches[name]  # [B, H, N, 2D]
+        kv = {}
         for rid, n in so.num_scheduled_tokens.items():
             req = self.requests[rid]
             start = req.num_computed_tokens - n
-            pos = torch.arange(start, start + n)
             tokens = torch.tensor(list(req.all_token_ids[start : start + n]))
+            kv[rid] = fake_kv(layer, torch.arange(start, start + n), tokens)
+        self._write_layer(so, layer, name, kv)
+
+    def _write_layer(self, so: Any, layer: int, name: str, kv: dict[str, torch.Tensor]) -> None:
+        """Write each request's new tokens' KV [n, H, 2D] into the slots vLLM allocated for them."""
+        cache = self.caches[name]  # [B, H, N, 2D]
+        for rid, n in so.num_scheduled_tokens.items():
+            start = self.requests[rid].num_computed_tokens - n
+            pos = torch.arange(start, start + n)
             block_ids = torch.tensor(self.scheduler.kv_cache_manager.get_block_ids(rid)[0])
-            blocks = block_ids[pos // self.block_size]
-            cache[blocks, :, pos % self.block_size, :] = fake_kv(layer, pos, tokens)
+            cache[block_ids[pos // self.block_size], :, pos % self.block_size, :] = kv[rid]
 
     def run_until_idle(self, max_steps: int = 50) -> None:
         for _ in range(max_steps):
