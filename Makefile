@@ -65,7 +65,7 @@ demo: venv bins
 	$(PY) -m e2e.ucm_demo
 
 gpu-check:
-	@echo "make gpu-check is not built yet (issue: vLLM connector / transfer path)"; exit 1
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.transfer.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -33,11 +33,12 @@ def make_paged_cache(
     `physical` (BHNC and MLA only) is the memory order of the logical ``[L, B, H, N, C]`` axes, as in
     vLLM's `KVCacheLayout` names; all layers share one allocation like vLLM's allocator makes.
     """
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = torch.device(device)
+    # Generate on the target device (a GPU fills GiBs in milliseconds; values differ from CPU's).
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     def rand(*shape: int) -> torch.Tensor:
-        values = torch.randn(*shape, generator=gen, dtype=torch.float32)
-        return values.to(dtype).to(device)
+        return torch.randn(*shape, generator=gen, dtype=torch.float32, device=device).to(dtype)
 
     if layout in (CacheLayout.BHNC, CacheLayout.MLA):
         heads, content = (1, head_size) if layout is CacheLayout.MLA else (num_heads, 2 * head_size)
