@@ -111,3 +111,19 @@ def test_short_context_stays_dense() -> None:
     dl, _, _ = layer(3 * BS, keep_ratio=0.1)
     _, report = dl.step(torch.randn(HQ, D))
     assert report.selection.tolist() == [[0, 1, 2]] * H and not report.rescored
+
+
+def test_prefetch_candidates_are_runners_up_then_trending_blocks() -> None:
+    from ucm.sparse.block_retrieval import RetrievalState
+
+    config = BlockRetrievalConfig.from_dict({"keep_ratio": 0.25, "min_blocks": 4, "prefetch_blocks": 1,
+                                             "retrieval_stride": 1})
+    state = RetrievalState(config)
+    nb = 20  # keep 5: block 0, blocks 18-19, and 2 retrieved
+    scores = torch.arange(nb, dtype=torch.float32).flip(0)[None]  # block 1 best, then 2, 3 ...
+    assert state.select(scores, nb, 1)[0].tolist() == [0, 1, 2, 18, 19]
+    assert state.prefetch_candidates() == [(0, 3)]  # the runner-up; no history yet
+    rising = scores.clone()
+    rising[0, 12] += 5.0  # block 12 climbs but stays outside the top-3
+    assert state.select(rising, nb, 1)[0].tolist() == [0, 1, 2, 18, 19]
+    assert state.prefetch_candidates() == [(0, 3), (0, 12)]

@@ -78,10 +78,12 @@ class BlockRetrievalConfig:
 
 @dataclasses.dataclass
 class Retrieval:
-    """The reusable part of a selection: top-k per head and the runners-up (prefetch candidates)."""
+    """The reusable part of a selection: top-k per head and the prefetch candidates."""
 
     blocks: torch.Tensor  # [H, k], sorted by block index
     runners_up: torch.Tensor  # [H, p], next best after the top-k, best first
+    trending: torch.Tensor  # [H, p'], other blocks whose score rose most since the previous scoring
+    scores: torch.Tensor  # [H, NB] the scores this retrieval was made from
     age: int = 0  # decode steps served since it was scored
 
 
@@ -111,18 +113,38 @@ class RetrievalState:
             init, local = rm.fixed_window(num_blocks, c.init_blocks, c.local_blocks)
             k = keep - len(init) - len(local)
             ranked = rm.rank_middle(scores, init.stop, local.start, k + c.prefetch_blocks)
-            self.retrieval = Retrieval(ranked[:, :k].sort(dim=1).values, ranked[:, k:])
+            trending = self._trending(scores, ranked, init.stop, local.start)
+            self.retrieval = Retrieval(ranked[:, :k].sort(dim=1).values, ranked[:, k:], trending, scores)
             self.scorings += 1
         if self.retrieval is None:
             raise ValueError("block retrieval: the first sparse step needs block scores")
         self.retrieval.age += 1
         return rm.compose_selection(self.retrieval.blocks, num_blocks, c.init_blocks, c.local_blocks)
 
+    def _trending(self, scores: torch.Tensor, ranked: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """[H, p] middle blocks outside `ranked` whose score rose most since the last scoring
+        (positive rises only; empty on the first scoring)."""
+        p = self.config.prefetch_blocks
+        prev = self.retrieval.scores if self.retrieval is not None else None
+        if not p or prev is None or prev.shape[0] != scores.shape[0]:
+            return scores.new_empty(scores.shape[0], 0, dtype=torch.long)
+        span = min(prev.shape[1], hi) - lo
+        if span <= 0:
+            return scores.new_empty(scores.shape[0], 0, dtype=torch.long)
+        rise = scores[:, lo : lo + span] - prev[:, lo : lo + span]
+        taken = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(1, ranked, True)
+        rise = rise.masked_fill(taken[:, lo : lo + span], -math.inf)  # already candidates
+        top = rise.topk(min(p, span), dim=1)
+        return torch.where(top.values > 0, top.indices + lo, -1)
+
     def prefetch_candidates(self) -> list[tuple[int, int]]:
-        """(head, block) pairs likely selected at the next re-selection: the runners-up."""
+        """(head, block) pairs likely selected at the next re-selection: the runners-up of the last
+        scoring, then the blocks whose score is trending up."""
         if self.retrieval is None:
             return []
-        return [(h, b) for h, row in enumerate(self.retrieval.runners_up.tolist()) for b in row]
+        pairs = [(h, b) for h, row in enumerate(self.retrieval.runners_up.tolist()) for b in row]
+        pairs += [(h, b) for h, row in enumerate(self.retrieval.trending.tolist()) for b in row if b >= 0]
+        return pairs
 
 
 @dataclasses.dataclass
