@@ -147,6 +147,7 @@ def _round(
         io_threads=threads,
     )
     store.index_ready.wait()  # an opened, ready store: start-up work is not dump throughput
+    os.sync()  # the previous round's deletions must not be flushed during this round's first phase
     try:
         keys = [os.urandom(20) for _ in range(count)]
         objects = os.path.join(work, "store", "objects")
@@ -205,6 +206,10 @@ def _lookup_bench(work: str) -> dict[str, float]:
     reader = FileStore(path, salt=BENCH_SALT, io_threads=8)  # another process's view: index from its scan
     reader.index_ready.wait()
     hit = statistics.median(_timed(lambda: _expect(reader.lookup(keys), True)) for _ in range(5))
+    cpu = time.process_time()
+    for _ in range(5):
+        reader.lookup(keys)
+    hit_cpu = (time.process_time() - cpu) / 5
     prefix = statistics.median(
         _timed(lambda: _expect([reader.lookup_prefix(keys) == len(keys)], True)) for _ in range(5)
     )
@@ -214,6 +219,7 @@ def _lookup_bench(work: str) -> dict[str, float]:
     shutil.rmtree(path, ignore_errors=True)
     return {
         "lookup_ms_8192": hit * 1e3,
+        "lookup_cpu_ms_8192": hit_cpu * 1e3,
         "lookup_prefix_ms_8192": prefix * 1e3,
         "lookup_miss_ms_8192": miss * 1e3,
     }
@@ -295,7 +301,8 @@ def format_table(result: dict[str, object]) -> str:
         f"{'write/dump':<14}{result['raw_write_gbps']:>10.2f}{result['dump_gbps']:>12.2f}{result['dump_vs_raw']:>11.2f}",
         f"{'read/load':<14}{result['raw_read_gbps']:>10.2f}{result['load_gbps']:>12.2f}{result['load_vs_raw']:>11.2f}",
         "",
-        f"lookup of 8192 present blocks   {result['lookup_ms_8192']:8.2f} ms  (goal <= 5 ms)",
+        f"lookup of 8192 present blocks   {result['lookup_ms_8192']:8.2f} ms  (goal <= 5 ms; "
+        f"{result['lookup_cpu_ms_8192']:.2f} ms CPU)",
         f"lookup_prefix of 8192 blocks    {result['lookup_prefix_ms_8192']:8.2f} ms",
         f"lookup of 8192 absent blocks    {result['lookup_miss_ms_8192']:8.2f} ms  (one stat each)",
         f"block hashing (16-token blocks) {result['hash_mtok_s']:8.1f} M tokens/s  (goal >= 25; "

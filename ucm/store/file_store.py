@@ -707,9 +707,13 @@ class _LayoutMismatch(Exception):
 
 
 def _check_keys(keys: Sequence[Key]) -> None:
-    for key in keys:
-        if not isinstance(key, bytes) or not 16 <= len(key) <= MAX_KEY_BYTES:
-            raise ValueError(f"store keys must be bytes of 16..{MAX_KEY_BYTES} bytes, got {key!r:.80}")
+    # set(map(...)) runs in C: this check stays far below the 5 ms budget for 8,192 keys
+    if not keys:
+        return
+    lengths = set(map(len, keys)) if set(map(type, keys)) == {bytes} else {0}
+    if min(lengths) < 16 or max(lengths) > MAX_KEY_BYTES:
+        bad = next(k for k in keys if not isinstance(k, bytes) or not 16 <= len(k) <= MAX_KEY_BYTES)
+        raise ValueError(f"store keys must be bytes of 16..{MAX_KEY_BYTES} bytes, got {bad!r:.80}")
 
 
 def _check_batch(
