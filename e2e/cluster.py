@@ -113,13 +113,13 @@ class LocalCluster(ClusterAccess):
         detach: bool = False,
         verbose: bool = False,
     ) -> None:
+        bins = binaries or default_bin_dir(require=True)
         self._own_workdir = workdir is None
         if workdir is None:
             sweep_orphaned_workdirs()
             workdir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
             (workdir / OWNER_FILE).write_text(str(os.getpid()))
         self.workdir = workdir.resolve()
-        bins = binaries or default_bin_dir(require=True)
         super().__init__(kubeconfig=self.workdir / "kubeconfig", bin_dir=bins, server="")
         self.pools = pools
         self.detach = detach
@@ -180,6 +180,7 @@ class LocalCluster(ClusterAccess):
             if self._stopped:
                 return
             self._stopped = True
+        atexit.unregister(self.stop)
         for tier in STOP_TIERS:
             stop_components([c for c in self.components if c.name in tier])
         if failed:
