@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -191,3 +192,17 @@ def test_shards_are_created_up_front(make_store: MakeStore) -> None:
     keys = random_keys(3)
     assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True] * 3
     assert make_store(prepare_shards=True).stats().blocks == 3
+
+
+def test_rescans_collect_temp_files_of_dead_writers(make_store: MakeStore) -> None:
+    store = make_store()
+    key = random_keys(1)[0]
+    leaf = os.path.dirname(object_path(os.path.join(store.root, "objects"), key))
+    os.makedirs(leaf, exist_ok=True)
+    old, young = (os.path.join(leaf, f".{key.hex()}.host.{pid}.ab.tmp") for pid in (1, 2))
+    for path in (old, young):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    store.refresh()
+    assert not os.path.exists(old) and os.path.exists(young)  # a young one may be a live writer

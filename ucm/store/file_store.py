@@ -63,7 +63,7 @@ from ucm.store.format import (
     shard_dir,
     temp_name,
 )
-from ucm.store.maintenance import evict_lru
+from ucm.store.maintenance import evict_lru, remove_stale_temps
 from ucm.store.scan import ObjectEntry, scan_objects
 from ucm.store.tasks import DoneTask, FutureTask
 
@@ -73,6 +73,7 @@ log = logging.getLogger("ucm.store")
 _READ_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 _NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 _LOW_WATERMARK = 0.9
+_STALE_TEMP_S = 3600.0  # no write takes an hour: an older temp file belongs to a dead writer
 # Blocks at least this large hash on a separate thread, overlapping the checksum with I/O.
 _PIPELINE_BYTES = 256 * 1024
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -266,10 +267,12 @@ class FileStore(Store):
             self._scanning = True
             self._published_during_scan = []
         try:
-            objects, _ = scan_objects(self._objects)
+            objects, temps = scan_objects(self._objects)
         finally:
             with self._lock:
                 self._scanning = False
+        if self._stats.read_only_reason is None:
+            remove_stale_temps(temps, _STALE_TEMP_S)  # left by writers killed an hour ago or more
         with self._lock:
             index = {o.key: o.size for o in objects}
             for key in self._published_during_scan:
