@@ -160,6 +160,17 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _runqueue_wait_seconds(pid: int | None) -> float:
+    """Time a process spent runnable but waiting for a CPU (Linux /proc/PID/schedstat)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _Target:
     """One way to run a PD request: directly against the upstreams, or through a proxy (`pid`)."""
 
@@ -216,10 +227,11 @@ async def _measure(
                 samples.append(sample)
 
     t0 = time.monotonic()
-    cpu0 = _cpu_seconds(target.pid)
+    cpu0, wait0 = _cpu_seconds(target.pid), _runqueue_wait_seconds(target.pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.monotonic() - max(t0, warm_until)
     cpu = _cpu_seconds(target.pid) - cpu0
+    wait = _runqueue_wait_seconds(target.pid) - wait0
     events = [d for s in samples for d in s.event_delays]
     return {
         "ttft_p50_ms": _pct([s.ttft for s in samples], 0.5) * 1e3,
@@ -231,6 +243,8 @@ async def _measure(
         "rps": len(samples) / elapsed,
         "streams": float(len(samples)),
         "proxy_cpu_ms_per_request": cpu * 1e3 / max(completed, 1) if target.pid else 0.0,
+        # share of the run the proxy was runnable but not running (other processes had the CPUs)
+        "proxy_cpu_starved": wait / (time.monotonic() - t0) if target.pid else 0.0,
     }
 
 
@@ -256,7 +270,11 @@ def _wait_port(proc: subprocess.Popen[str], what: str) -> int:
 
 
 def _line(level: int | str, name: str, stats: dict[str, float], pid: int | None) -> str:
-    cpu = f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req" if pid else ""
+    cpu = (
+        f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req, starved {stats['proxy_cpu_starved']:.0%}"
+        if pid
+        else ""
+    )
     return (
         f"  c={level:<3} {name:<9} ttft p50/p99 {stats['ttft_p50_ms']:6.2f}/{stats['ttft_p99_ms']:6.2f} ms"
         f"  token p50/p99 {stats['event_p50_ms']:6.2f}/{stats['event_p99_ms']:6.2f} ms"
@@ -318,6 +336,8 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
         "router_vs_toy_throughput": round(throughput["router"]["rps"] / throughput["toy_proxy"]["rps"], 2),
         "router_cpu_ms_per_request": round(throughput["router"]["proxy_cpu_ms_per_request"], 3),
         "toy_proxy_cpu_ms_per_request": round(throughput["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
+        "router_cpu_starved": round(throughput["router"]["proxy_cpu_starved"], 2),
+        "toy_proxy_cpu_starved": round(throughput["toy_proxy"]["proxy_cpu_starved"], 2),
         "concurrency": top,
         "cpus": os.cpu_count(),
         # other work on the machine skews latencies (each proxy hop waits for a CPU slice)

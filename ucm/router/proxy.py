@@ -86,7 +86,7 @@ class PDProxy:
     async def start(self) -> None:
         # No connector limit: the router bounds concurrency itself (max_concurrent), so aiohttp
         # never queues a request behind the pool.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
         # No cookies between the router and its upstreams: the dummy jar skips per-request cookie work.
         self._session = aiohttp.ClientSession(
             connector=connector,
