@@ -151,7 +151,7 @@ def _wait(check: Any, target: int, timeout: float, what: str) -> float:
     while time.monotonic() - start < timeout:
         if check() >= target:
             return time.monotonic() - start
-        time.sleep(0.25)
+        time.sleep(0.5)
     raise TimeoutError(f"{what}: not reached within {timeout:.0f}s (at {check()}/{target})")
 
 
@@ -187,22 +187,24 @@ def baseline_seconds(kube: Kube, clusters: int, timeout: float) -> float:
         _delete_namespace(kube, namespace)
 
 
-def run_bench(clusters: int, timeout: float, workers: int, idle_window: float) -> JSON:
+def run_bench(clusters: int, timeout: float, workers: int, idle_window: float, debounce: float) -> JSON:
     kube = Kube(load_api_client(pool_size=workers + 8))
     result: JSON = {"clusters": clusters}
     nodes = add_bench_nodes(kube, clusters, timeout)
     try:
         result["baseline_direct_apply_s"] = round(baseline_seconds(kube, clusters, timeout), 2)
-        result.update(_operator_bench(kube, clusters, timeout, workers, idle_window))
+        result.update(_operator_bench(kube, clusters, timeout, workers, idle_window, debounce))
     finally:
         remove_bench_nodes(kube, nodes)
     return result
 
 
-def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idle_window: float) -> JSON:
+def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idle_window: float,
+                    debounce: float) -> JSON:
     result: JSON = {}
     namespace = _namespace(kube, "ucm-bench")
-    operator = Operator(Options(namespaces=(namespace,), workers=workers, resync_seconds=3600))
+    operator = Operator(Options(namespaces=(namespace,), workers=workers, resync_seconds=3600,
+                                debounce_seconds=debounce))
     try:
         operator.start_in_thread()
         start = time.monotonic()
@@ -211,6 +213,8 @@ def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idl
                          body=bench_cluster(f"c{i:03d}", namespace))
         _wait(lambda: _serving(kube, namespace), clusters, timeout, "UCMClusters Serving")
         result["to_serving_s"] = round(time.monotonic() - start, 2)
+        result["passes_to_serving"] = operator.reconciler.passes
+        result["writes_to_serving"] = operator.kube.total_writes
         if not operator.wait_idle(timeout):
             raise TimeoutError("operator did not settle after Serving")
         time.sleep(2.0)  # let the controllers' last status updates land before measuring
@@ -246,7 +250,7 @@ def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idl
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    result = run_bench(args.clusters, args.timeout, args.workers, args.window)
+    result = run_bench(args.clusters, args.timeout, args.workers, args.window, args.debounce_seconds)
     if not args.json:
         rows = [
             ("clusters", result["clusters"], ""),
@@ -268,6 +272,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8, help="operator reconcile workers (default 8)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
     parser.add_argument("--window", type=float, default=5.0, help="length of each write-count window (s)")
+    parser.add_argument("--debounce-seconds", type=float, default=0.5, help="as for `run` (default 0.5)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line")
     parser.set_defaults(func=cmd_bench)
 

@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not namespaces and os.environ.get("UCM_WATCH_NAMESPACE"):
         namespaces = (os.environ["UCM_WATCH_NAMESPACE"],)
     options = Options(namespaces=namespaces, workers=args.workers, resync_seconds=args.resync_seconds,
-                      liveness_endpoint=args.liveness)
+                      debounce_seconds=args.debounce_seconds, liveness_endpoint=args.liveness)
     logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
     Operator(options).run()
     return 0
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=4, help="clusters reconciled in parallel (default 4)")
     run.add_argument("--resync-seconds", type=float, default=300.0,
                      help="re-check every cluster this often even without events (default 300)")
+    run.add_argument("--debounce-seconds", type=float, default=0.5,
+                     help="coalesce a cluster's events for this long before reconciling it (default 0.5)")
     run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.set_defaults(func=cmd_run)
 

@@ -43,18 +43,27 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
 
 class WorkQueue:
     """client-go style: a key is queued at most once; a key added while being processed is
-    processed once more afterwards; one worker per key at a time."""
+    processed once more afterwards; one worker per key at a time. `delay` holds a newly dirty key
+    back briefly so that a burst of events (a rollout touches pods, ReplicaSets and Deployments
+    many times a second) becomes one reconcile instead of dozens."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self._queue: asyncio.Queue[Key] = asyncio.Queue()
         self._dirty: set[Key] = set()
         self._processing: set[Key] = set()
+        self._delay = delay
 
     def add(self, key: Key) -> None:
         if key in self._dirty:
             return
         self._dirty.add(key)
         if key not in self._processing:
+            self._schedule(key)
+
+    def _schedule(self, key: Key) -> None:
+        if self._delay > 0:
+            asyncio.get_running_loop().call_later(self._delay, self._queue.put_nowait, key)
+        else:
             self._queue.put_nowait(key)
 
     def add_after(self, key: Key, delay: float) -> None:
@@ -69,7 +78,7 @@ class WorkQueue:
     def done(self, key: Key) -> None:
         self._processing.discard(key)
         if key in self._dirty:
-            self._queue.put_nowait(key)
+            self._schedule(key)
 
     @property
     def idle(self) -> bool:
@@ -81,6 +90,7 @@ class Options:
     namespaces: tuple[str, ...] = ()     # empty: all namespaces
     workers: int = 4
     resync_seconds: float = 300.0
+    debounce_seconds: float = 0.5
     liveness_endpoint: str | None = None
 
 
@@ -103,6 +113,8 @@ class Operator:
     # --- kopf wiring ---------------------------------------------------------------------------
 
     def _registry(self) -> kopf.OperatorRegistry:
+        """kopf handlers, all `async`: kopf runs them on its event loop (sync ones would run in
+        threads), where they only touch the work queue."""
         registry = kopf.OperatorRegistry()
 
         @kopf.on.login(registry=registry)
@@ -110,7 +122,7 @@ class Operator:
             return kopf.login_via_client(**kwargs)
 
         @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-        def on_cluster(**kwargs: Any) -> None:
+        async def on_cluster(**kwargs: Any) -> None:
             key = (str(kwargs["namespace"]), str(kwargs["name"]))
             if kwargs["event"].get("type") == "DELETED":
                 self.known.discard(key)
@@ -118,7 +130,7 @@ class Operator:
             self.known.add(key)
             self._enqueue(key)
 
-        def on_child(**kwargs: Any) -> None:
+        async def on_child(**kwargs: Any) -> None:
             cluster = (kwargs["labels"] or {}).get(LABEL_CLUSTER)
             if cluster:
                 self._enqueue((str(kwargs["namespace"]), str(cluster)))
@@ -205,7 +217,7 @@ class Operator:
 
     async def main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = WorkQueue()
+        self._queue = WorkQueue(self.options.debounce_seconds)
         executor = concurrent.futures.ThreadPoolExecutor(self.options.workers, thread_name_prefix="reconcile")
         tasks = [asyncio.create_task(self._worker(executor)) for _ in range(self.options.workers)]
         tasks.append(asyncio.create_task(self._resync()))
