@@ -54,7 +54,12 @@ def step(number: int, total: int, message: str) -> None:
     say(f"\n[{number}/{total}] {message}")
 
 
+_received: list[str] = []
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM both mean: stop, tear down in order, exit."""
+    _received.append(signal.Signals(signum).name)
     raise KeyboardInterrupt
 
 
@@ -239,7 +244,7 @@ class Demo:
             while self.operator is None or self.operator.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
-            say("\nCtrl-C: tearing down")
+            say(f"\n{'Ctrl-C' if _received[-1:] in ([], ['SIGINT']) else _received[-1]}: tearing down")
             return 0
         raise DemoFailed(f"the operator exited unexpectedly; its log ends:\n{self.operator_log_tail()}")
 
@@ -258,6 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Installed explicitly: a shell that starts us in the background would otherwise leave SIGINT
+    # ignored, and Python keeps an inherited SIG_IGN.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     stack = contextlib.ExitStack()
     demo = Demo(args, stack)
