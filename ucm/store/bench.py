@@ -198,12 +198,14 @@ def _lookup_bench(work: str) -> dict[str, float]:
     path = os.path.join(work, "lookup")
     layout = BlockLayout("uint8", (256,), 1)
     keys = [os.urandom(20) for _ in range(LOOKUP_BLOCKS)]
-    writer = FileStore(path, salt=BENCH_SALT, io_threads=4)
+    writer = FileStore(path, salt=BENCH_SALT, io_threads=4, prepare_shards=False)  # the dump makes them
     payload = bytes(256)
     if not all(writer.dump(keys, [payload] * len(keys), layout).wait()):
         raise RuntimeError("could not write the lookup blocks")
     writer.close()
-    reader = FileStore(path, salt=BENCH_SALT, io_threads=8)  # another process's view: index from its scan
+    reader = FileStore(
+        path, salt=BENCH_SALT, io_threads=8, prepare_shards=False
+    )  # another process's view: index from its scan
     reader.index_ready.wait()
     hit = statistics.median(_timed(lambda: _expect(reader.lookup(keys), True)) for _ in range(5))
     cpu = time.process_time()
