@@ -54,6 +54,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per target and point")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="slices per point, targets taken in turn (evens out drifting load)",
+    )
     parser.add_argument("--tokens", type=int, default=16, help="token events per decode stream")
     parser.add_argument(
         "--token-delay-ms",
@@ -207,45 +213,71 @@ class _Target:
             return await _read_stream(resp, start)
 
 
-async def _measure(
-    target: _Target, concurrency: int, seconds: float, tokens: int, token_delay_s: float
-) -> dict[str, float]:
-    samples: list[_Sample] = []
-    completed = 0  # including warm-up: the CPU counter covers it too
-    warm_until = time.monotonic() + min(0.3, seconds / 4)
+@dataclasses.dataclass
+class _Run:
+    """What one target did during one or more measured slices (merged across slices)."""
+
+    samples: list[_Sample] = dataclasses.field(default_factory=list)
+    completed: int = 0  # including warm-up: the CPU counters cover it too
+    measured_s: float = 0.0  # time after warm-up (the denominator of throughput)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    starved_s: float = 0.0
+
+    def stats(self, proxied: bool) -> dict[str, float]:
+        events = [d for s in self.samples for d in s.event_delays]
+        return {
+            "ttft_p50_ms": _pct([s.ttft for s in self.samples], 0.5) * 1e3,
+            "ttft_p99_ms": _pct([s.ttft for s in self.samples], 0.99) * 1e3,
+            "total_p50_ms": _pct([s.total for s in self.samples], 0.5) * 1e3,
+            "total_p99_ms": _pct([s.total for s in self.samples], 0.99) * 1e3,
+            "event_p50_ms": _pct(events, 0.5) * 1e3,
+            "event_p99_ms": _pct(events, 0.99) * 1e3,
+            "rps": len(self.samples) / self.measured_s,
+            "streams": float(len(self.samples)),
+            "proxy_cpu_ms_per_request": self.cpu_s * 1e3 / max(self.completed, 1) if proxied else 0.0,
+            # share of the run the proxy was runnable but not running (other processes had the CPUs)
+            "proxy_cpu_starved": self.starved_s / self.wall_s if proxied else 0.0,
+        }
+
+
+async def _measure_slice(
+    run: _Run, target: _Target, concurrency: int, seconds: float, tokens: int, token_delay_s: float
+) -> None:
+    t0 = time.monotonic()
+    warm_until = t0 + min(0.3, seconds / 4)
     end = warm_until + seconds
 
     async def worker() -> None:
-        nonlocal completed
         while True:
             start = time.monotonic()
             if start >= end:
                 return
             sample = await target.one(tokens, token_delay_s)
-            completed += 1
+            run.completed += 1
             if start >= warm_until:
-                samples.append(sample)
+                run.samples.append(sample)
 
-    t0 = time.monotonic()
     cpu0, wait0 = _cpu_seconds(target.pid), _runqueue_wait_seconds(target.pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.monotonic() - max(t0, warm_until)
-    cpu = _cpu_seconds(target.pid) - cpu0
-    wait = _runqueue_wait_seconds(target.pid) - wait0
-    events = [d for s in samples for d in s.event_delays]
-    return {
-        "ttft_p50_ms": _pct([s.ttft for s in samples], 0.5) * 1e3,
-        "ttft_p99_ms": _pct([s.ttft for s in samples], 0.99) * 1e3,
-        "total_p50_ms": _pct([s.total for s in samples], 0.5) * 1e3,
-        "total_p99_ms": _pct([s.total for s in samples], 0.99) * 1e3,
-        "event_p50_ms": _pct(events, 0.5) * 1e3,
-        "event_p99_ms": _pct(events, 0.99) * 1e3,
-        "rps": len(samples) / elapsed,
-        "streams": float(len(samples)),
-        "proxy_cpu_ms_per_request": cpu * 1e3 / max(completed, 1) if target.pid else 0.0,
-        # share of the run the proxy was runnable but not running (other processes had the CPUs)
-        "proxy_cpu_starved": wait / (time.monotonic() - t0) if target.pid else 0.0,
-    }
+    run.measured_s += time.monotonic() - warm_until
+    run.wall_s += time.monotonic() - t0
+    run.cpu_s += _cpu_seconds(target.pid) - cpu0
+    run.starved_s += _runqueue_wait_seconds(target.pid) - wait0
+
+
+async def _measure(
+    targets: list[_Target], concurrency: int, seconds: float, rounds: int, tokens: int, token_delay_s: float
+) -> dict[str, dict[str, float]]:
+    """Each target gets `seconds` in total, in `rounds` slices taken in turn (rotating the order),
+    so load that other work puts on the machine drifts over all targets alike."""
+    runs = {t.name: _Run() for t in targets}
+    for r in range(rounds):
+        for target in targets[r % len(targets) :] + targets[: r % len(targets)]:
+            await _measure_slice(
+                runs[target.name], target, concurrency, seconds / rounds, tokens, token_delay_s
+            )
+    return {t.name: runs[t.name].stats(t.pid is not None) for t in targets}
 
 
 # ---- process management ---------------------------------------------------------------------
@@ -287,7 +319,6 @@ async def _run_all(
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     latency: dict[str, dict[str, Any]] = {}
-    throughput: dict[str, Any] = {}
     delay = args.token_delay_ms / 1e3
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         targets = [
@@ -299,16 +330,17 @@ async def _run_all(
             await asyncio.gather(*(target.one(args.tokens, 0.0) for _ in range(8)))
         print(f"latency: streams paced at {args.token_delay_ms:g} ms/token", file=sys.stderr)
         for level in args.concurrency:
+            by_target = await _measure(targets, level, args.seconds, args.rounds, args.tokens, delay)
+            latency[str(level)] = by_target
             for target in targets:
-                stats = await _measure(target, level, args.seconds, args.tokens, delay)
-                latency.setdefault(str(level), {})[target.name] = stats
-                print(_line(level, target.name, stats, target.pid), file=sys.stderr, flush=True)
+                print(
+                    _line(level, target.name, by_target[target.name], target.pid), file=sys.stderr, flush=True
+                )
         top = max(args.concurrency)
         print(f"throughput: {top} unpaced streams", file=sys.stderr)
+        throughput = await _measure(targets, top, args.seconds, args.rounds, args.tokens, 0.0)
         for target in targets:
-            stats = await _measure(target, top, args.seconds, args.tokens, 0.0)
-            throughput[target.name] = stats
-            print(_line(top, target.name, stats, target.pid), file=sys.stderr, flush=True)
+            print(_line(top, target.name, throughput[target.name], target.pid), file=sys.stderr, flush=True)
     return {"latency": latency, "throughput": throughput}
 
 
@@ -367,8 +399,8 @@ def bench_main(args: argparse.Namespace) -> int:
         toy_url = f"http://127.0.0.1:{_wait_port(toy, 'toy proxy')}"
         print(
             f"PD streams of {args.tokens} token events; {args.upstreams}+{args.upstreams} fake upstreams; "
-            f"{args.seconds:.1f} s per point; {os.cpu_count()} cpus shared by all processes "
-            f"(load average {os.getloadavg()[0]:.1f})",
+            f"{args.seconds:.1f} s per target and point in {args.rounds} interleaved slices; "
+            f"{os.cpu_count()} cpus shared by all processes (load average {os.getloadavg()[0]:.1f})",
             file=sys.stderr,
         )
         results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid)))
