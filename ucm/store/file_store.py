@@ -21,7 +21,7 @@ Correctness without locks, across processes and hosts:
 * Index: an in-memory dict key -> file size, filled by a background scan at start-up (and
   every `rescan_interval_s`) and by this process's dumps and loads, makes `lookup` of present
   keys a dict probe. An object another host evicted stays a (hinted) hit until the next scan
-  or until a load finds it gone. A key not in
+  or until a load finds it gone, and a dump of it is skipped as already present until then. A key not in
   the index is checked with `os.stat` (another host may have written it since), so lookups
   never miss a block that exists. The index also tracks usage for the capacity limit.
 * Capacity: before a dump would push usage (including writes in flight) over
