@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-from ucm.connector.config import ConfigError, parse_extra_config  # noqa: E402
+from ucm.connector.config import ConfigError, parse_extra_config
 
 
 def parse(**extra: object):  # type: ignore[no-untyped-def]

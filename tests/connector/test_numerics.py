@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
-from hf_glue import HFRunner, make_model, recompute_logits  # noqa: E402
-from ucm_connector_harness import Engine, write_model_dir  # noqa: E402
+import torch
+from hf_glue import HFRunner, make_model, recompute_logits
+from ucm_connector_harness import Engine, write_model_dir
 
 HERE = pathlib.Path(__file__).parent
 PROMPT = [(i * 37 + 11) % 250 + 1 for i in range(69)]  # 4 full blocks of 16 + 5 tokens

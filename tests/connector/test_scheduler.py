@@ -12,10 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from ucm_connector_harness import LAYERS, Engine, fake_kv, write_model_dir  # noqa: E402
+import torch
+from ucm_connector_harness import LAYERS, Engine, fake_kv, write_model_dir
 
-from ucm.connector.scheduler import PARAM_IDENTITY, PARAM_TOKENS  # noqa: E402
+from ucm.connector.scheduler import PARAM_IDENTITY, PARAM_TOKENS
 
 BS = 16
 

@@ -12,13 +12,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-from ucm.connector.layouts import detect_layout, plan_heads  # noqa: E402
-from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata  # noqa: E402
-from ucm.connector.worker import CacheSpec, UCMWorkerSide  # noqa: E402
-from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry  # noqa: E402
-from ucm.store import open_store  # noqa: E402
-from ucm.transfer import CacheLayout, HostBufferPool  # noqa: E402
-from ucm.transfer.synthetic import make_paged_cache  # noqa: E402
+from ucm.connector.layouts import detect_layout, plan_heads
+from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
+from ucm.connector.worker import CacheSpec, UCMWorkerSide
+from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry
+from ucm.store import open_store
+from ucm.transfer import CacheLayout, HostBufferPool
+from ucm.transfer.synthetic import make_paged_cache
 
 L, NB, BS, HEADS, D = 3, 10, 16, 4, 8
 

@@ -95,7 +95,7 @@ def open_configured_store(config: UCMConfig, identity: CacheIdentity) -> Store:
 def _tp_rank() -> int:
     from vllm.distributed import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():  # type: ignore[no-untyped-call]
         return int(parallel_state.get_tensor_model_parallel_rank())
     return 0
 

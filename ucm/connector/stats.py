@@ -86,7 +86,7 @@ class UCMPromMetrics(KVConnectorPromMetrics):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self.counters: dict[str, dict[int, PromMetric]] = {}
+        self.counters: dict[str, dict[int, Any]] = {}
         for key in COUNTERS:
             metric = self._counter_cls(
                 name=f"vllm:ucm_{key}",
@@ -94,7 +94,7 @@ class UCMPromMetrics(KVConnectorPromMetrics):
                 labelnames=labelnames,
             )
             self.counters[key] = create_metric_per_engine(metric, per_engine_labelvalues)
-        self.gauges: dict[str, dict[int, PromMetric]] = {}
+        self.gauges: dict[str, dict[int, Any]] = {}
         for key, doc in (
             ("load_gbps", "store-to-device load throughput of the last interval (GB/s)"),
             ("save_gbps", "device-to-store save throughput of the last interval (GB/s)"),

@@ -27,7 +27,7 @@ from ucm.connector.layouts import HeadPlan, detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import block_key
-from ucm.store.base import BlockLayout, Store, Task
+from ucm.store.base import BlockLayout, Store, Task, WritableBuffer
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import PagedKV
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
@@ -239,14 +239,14 @@ class UCMWorkerSide:
 
     def finish_step(self) -> None:
         """End of the forward pass: loads complete, this step's saves handed to the store."""
-        for batch, payloads in self._loads:
-            batch.finish()
+        for load, payloads in self._loads:
+            load.finish()
             for p in payloads:
                 p.release()
         self._loads.clear()
-        batch = self._save_batch()
-        if batch is not None:
-            self._dump(batch)
+        save = self._save_batch()
+        if save is not None:
+            self._dump(save)
         self._save = None
         self._save_specs = []
         self._failed_reqs.clear()
@@ -258,7 +258,7 @@ class UCMWorkerSide:
         assert self.layout is not None
         payloads = batch.finish()
         keys: list[bytes] = []
-        buffers = []
+        buffers: list[WritableBuffer] = []
         offset = 0
         per_group = [p.block_buffers() for p in payloads]
         blocks = 0

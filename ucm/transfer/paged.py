@@ -61,7 +61,7 @@ def canonical_view(tensor: torch.Tensor, layout: CacheLayout, head_size: int) ->
     if layout is CacheLayout.BHNC:
         if tensor.dim() != 4 or shape[3] != 2 * head_size:
             raise bad(f"4 dims with last dim 2*head_size={2 * head_size}")
-        return tensor.unflatten(-1, (2, head_size))
+        return tensor.unflatten(-1, (2, head_size))  # type: ignore[no-untyped-call,no-any-return]
     if layout is CacheLayout.FLASH_ATTN:
         if tensor.dim() != 5 or shape[0] != 2 or shape[4] != head_size:
             raise bad(f"[2, blocks, block_size, heads, {head_size}]")

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 
+from ucm.store.base import WritableBuffer
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import PagedKV, gather_blocks, gather_layer, scatter_layer
 
@@ -44,10 +46,10 @@ class HostPayload:
         self.tensor = self.raw.view(dtype).view(n, *shape)
         self._bytes = self.raw.view(n, per_block)
 
-    def block_buffers(self) -> list[np.ndarray]:
+    def block_buffers(self) -> list[WritableBuffer]:
         """One writable byte buffer per block (views, no copy) for `Store.load`/`Store.dump`."""
         flat = self._bytes.numpy()
-        return [flat[i] for i in range(flat.shape[0])]
+        return [cast(WritableBuffer, flat[i]) for i in range(flat.shape[0])]
 
     def release(self) -> None:
         self.pool.release(self.raw)
@@ -58,7 +60,7 @@ class _Streams:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = torch.cuda.Stream(device) if self.cuda else None  # type: ignore[no-untyped-call]
 
     def start_after_compute(self) -> None:
         """Order the side stream after everything the compute stream has issued so far."""
@@ -68,7 +70,7 @@ class _Streams:
     def record(self) -> torch.cuda.Event | None:
         if self.stream is None:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(self.stream)
         return event
 
