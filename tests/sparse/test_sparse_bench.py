@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from ucm.cli import main
 from ucm.sparse import retrieval_math as rm
@@ -22,8 +23,20 @@ def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str])
         assert row["needle_recall"] == 1.0  # the planted needles are always found
         assert row["cosine_mean"] > 0.99
     offload = result["offload"]
-    assert offload["fetched_bytes_per_step"][0] > 0  # the first step fetches its whole selection
-    assert offload["resident_bytes"] < offload["context_kv_bytes"]
+    for run in ("prefetch", "no_prefetch"):
+        assert offload[run]["fetched_bytes_per_step"][0] > 0  # the first step fetches its whole selection
+        assert offload[run]["resident_bytes"] < offload["context_kv_bytes"]
+    assert offload["no_prefetch"]["prefetched_bytes"] == 0 < offload["prefetch"]["prefetched_bytes"]
+
+
+def test_gpu_check_logic_on_cpu() -> None:
+    """`run_cuda_check` is what `make gpu-check` calls; its logic runs here on CPU tensors."""
+    from ucm.sparse.bench import run_cuda_check
+
+    report = run_cuda_check(tokens=4096, dtype=torch.bfloat16, device="cpu")
+    assert report["ok"] is True
+    assert report["keep_1.0"]["max_abs_err"] < 2e-2
+    assert report["keep_0.25"]["bytes_reduction"] > 3.0
 
 
 @pytest.mark.slow
