@@ -200,6 +200,9 @@ class LocalCluster(ClusterAccess):
     def _spawn(self, name: str, argv: list[str]) -> Component:
         component = spawn(name, argv, self.log_dir, die_with_parent=not self.detach)
         self.components.append(component)
+        if self.detach:
+            # Recorded at once, so `down` finds even a half-started cluster whose `up` was killed.
+            self.write_state(complete=False)
         return component
 
     def _start(self, deadline: float) -> None:
@@ -371,8 +374,15 @@ class LocalCluster(ClusterAccess):
 
     # ---- background mode -----------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
+    def write_state(self, *, complete: bool) -> None:
+        """Writes the state file of a background cluster (atomically: `down` may read it)."""
+        tmp = self.workdir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(self.state(complete=complete), indent=2))
+        tmp.replace(self.workdir / STATE_FILE)
+
+    def state(self, *, complete: bool) -> dict[str, Any]:
         return {
+            "complete": complete,
             "workdir": str(self.workdir),
             "kubeconfig": str(self.kubeconfig),
             "server": self.server,
@@ -441,7 +451,7 @@ def cluster_up(directory: Path = BACKGROUND_DIR) -> Path:
     state = _read_state(directory)
     if state is not None:
         alive = _alive_processes(state)
-        if len(alive) == len(state.get("processes", [])) and alive:
+        if state.get("complete") and alive and len(alive) == len(state["processes"]):
             print(f"local cluster already running (pids {[p['pid'] for p in alive]})", file=sys.stderr)
             return Path(state["kubeconfig"])
         print("removing a stale local cluster", file=sys.stderr)
@@ -449,7 +459,7 @@ def cluster_up(directory: Path = BACKGROUND_DIR) -> Path:
     directory.mkdir(parents=True)
     cluster = LocalCluster(directory, detach=True, verbose=True)
     cluster.start()  # on failure the logs stay in `directory` (stop() prints them); `down` removes them
-    (directory / STATE_FILE).write_text(json.dumps(cluster.state(), indent=2))
+    cluster.write_state(complete=True)
     print(f"local cluster up in {cluster.timings['total']:.1f}s: {cluster.server}", file=sys.stderr)
     return cluster.kubeconfig
 
@@ -475,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         print("no local cluster")
         return 1
     alive = _alive_processes(state)
-    print(f"{len(alive)}/{len(state['processes'])} processes running; KUBECONFIG={state['kubeconfig']}")
-    return 0 if alive and len(alive) == len(state["processes"]) else 1
+    started = "" if state.get("complete") else " (start-up did not finish: run down)"
+    print(f"{len(alive)}/{len(state['processes'])} processes running{started}; KUBECONFIG={state['kubeconfig']}")
+    return 0 if state.get("complete") and alive and len(alive) == len(state["processes"]) else 1
 
 
 if __name__ == "__main__":
