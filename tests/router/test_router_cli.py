@@ -97,3 +97,12 @@ def test_bad_command_lines_explain_themselves() -> None:
         env=env,
     )
     assert run.returncode == 2 and "--cluster" in run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "ucm", "router", "serve", "--model", MODEL, "--discovery", "kubernetes",
+         "--cluster", "c", "--namespace", "ns", "--kubeconfig", "/nonexistent/kubeconfig"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert (
+        run.returncode == 2
+        and "cannot load Kubernetes credentials from /nonexistent/kubeconfig" in run.stderr
+    )

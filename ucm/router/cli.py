@@ -185,5 +185,12 @@ def serve_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ucm router serve: {exc}", file=sys.stderr)
         return 2
-    run(_serve(config, discovery))
+    try:
+        run(_serve(config, discovery))
+    except ValueError as exc:  # e.g. unreadable kubeconfig, found only when discovery starts
+        print(f"ucm router serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        print(f"ucm router serve: {exc} (listening on {config.host}:{config.port})", file=sys.stderr)
+        return 2
     return 0

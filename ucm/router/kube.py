@@ -127,12 +127,20 @@ class KubernetesDiscovery:
         self._synced = {"slices": asyncio.Event(), "pods": asyncio.Event()}
 
     async def _api_client(self) -> client.ApiClient:
-        if self.kubeconfig:
-            return await config.new_client_from_config(config_file=self.kubeconfig)
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-            return client.ApiClient()
-        return await config.new_client_from_config()
+        source = self.kubeconfig or (
+            "the in-cluster service account"
+            if os.environ.get("KUBERNETES_SERVICE_HOST")
+            else "~/.kube/config"
+        )
+        try:
+            if self.kubeconfig:
+                return await config.new_client_from_config(config_file=self.kubeconfig)
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
+                return client.ApiClient()
+            return await config.new_client_from_config()
+        except Exception as exc:
+            raise ValueError(f"cannot load Kubernetes credentials from {source}: {exc}") from exc
 
     async def start(self, registry: Registry) -> None:
         self._registry = registry
