@@ -206,3 +206,13 @@ def test_rescans_collect_temp_files_of_dead_writers(make_store: MakeStore) -> No
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     store.refresh()
     assert not os.path.exists(old) and os.path.exists(young)  # a young one may be a live writer
+
+
+def test_dump_rewrites_a_block_another_host_removed(make_store: MakeStore) -> None:
+    store = make_store()
+    keys = random_keys(2)
+    store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10)
+    make_store().remove(keys[:1])  # another process evicts it; our index still lists it
+    assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True, True]
+    assert store.stats().dumps == 3 and store.stats().dump_skipped == 1
+    assert make_store().lookup(keys) == [True, True]

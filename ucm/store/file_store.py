@@ -21,7 +21,7 @@ Correctness without locks, across processes and hosts:
 * Index: an in-memory dict key -> file size, filled by a background scan at start-up (and
   every `rescan_interval_s`) and by this process's dumps and loads, makes `lookup` of present
   keys a dict probe. An object another host evicted stays a (hinted) hit until the next scan
-  or until a load finds it gone, and a dump of it is skipped as already present until then. A key not in
+  or until a load finds it gone; a dump confirms an index hit with one stat before skipping. A key not in
   the index is checked with `os.stat` (another host may have written it since), so lookups
   never miss a block that exists. The index also tracks usage for the capacity limit.
 * Capacity: before a dump would push usage (including writes in flight) over
@@ -503,7 +503,11 @@ class FileStore(Store):
         if self._stats.read_only_reason is not None:
             return self._count_dump(False, skipped=False, nbytes=0)
         if key in self._index:
-            return self._count_dump(True, skipped=True, nbytes=0)
+            # confirm with one stat (cheap next to writing a block): another host may have
+            # evicted it, and a skipped dump would then leave the block missing for everyone
+            if os.path.exists(object_path(self._objects, key)):
+                return self._count_dump(True, skipped=True, nbytes=0)
+            self._unindexed(key)
         n = buf.nbytes
         size = HEADER_SIZE + (fileio.align_up(n) if self.direct else n)
         leaf = shard_dir(self._objects, key.hex())
