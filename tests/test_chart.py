@@ -172,6 +172,9 @@ def test_existing_service_account_must_be_named(helm: Path) -> None:
         (["--set", "watch.namespace=Not_A_Namespace"], "namespace"),
         (["--set", "watch.allNamespaces=true", "--set", "watch.namespace=team-a"], "namespace"),
         (["--set", "serviceMonitor.interval=30 seconds"], "interval"),
+        (["--set", "tolerations[0].operator=Maybe"], "operator"),
+        (["--set", "extraEnv[0].name=A", "--set", "extraEnv[0].value=1"], "value"),
+        (["--set", "livenessPort=80"], "livenessPort"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(helm: Path, settings: list[str], expected: str) -> None:
