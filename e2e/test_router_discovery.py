@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -190,3 +194,42 @@ def test_router_follows_endpointslices_and_never_mixes_revisions(
         assert all("other" not in name for names in router.view().values() for name in names)
     finally:
         router.stop()
+
+
+def test_router_command_discovers_pairs_from_the_cluster(
+    k8s_api: client.ApiClient, cluster: ClusterAccess, namespace: str
+) -> None:
+    """`ucm router serve --discovery kubernetes` as the operator runs it: ready once a pair exists."""
+    core = client.CoreV1Api(k8s_api)
+    for role in ("prefill", "decode"):
+        core.create_namespaced_service(namespace, headless_service(role))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ucm", "router", "serve", "--host", "127.0.0.1", "--port", "0", "--model", "m",
+         "--discovery", "kubernetes", "--namespace", namespace, "--cluster", CLUSTER,
+         "--kubeconfig", str(cluster.kubeconfig), "--probe-interval", "0", "--fallback", "fail"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        port = 0
+        while not port:
+            line = proc.stderr.readline()
+            assert line, f"router exited (rc={proc.poll()})"
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else 0
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+
+        def ready() -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert ready() == 503  # no pods yet
+        core.create_namespaced_pod(namespace, worker_pod("p-0", "prefill", "r1"))
+        core.create_namespaced_pod(namespace, worker_pod("d-0", "decode", "r1"))
+        wait_for(lambda: ready() == 200, "the router command to become ready", timeout_s=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
