@@ -143,6 +143,9 @@ build_kube() {
   local pkgs=() b
   for b in "${KUBE_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   (cd "$HERE/kube" && go build -ldflags "$(kube_ldflags)" -o "$STAGE/" "${pkgs[@]}")
+  # The version ldflags are easy to get silently wrong (a renamed variable is just ignored).
+  "$STAGE/kubectl" version --client 2>/dev/null | grep -q "Client Version: $KUBERNETES_VERSION\$" \
+    || die "kubectl does not report $KUBERNETES_VERSION: $("$STAGE/kubectl" version --client 2>&1 | head -1)"
   publish "${KUBE_BINS[@]}"
 }
 
