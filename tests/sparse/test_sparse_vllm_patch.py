@@ -174,3 +174,43 @@ def test_compacted_metadata_computes_block_sparse_attention(keep_ratio: float) -
         t = int(metadata.query_start_loc[row])
         expected = rm.sparse_decode_attention(query[t], keys, values, seq_lens[row], selection, D**-0.5)
         torch.testing.assert_close(out[t], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_mode_stride_state_and_fresh_block_summaries() -> None:
+    from ucm.sparse.block_retrieval import BlockRetrievalMeta, BlockRetrievalSparse
+
+    sparse = create_sparse(
+        {"name": "block_retrieval", "keep_ratio": 0.25, "min_blocks": 4, "retrieval_stride": 3}, "worker"
+    )
+    assert isinstance(sparse, BlockRetrievalSparse)
+    scorings = []
+    kv_cache = None
+    for step in range(5):  # the row decodes 5 tokens, all inside its last block
+        kv, metadata, query = build_batch([40 * BS + 2 + step], [1])
+        kv_cache = kv if kv_cache is None else kv_cache  # same seed and shape: one cache throughout
+        sparse.execute_begin(None)
+        run_wrapped(kv_cache, metadata, query, [])
+        sparse.execute_finished()
+        last_physical = int(metadata.block_table[0, 40])
+        scorings.append(sparse._states[(LAYER, last_physical)].scorings)
+    assert scorings == [1, 1, 1, 2, 2]  # re-scored every retrieval_stride=3 steps
+    # a block whose content changed without passing through attention (a connector load) is
+    # re-summarised once the scheduler reports it fresh
+    assert kv_cache is not None
+    physical = int(metadata.block_table[0, 7])
+    kv_cache[physical, :, :, :D] = 9.0
+    summaries = sparse._summaries[LAYER]
+    assert float(summaries.kmax[:, physical].max()) < 9.0
+    sparse.execute_begin(BlockRetrievalMeta(fresh_blocks=(physical,)))
+    run_wrapped(kv_cache, metadata, query, [])
+    assert float(summaries.kmax[:, physical].min()) == 9.0
+
+
+def test_layer_kv_views_the_vllm_bhnc_cache_without_copy() -> None:
+    kv_cache = torch.randn(6, H, BS, 2 * D)  # vLLM 0.32: [blocks, kv heads, block_size, K | V]
+    paged = LayerKV.from_layer_cache(kv_cache, vllm_patch_layout(), D)
+    assert paged.key_cache.shape == (6, BS, H, D) and paged.block_size == BS
+    torch.testing.assert_close(paged.key_cache[4, 3, 1], kv_cache[4, 1, 3, :D])
+    torch.testing.assert_close(paged.value_cache[4, 3, 1], kv_cache[4, 1, 3, D:])
+    kv_cache[2, 0, 5, 0] = 123.0  # a view: writes by the kernel are seen
+    assert float(paged.key_cache[2, 5, 0, 0]) == 123.0

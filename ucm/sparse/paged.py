@@ -37,10 +37,10 @@ class LayerKV:
     def from_layer_cache(cls, kv_cache: torch.Tensor, layout: CacheLayout, head_size: int) -> LayerKV:
         """Views (no copy) of one layer's cache as vLLM hands it to the backend; vLLM 0.32's
         FlashAttention and Triton backends both use `CacheLayout.BHNC` ([blocks, heads, bs, K+V])."""
-        canonical = canonical_view(kv_cache, layout, head_size)  # [blocks, 2, bs, heads, head]
-        if canonical.shape[1] != 2:
+        canonical = canonical_view(kv_cache, layout, head_size)  # [blocks, heads, bs, S, head]
+        if canonical.shape[3] != 2:
             raise ValueError(f"sparse attention needs separate K and V; layout {layout.name} has a latent cache")
-        return cls(canonical[:, 0], canonical[:, 1])
+        return cls(canonical[:, :, :, 0].transpose(1, 2), canonical[:, :, :, 1].transpose(1, 2))
 
     @property
     def block_size(self) -> int:
