@@ -34,7 +34,7 @@ def hashes(n: int, seed: int = 0, is_mla: bool = False) -> list[bytes]:
 
 class Rank:
     def __init__(self, store_dir: pathlib.Path, layout: CacheLayout, *, tp: int = 1, rank: int = 0,
-                 physical: str = "LBHNC", seed: int = 0, layerwise: bool = True) -> None:
+                 physical: str = "LBHNC", seed: int = 0, layerwise: bool = True, staging: int = 64 << 20) -> None:
         is_mla = layout.is_mla
         self.layout = layout
         self.heads = plan_heads(1 if is_mla else HEADS, tp, rank, is_mla=is_mla)
@@ -46,7 +46,7 @@ class Rank:
         self.store = open_store(store_dir, salt=identity(is_mla).digest())
         self.worker = UCMWorkerSide(
             store=self.store, heads=self.heads, can_load=True, can_save=True, layerwise_save=layerwise,
-            pool=HostBufferPool(64 << 20),
+            pool=HostBufferPool(staging, timeout=0.1),
         )
         spec = CacheSpec(NB, BS, self.heads.local_count, D, 0 if is_mla else D, is_mla)
         self.worker.register_kv_caches(self.caches, spec)
@@ -171,3 +171,21 @@ def test_shapes_and_tp_sizes_that_cannot_work_are_clear_errors() -> None:
     replica = plan_heads(2, 4, 1, is_mla=False)  # 2 KV heads on 4 ranks: rank 1 holds a copy of head 0
     assert (replica.local_start, replica.local_count, replica.writes) == (0, 1, False)
     assert plan_heads(16, 2, 1, is_mla=False).groups() == [(8, 2, 0), (10, 2, 2), (12, 2, 4), (14, 2, 6)]
+
+
+def test_host_staging_too_small_skips_saves_and_recomputes_loads(tmp_path: pathlib.Path) -> None:
+    big = list(range(NB))
+    h = hashes(NB, seed=500)
+    tiny = Rank(tmp_path, CacheLayout.BHNC, staging=1 << 20)  # 1 MiB: one block of 4 heads is 6 KiB
+    assert tiny.worker.paged is not None
+    payload_bytes = tiny.worker.paged.block_nbytes(HEADS)
+    assert 2 * NB * payload_bytes < (1 << 20)  # these fit ...
+    tiny.save(big, h)
+    assert tiny.store.stats().dumps == NB * HEADS  # one object per block per KV head
+    tiny.worker.pool.capacity_bytes = payload_bytes  # ... now nothing fits: save skipped, no crash
+    h2 = hashes(2, seed=600)
+    tiny.save([0, 1], h2)
+    assert tiny.worker.pool.in_use_bytes == 0
+    assert tiny.load([2, 3], h[:2]) == {2, 3}  # cannot stage: reported for recompute, not raised
+    reader = Rank(tmp_path, CacheLayout.BHNC, seed=1)
+    assert reader.load([0, 1], h2) == {0, 1}  # the skipped save really wrote nothing

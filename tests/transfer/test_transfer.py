@@ -141,8 +141,8 @@ def test_save_and_load_batches_across_layouts(
         for layer in (0, 2):  # layer 1 is never announced: finish() must still copy it
             save.save_layer(layer)
     payloads = save.finish()
-    mib = 1 << 20  # the layer-major staging was released; only the payloads are held
-    assert pool.in_use_bytes == sum(-(-p.raw.numel() // mib) * mib for p in payloads)
+    granule = 1 << 16  # the layer-major staging was released; only the payloads are held
+    assert pool.in_use_bytes == sum(-(-p.raw.numel() // granule) * granule for p in payloads)
 
     dst_tensors = cache(dst_layout, seed=3)
     dst = PagedKV(dst_tensors, dst_layout, D)
@@ -162,11 +162,11 @@ def test_save_and_load_batches_across_layouts(
 def test_pool_is_bounded_and_reuses_buffers() -> None:
     pool = HostBufferPool(2 << 20, pin=False)
     a = pool.acquire(1 << 20)
-    b = pool.acquire(100)
+    b = pool.acquire((1 << 20) - 100)
     with pytest.raises(PoolExhausted, match="in use"):
         pool.acquire(10, timeout=0.05)
     pool.release(a)
-    c = pool.acquire(5000)  # reuses the released 1 MiB buffer
+    c = pool.acquire((1 << 20) - 5000)  # same 64 KiB-rounded size: reuses the released buffer
     assert c.data_ptr() == a.data_ptr()
     assert pool.allocated_bytes == 2 << 20
     with pytest.raises(ValueError, match="exceeds the pool capacity"):

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 # Host staging (pinned on CUDA) is allocated on demand up to this many bytes per worker.
 DEFAULT_STAGING_BYTES = 8 << 30
 STAGING_ENV = "UCM_HOST_STAGING_BYTES"
+# How long a step may wait for staging held by dumps still in flight before it skips its save.
+STAGING_WAIT_S = 1.0
 
 
 def build_identity(vllm_config: VllmConfig, config: UCMConfig) -> CacheIdentity:
@@ -157,9 +159,14 @@ class UCMConnector(KVConnectorBase_V1):
                 can_load=self.can_load,
                 can_save=self.can_save,
                 layerwise_save=self.config.layerwise_save,
-                pool=HostBufferPool(staging),
+                pool=HostBufferPool(staging, timeout=STAGING_WAIT_S),
                 sparse=sparse,
             )
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # wait_for_layer_load/save_kv_layer run between layers; a full CUDA graph would skip them.
+        return True
 
     @property
     def requires_kv_delivery(self) -> bool:

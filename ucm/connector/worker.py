@@ -28,11 +28,13 @@ from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import block_key
 from ucm.store.base import BlockLayout, Store, Task, WritableBuffer
-from ucm.transfer.buffers import HostBufferPool
+from ucm.transfer.buffers import HostBufferPool, PoolExhausted
 from ucm.transfer.paged import PagedKV
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
 
 logger = logging.getLogger(__name__)
+
+STAGING_HINT = "the UCM_HOST_STAGING_BYTES environment variable"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class UCMWorkerSide:
         self._save: SaveBatch | None = None
         self._save_specs: list[SaveSpec] = []
         self._save_started = 0.0
+        self._save_skipped = False
         self._dumps: list[_PendingDump] = []
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
@@ -147,7 +150,15 @@ class UCMWorkerSide:
     def _payloads(self, n: int) -> list[HostPayload]:
         assert self.paged is not None
         shape = self.paged.payload_shape(self.heads.group_size)
-        return [HostPayload(self.pool, n, shape, self.paged.dtype) for _ in self._groups]
+        payloads: list[HostPayload] = []
+        try:
+            for _ in self._groups:
+                payloads.append(HostPayload(self.pool, n, shape, self.paged.dtype))
+        except BaseException:
+            for p in payloads:
+                p.release()
+            raise
+        return payloads
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -165,7 +176,16 @@ class UCMWorkerSide:
         for spec in meta.loads:
             if not spec.block_ids:
                 continue
-            pending = self._submit_load(spec)
+            try:
+                pending = self._submit_load(spec)
+            except (ValueError, PoolExhausted) as exc:  # host staging cannot hold it: recompute
+                logger.warning("UCM: request %s: cannot stage %d blocks for loading (%s); recomputing",
+                               spec.req_id, len(spec.block_ids), exc)
+                self._load_errors.update(spec.block_ids)
+                self.stats.add("load_failures", len(spec.block_ids))
+                if spec.is_async:
+                    self._finished_recving.add(spec.req_id)
+                continue
             if spec.is_async:
                 self._async[spec.req_id] = pending
             else:
@@ -221,7 +241,10 @@ class UCMWorkerSide:
             return
         batch = self._save_batch()
         if batch is not None:
-            batch.save_layer(idx)
+            try:
+                batch.save_layer(idx)
+            except PoolExhausted as exc:
+                self._drop_save(exc)
 
     def _save_batch(self) -> SaveBatch | None:
         if self._save is not None:
@@ -229,9 +252,20 @@ class UCMWorkerSide:
         meta = self._meta
         if meta is None or self.paged is None or not self.can_save or not meta.saves:
             return None
+        if self._save_skipped:
+            return None
         self._save_specs = [s for s in meta.saves if s.block_ids]
         block_ids = [b for s in self._save_specs for b in s.block_ids]
         if not block_ids:
+            return None
+        copies = 2 if self.layerwise_save else 1  # layer-major staging + per-group payloads
+        needed = copies * len(block_ids) * self.paged.block_nbytes(self.heads.local_count)
+        if needed > self.pool.capacity_bytes:
+            logger.warning(
+                "UCM: not saving %d blocks this step: they need %d bytes of host staging, more than the "
+                "%d bytes allowed (raise %s)", len(block_ids), needed, self.pool.capacity_bytes, STAGING_HINT,
+            )
+            self._save_skipped = True
             return None
         self._save = SaveBatch(self.paged, block_ids, self._groups, self.pool, layerwise=self.layerwise_save)
         self._save_started = time.perf_counter()
@@ -246,13 +280,25 @@ class UCMWorkerSide:
         self._loads.clear()
         save = self._save_batch()
         if save is not None:
-            self._dump(save)
+            try:
+                self._dump(save)
+            except PoolExhausted as exc:
+                self._drop_save(exc)
         self._save = None
+        self._save_skipped = False
         self._save_specs = []
         self._failed_reqs.clear()
         self._poll_dumps(block=False)
         if self.sparse is not None:
             self.sparse.execute_finished()
+
+    def _drop_save(self, exc: Exception) -> None:
+        """Host staging ran out (dumps still in flight hold it): skip this step's save, never stall."""
+        logger.warning("UCM: skipping this step's save: %s", exc)
+        if self._save is not None:
+            self._save.abandon()
+        self._save = None
+        self._save_skipped = True
 
     def _dump(self, batch: SaveBatch) -> None:
         assert self.layout is not None

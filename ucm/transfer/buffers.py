@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-_GRANULE = 1 << 20  # sizes are rounded up to 1 MiB so buffers are reusable across batch sizes
+_GRANULE = 1 << 16  # sizes are rounded up to 64 KiB so buffers are reusable across batch sizes
 
 
 class PoolExhausted(TimeoutError):
@@ -25,10 +25,11 @@ class PoolExhausted(TimeoutError):
 class HostBufferPool:
     """Reusable flat `uint8` host tensors, at most `capacity_bytes` allocated at once."""
 
-    def __init__(self, capacity_bytes: int, *, pin: bool | None = None) -> None:
+    def __init__(self, capacity_bytes: int, *, pin: bool | None = None, timeout: float | None = 30.0) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
+        self.timeout = timeout  # default wait of `acquire` for a free buffer
         self.pin = torch.cuda.is_available() if pin is None else pin
         if self.pin and not torch.cuda.is_available():
             raise ValueError("pin=True needs CUDA (page-locked memory is a CUDA driver feature)")
@@ -45,8 +46,12 @@ class HostBufferPool:
     def in_use_bytes(self) -> int:
         return self._in_use
 
-    def acquire(self, nbytes: int, timeout: float | None = 30.0) -> torch.Tensor:
-        """A `uint8` tensor of at least `nbytes` bytes (sliced to exactly `nbytes`)."""
+    def acquire(self, nbytes: int, timeout: float | None | str = "default") -> torch.Tensor:
+        """A `uint8` tensor of at least `nbytes` bytes (sliced to exactly `nbytes`); waits up to
+        `timeout` seconds (the pool's default unless given) for one to be released."""
+        if timeout == "default":
+            timeout = self.timeout
+        assert timeout is None or isinstance(timeout, (int, float))
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, got {nbytes}")
         size = -(-nbytes // _GRANULE) * _GRANULE

@@ -133,9 +133,14 @@ class SaveBatch:
     def finish(self) -> list[HostPayload]:
         """Wait for the copies and return one block-major payload per head group (caller releases)."""
         p = self.paged
-        payloads = [
-            HostPayload(self.pool, self.n, p.payload_shape(g.count), p.dtype) for g in self.groups
-        ]
+        payloads: list[HostPayload] = []
+        try:
+            for g in self.groups:
+                payloads.append(HostPayload(self.pool, self.n, p.payload_shape(g.count), p.dtype))
+        except BaseException:
+            for payload in payloads:
+                payload.release()
+            raise
         if self.n == 0:
             return payloads
         if not self._done_layers and not self.layerwise:
