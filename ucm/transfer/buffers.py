@@ -46,7 +46,7 @@ class HostBufferPool:
     def in_use_bytes(self) -> int:
         return self._in_use
 
-    def acquire(self, nbytes: int, timeout: float | None | str = "default") -> torch.Tensor:
+    def acquire(self, nbytes: int, timeout: float | str | None = "default") -> torch.Tensor:
         """A `uint8` tensor of at least `nbytes` bytes (sliced to exactly `nbytes`); waits up to
         `timeout` seconds (the pool's default unless given) for one to be released."""
         if timeout == "default":
