@@ -122,21 +122,21 @@ def test_wrong_shape_is_a_clear_error() -> None:
         canonical_view(torch.zeros(4, 8, 16, 15), CacheLayout.BHNC, 8)
 
 
-@pytest.mark.parametrize("layerwise", [True, False])
+@pytest.mark.parametrize(("layerwise", "staged"), [(True, True), (True, None), (False, None)])
 @pytest.mark.parametrize(("src_layout", "dst_layout"), [
     (CacheLayout.BHNC, CacheLayout.FLASH_ATTN),
     (CacheLayout.FLASHINFER, CacheLayout.BHNC),
     (CacheLayout.MLA, CacheLayout.MLA_3D),
 ])
 def test_save_and_load_batches_across_layouts(
-    src_layout: CacheLayout, dst_layout: CacheLayout, layerwise: bool
+    src_layout: CacheLayout, dst_layout: CacheLayout, layerwise: bool, staged: bool | None
 ) -> None:
     pool = HostBufferPool(64 << 20)
     src_tensors = cache(src_layout)
     src = PagedKV(src_tensors, src_layout, D)
     heads = heads_of(src_layout)
     groups = [HeadGroup(h, 1) for h in range(heads)]
-    save = SaveBatch(src, [5, 6, 8], groups, pool, layerwise=layerwise)
+    save = SaveBatch(src, [5, 6, 8], groups, pool, layerwise=layerwise, staged=staged)
     if layerwise:
         for layer in (0, 2):  # layer 1 is never announced: finish() must still copy it
             save.save_layer(layer)

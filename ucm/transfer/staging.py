@@ -86,10 +86,15 @@ class SaveBatch:
         pool: HostBufferPool,
         *,
         layerwise: bool = True,
+        staged: bool | None = None,
     ) -> None:
         self.paged = paged
         self.groups = list(groups)
         self.n = len(block_ids)
+        # Copy each layer as it is produced (into layer-major staging, repacked in `finish`): on by
+        # default on CUDA, where the copy overlaps later layers' compute; on CPU it would overlap
+        # nothing, so `finish` gathers every layer in one pass instead (tests can force it on).
+        self.staged = (paged.device.type == "cuda") if staged is None else staged
         self.ids = torch.tensor(list(block_ids), dtype=torch.long, device=paged.device)
         self.pool = pool
         self.layerwise = layerwise
@@ -115,19 +120,23 @@ class SaveBatch:
         """Start copying one layer of the batch to host (asynchronously on CUDA)."""
         if layer in self._done_layers or self.n == 0:
             return
+        if not self.staged:
+            self._done_layers.add(layer)  # gathered in `finish`
+            return
         stage = self._stage_tensor()
         if self._streams.stream is None:
             gather_layer(self.paged, layer, self.ids, self.head_start, self.head_count, out=stage[layer])
-        else:
-            self._streams.start_after_compute()
-            with torch.cuda.stream(self._streams.stream):
-                tmp = torch.empty(stage.shape[1:], dtype=stage.dtype, device=self.paged.device)
-                gather_layer(self.paged, layer, self.ids, self.head_start, self.head_count, out=tmp)
-                stage[layer].copy_(tmp, non_blocking=True)
-                self._keep.append(tmp)
-            event = self._streams.record()
-            assert event is not None
-            self._events.append(event)
+            self._done_layers.add(layer)
+            return
+        self._streams.start_after_compute()
+        with torch.cuda.stream(self._streams.stream):
+            tmp = torch.empty(stage.shape[1:], dtype=stage.dtype, device=self.paged.device)
+            gather_layer(self.paged, layer, self.ids, self.head_start, self.head_count, out=tmp)
+            stage[layer].copy_(tmp, non_blocking=True)
+            self._keep.append(tmp)
+        event = self._streams.record()
+        assert event is not None
+        self._events.append(event)
         self._done_layers.add(layer)
 
     def finish(self) -> list[HostPayload]:
@@ -143,7 +152,7 @@ class SaveBatch:
             raise
         if self.n == 0:
             return payloads
-        if not self._done_layers and not self.layerwise:
+        if not self.staged or (not self._done_layers and not self.layerwise):
             self._gather_all(payloads)
             return payloads
         for layer in range(p.num_layers):
