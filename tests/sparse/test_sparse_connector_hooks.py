@@ -93,3 +93,28 @@ def test_connector_forwards_hooks_in_vllm_order(tmp_path: pathlib.Path) -> None:
     assert scheduler.count(("build_sparse_meta",)) == steps
     assert ("request_finished", "r1") in scheduler
     assert scheduler.index(("request_begin", "r1")) < scheduler.index(("build_sparse_meta",))
+
+
+def test_block_retrieval_meta_from_real_scheduler_output(tmp_path: pathlib.Path) -> None:
+    """`fresh_blocks` lists exactly the blocks vLLM's scheduler assigned in each step."""
+    from ucm.sparse.block_retrieval import BlockRetrievalMeta
+
+    engine = Engine(
+        write_model_dir(tmp_path / "model"), tmp_path / "store",
+        extra={"ucm_sparse_config": {"name": "block_retrieval"}},
+    )
+    engine.add("r1", list(range(40)), max_tokens=12)  # 40 prompt tokens: 3 blocks, a 4th while decoding
+    engine.step()
+    first = engine.metas[0].sparse_meta
+    assert isinstance(first, BlockRetrievalMeta)
+    blocks = engine.scheduler.kv_cache_manager.get_block_ids("r1")[0]
+    assert first.fresh_blocks == tuple(sorted(blocks[:3]))
+    seen_blocks = list(blocks)
+    while engine.scheduler.has_unfinished_requests():
+        engine.step()
+        if "r1" in engine.scheduler.requests:
+            now = engine.scheduler.kv_cache_manager.get_block_ids("r1")[0]
+            seen_blocks += [b for b in now if b not in seen_blocks]
+    assert len(seen_blocks) == 4
+    later = [m.sparse_meta.fresh_blocks for m in engine.metas[1:] if m.sparse_meta.fresh_blocks]
+    assert later == [(seen_blocks[3],)]  # the block allocated when decoding crossed 48 tokens
