@@ -246,6 +246,20 @@ def hash_throughput(tokens: int = 1 << 20, block_size: int = 16) -> tuple[float,
     return tokens / min(walls) / 1e6, tokens / max(min(cpus), 1e-9) / 1e6
 
 
+def filesystem_of(path: str) -> str:
+    """'type device' of the mount holding `path` (from /proc/self/mounts), or 'unknown'."""
+    best, found = "", "unknown"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                device, mount, fstype = line.split()[:3]
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, found = mount, f"{fstype} {device}"
+    except OSError:
+        pass
+    return found
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, object]:
     base = os.path.abspath(args.path)
     if os.path.exists(base) and not os.path.isdir(base):
@@ -279,6 +293,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     result.update(
         units="GB = 1e9 bytes; rates are medians over rounds",
         path=base,
+        filesystem=filesystem_of(base),
         block_bytes=size,
         blocks=args.blocks,
         threads=args.threads,
@@ -295,7 +310,7 @@ def format_table(result: dict[str, object]) -> str:
         ", fsync per block" if result["fsync"] else ""
     )
     lines = [
-        f"ucm store bench at {result['path']} ({mode})",
+        f"ucm store bench at {result['path']} ({result['filesystem']}; {mode})",
         f"{result['blocks']} blocks x {int(result['block_bytes']) / (1 << 20):g} MiB, {result['threads']} threads, "  # type: ignore[call-overload]
         f"median of {result['rounds']} rounds; GB = 1e9 bytes",
         "",
