@@ -99,11 +99,19 @@ def _raw_write(
         list(pool.map(write, paths, shares))
 
 
-def _raw_read(paths: Sequence[str], shares: Sequence[range], dst: Sequence[memoryview], direct: bool) -> None:
+def _raw_read(
+    paths: Sequence[str],
+    shares: Sequence[range],
+    dst: Sequence[memoryview],
+    direct: bool,
+    readahead: bool = True,
+) -> None:
     size = dst[0].nbytes
 
     def read(path: str, share: range) -> None:
         fd = os.open(path, os.O_RDONLY | (_O_DIRECT if direct else 0))
+        if not readahead:  # every I/O exactly one block, as for the store's one-file-per-block reads
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         try:
             for n, i in enumerate(share):
                 if fileio.pread_full(fd, [dst[i]], n * size) != size:
@@ -169,6 +177,11 @@ def _round(
         def raw_read() -> None:
             times["raw_read"] = _timed(lambda: _raw_read(raw_paths, shares, dst, args.direct))
             _settle(raw_paths)
+            if not args.direct:  # informational: how much of the gap is readahead across blocks
+                times["raw_read_no_readahead"] = _timed(
+                    lambda: _raw_read(raw_paths, shares, dst, args.direct, readahead=False)
+                )
+                _settle(raw_paths)
             progress.step(f"round {number} raw read")
 
         def load() -> None:
@@ -285,6 +298,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
         name: round(statistics.median(r[name] for r in rounds), 3)
         for name in ("raw_write_gbps", "raw_read_gbps", "dump_gbps", "load_gbps")
     }
+    if "raw_read_no_readahead_gbps" in rounds[0]:
+        result["raw_read_no_readahead_gbps"] = round(
+            statistics.median(r["raw_read_no_readahead_gbps"] for r in rounds), 3
+        )
     result["dump_vs_raw"] = round(float(result["dump_gbps"]) / float(result["raw_write_gbps"]), 3)  # type: ignore[arg-type]
     result["load_vs_raw"] = round(float(result["load_gbps"]) / float(result["raw_read_gbps"]), 3)  # type: ignore[arg-type]
     result.update({k: round(v, 3) for k, v in lookup.items()})
@@ -317,6 +334,15 @@ def format_table(result: dict[str, object]) -> str:
         f"{'':<14}{'raw GB/s':>10}{'store GB/s':>12}{'store/raw':>11}",
         f"{'write/dump':<14}{result['raw_write_gbps']:>10.2f}{result['dump_gbps']:>12.2f}{result['dump_vs_raw']:>11.2f}",
         f"{'read/load':<14}{result['raw_read_gbps']:>10.2f}{result['load_gbps']:>12.2f}{result['load_vs_raw']:>11.2f}",
+        *(
+            [
+                f"raw read with readahead off (block-sized I/Os, as the store's per-block files): "
+                f"{result['raw_read_no_readahead_gbps']:.2f} GB/s; load is "
+                f"{float(result['load_gbps']) / float(result['raw_read_no_readahead_gbps']):.2f}x that"  # type: ignore[arg-type]
+            ]
+            if "raw_read_no_readahead_gbps" in result
+            else []
+        ),
         "",
         f"lookup of 8192 present blocks   {result['lookup_ms_8192']:8.2f} ms  (goal <= 5 ms; "
         f"{result['lookup_cpu_ms_8192']:.2f} ms CPU)",
