@@ -5,8 +5,8 @@ For each block size it builds a vLLM-0.32-style paged cache (one allocation, per
 
 * `copy` - the baseline: `dst.copy_(src)` of one contiguous tensor of the batch's byte size;
 * `gather` / `scatter` - `gather_blocks` / `scatter_blocks` of the batch (cache <-> block-major);
-* `layerwise_save` - the connector's save path: a per-layer gather into layer-major staging plus
-  the host repack into per-block payloads;
+* `layerwise_save` - the connector's save path into per-head-group host payloads (on CUDA: per-layer
+  gather + pinned D2H on a side stream + host repack, compared with torch's pinned D2H copy);
 * on CUDA also `d2h` / `h2d`: gather/scatter through pinned host memory, against torch's own pinned
   `copy_` of the same bytes (`copy_d2h` / `copy_h2d`).
 
@@ -47,16 +47,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
-    fn()  # warm-up (allocations, first-touch page faults)
-    _sync(device)
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
+    """Median seconds of each function, run round-robin so that the baseline and the measured
+    operations see the same machine load (a shared CI machine's load changes by the second)."""
+    for fn in fns.values():  # warm-up: allocations, first-touch page faults, cached row plans
         fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def bench_block_size(args: argparse.Namespace, device: torch.device, block_size: int) -> dict[str, Any]:
@@ -76,9 +80,6 @@ def bench_block_size(args: argparse.Namespace, device: torch.device, block_size:
     gb = nbytes / 1e9
     result: dict[str, Any] = {"block_size": block_size, "blocks": n, "batch_bytes": nbytes}
 
-    t_copy = _timed(lambda: dst_flat.copy_(src_flat), device, args.repeat)
-    t_gather = _timed(lambda: gather_blocks(paged, ids, 0, args.kv_heads, out), device, args.repeat)
-    t_scatter = _timed(lambda: scatter_blocks(paged, ids, 0, args.kv_heads, out), device, args.repeat)
     pool = HostBufferPool(4 * nbytes + (64 << 20))
     groups = [HeadGroup(h, 1) for h in range(args.kv_heads)]
     id_list = ids.tolist()
@@ -90,15 +91,26 @@ def bench_block_size(args: argparse.Namespace, device: torch.device, block_size:
         for payload in batch.finish():
             payload.release()
 
-    t_save = _timed(layerwise_save, device, max(3, args.repeat // 2))
-    result.update(
-        copy_gbps=gb / t_copy,
-        gather_gbps=gb / t_gather,
-        scatter_gbps=gb / t_scatter,
-        layerwise_save_gbps=gb / t_save,
-        gather_vs_copy=t_copy / t_gather,
-        scatter_vs_copy=t_copy / t_scatter,
+    on_cpu = device.type == "cpu"
+    t = _interleaved(
+        {
+            "copy": lambda: dst_flat.copy_(src_flat),
+            "gather": lambda: gather_blocks(paged, ids, 0, args.kv_heads, out),
+            "scatter": lambda: scatter_blocks(paged, ids, 0, args.kv_heads, out),
+            **({"layerwise_save": layerwise_save} if on_cpu else {}),
+        },
+        device,
+        args.repeat,
     )
+    result.update(
+        copy_gbps=gb / t["copy"],
+        gather_gbps=gb / t["gather"],
+        scatter_gbps=gb / t["scatter"],
+        gather_vs_copy=t["copy"] / t["gather"],
+        scatter_vs_copy=t["copy"] / t["scatter"],
+    )
+    if on_cpu:  # on CUDA the save ends in host memory: compared with the pinned D2H copy below
+        result.update(layerwise_save_gbps=gb / t["layerwise_save"], layerwise_save_vs_copy=t["copy"] / t["layerwise_save"])
     if device.type == "cuda":
         host = torch.empty(out.shape, dtype=dtype, pin_memory=True)
         host_flat = torch.empty(nbytes // 2, dtype=dtype, pin_memory=True)
@@ -111,10 +123,21 @@ def bench_block_size(args: argparse.Namespace, device: torch.device, block_size:
             out.copy_(host, non_blocking=True)
             scatter_blocks(paged, ids, 0, args.kv_heads, out)
 
-        t_copy_d2h = _timed(lambda: host_flat.copy_(src_flat, non_blocking=True), device, args.repeat)
-        t_copy_h2d = _timed(lambda: src_flat.copy_(host_flat, non_blocking=True), device, args.repeat)
-        t_d2h = _timed(d2h, device, args.repeat)
-        t_h2d = _timed(h2d, device, args.repeat)
+        t = _interleaved(
+            {
+                "copy_d2h": lambda: host_flat.copy_(src_flat, non_blocking=True),
+                "d2h": d2h,
+                "copy_h2d": lambda: src_flat.copy_(host_flat, non_blocking=True),
+                "h2d": h2d,
+                "layerwise_save": layerwise_save,
+            },
+            device,
+            args.repeat,
+        )
+        t_copy_d2h, t_d2h, t_copy_h2d, t_h2d = t["copy_d2h"], t["d2h"], t["copy_h2d"], t["h2d"]
+        result.update(
+            layerwise_save_gbps=gb / t["layerwise_save"], layerwise_save_vs_copy=t_copy_d2h / t["layerwise_save"]
+        )
         result.update(
             copy_d2h_gbps=gb / t_copy_d2h,
             copy_h2d_gbps=gb / t_copy_h2d,

@@ -22,11 +22,13 @@ CPU; row gathers run at copy speed. Only torch is imported here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import itertools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -135,9 +137,31 @@ class RowPlan:
             # numpy's fancy assignment copies whole rows (memcpy); torch's CPU index_copy_ goes
             # element by element and measured 2-4x slower than a plain copy of the same bytes.
             as_int = _SAME_SIZE_INT[self.rows.element_size()]
-            self.rows.view(as_int).numpy()[rows.numpy()] = values.view(as_int).numpy()
+            _parallel_row_assign(self.rows.view(as_int).numpy(), rows.numpy(), values.view(as_int).numpy())
             return
         self.rows.index_copy_(0, rows, values)
+
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _parallel_row_assign(dst: np.ndarray, rows: np.ndarray, src: np.ndarray) -> None:
+    """`dst[rows] = src` split over torch's intra-op thread count (numpy releases the GIL while it
+    copies rows, so chunks run in parallel, like torch's own multi-threaded copy does)."""
+    global _executor
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or len(rows) < 4 * threads:
+        dst[rows] = src
+        return
+    if _executor is None or _executor._max_workers != threads:
+        _executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ucm-scatter")
+    bounds = np.linspace(0, len(rows), threads + 1).astype(int)
+
+    def part(i: int) -> None:
+        a, b = bounds[i], bounds[i + 1]
+        dst[rows[a:b]] = src[a:b]
+
+    list(_executor.map(part, range(threads)))
 
 
 class PagedKV:
