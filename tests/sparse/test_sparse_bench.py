@@ -14,7 +14,7 @@ from ucm.sparse import retrieval_math as rm
 
 def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "sparse", "--json", "--skip-minilm", "--tokens", "4096", "--offload-tokens", "4096",
-                 "--planted-steps", "4"]) == 0
+                 "--planted-steps", "4", "--graded-needles", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for ratio in ("keep_0.1", "keep_0.25", "keep_0.5"):
         row = result["planted"]["4096"][ratio]
@@ -22,6 +22,8 @@ def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str])
         assert row["kv_bytes_per_step"] < row["dense_kv_bytes_per_step"]
         assert row["needle_recall"] == 1.0  # the planted needles are always found
         assert row["cosine_mean"] > 0.99
+    graded = result["graded"]["4096"]
+    assert graded["keep_0.5"]["cosine_mean"] > graded["keep_0.1"]["cosine_mean"]  # more blocks, less error
     offload = result["offload"]
     for run in ("prefetch", "no_prefetch"):
         assert offload[run]["fetched_bytes_per_step"][0] > 0  # the first step fetches its whole selection

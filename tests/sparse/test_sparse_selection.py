@@ -48,7 +48,7 @@ def test_top_k_exact_on_constructed_needles() -> None:
         for i, b in enumerate(blocks):
             keys[b * BS + 7, h, h] = 5.0 + i  # one strong token per needle block
     kb, n = rm.to_block_major(keys, BS)
-    for kind in ("bounds", "mean"):
+    for kind in rm.SUMMARY_KINDS:
         sel = rm.select_blocks(
             query, rm.build_block_summaries(kb, n), keep_ratio=6 / nb, init_blocks=1, local_blocks=2, kind=kind
         )
@@ -73,6 +73,8 @@ def test_bounds_find_a_single_needle_token_that_the_mean_misses() -> None:
     bounds = rm.select_blocks(query, s, keep_ratio=4 / nb, init_blocks=1, local_blocks=2, kind="bounds")
     assert 17 in bounds[0].tolist()
     assert int(rm.score_blocks(query, s, "bounds")[0, 1:-2].argmax()) + 1 == 17
+    hybrid = rm.select_blocks(query, s, keep_ratio=4 / nb, init_blocks=1, local_blocks=2, kind="hybrid")
+    assert 17 in hybrid[0].tolist()  # the hybrid keeps what the bound finds
 
 
 def test_stride_reuses_retrieval_and_windows_follow() -> None:

@@ -236,10 +236,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["minilm_load_s"] = round(time.perf_counter() - t0, 1)
         result["minilm"] = bench_minilm(args, windows)
     result["planted"] = {}
+    result["graded"] = {}
     for tokens in args.tokens:
         ctx = planted_context(tokens, num_kv_heads=args.kv_heads, group=args.group, block_size=args.block_size,
                               steps=args.planted_steps)
         result["planted"][str(tokens)] = bench_planted(args, ctx)
+        if args.graded_needles:
+            ctx = planted_context(tokens, num_kv_heads=args.kv_heads, group=args.group, block_size=args.block_size,
+                                  steps=args.planted_steps, num_needles=args.graded_needles, strength=(0.5, 3.0),
+                                  seed=2)
+            result["graded"][str(tokens)] = bench_planted(args, ctx)
     if args.offload_tokens:
         ctx = planted_context(args.offload_tokens, num_kv_heads=args.kv_heads, group=args.group,
                               block_size=args.block_size, steps=args.planted_steps, seed=1)
@@ -261,6 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     rows = [("minilm", k, v) for k, v in result.get("minilm", {}).items()]
     rows += [(f"planted_{t}", k, v) for t, r in result["planted"].items() for k, v in r.items()]
+    rows += [(f"graded_{t}", k, v) for t, r in result["graded"].items() for k, v in r.items()]
     print(f"{'data':<16}{'keep':<10}{'cos_mean':>9}{'oracle':>9}{'cos_p1':>9}{'max_err':>9}{'recall':>8}{'needle':>8}"
           f"{'bytes_x':>8}{'ms':>9}{'dense_ms':>9}")
     for data, keep, v in rows:
@@ -288,10 +295,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--minilm-block-size", type=int, default=16)
     parser.add_argument("--stride", type=int, default=4, help="retrieval_stride")
-    parser.add_argument("--summary", choices=rm.SUMMARY_KINDS, default="bounds")
+    parser.add_argument("--summary", choices=rm.SUMMARY_KINDS, default="hybrid")
     parser.add_argument("--windows", type=int, default=2, help="512-token text windows through MiniLM")
     parser.add_argument("--decode-steps", type=int, default=16, help="decoded positions per window and layer")
     parser.add_argument("--planted-steps", type=int, default=8)
+    parser.add_argument("--graded-needles", type=int, default=256,
+                        help="needles of graded strength in the second planted variant (0 disables it)")
     parser.add_argument("--offload-tokens", type=int, default=32768, help="0 disables the offload run")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--threads", type=int, default=2)

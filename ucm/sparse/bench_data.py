@@ -123,25 +123,33 @@ def planted_context(
     head_dim: int = 128,
     block_size: int = 16,
     num_needles: int = 8,
+    strength: tuple[float, float] = (6.0, 6.0),
     steps: int = 8,
     seed: int = 0,
 ) -> PlantedContext:
     """Random keys plus, per KV head, `num_needles` blocks whose keys align with that head's query
     direction, an attention sink (block 0) and a recency bias (keys drift towards the query near the
     end) — the structure real long-context attention has; each decode query is that direction plus
-    noise, so the right blocks are known."""
+    noise, so the right blocks are known.
+
+    `strength` (low, high) spreads the needles' alignment: (6, 6) plants a few dominant needles (a
+    retrieval check); many needles at (0.5, 3) spread the attention mass over hundreds of blocks
+    of graded relevance, where selection quality shows in the output error."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = num_tokens // block_size
+    if not 0 < num_needles <= n_blocks - 8:
+        raise ValueError(f"planted context: num_needles must be in 1..{n_blocks - 8} for {num_tokens} tokens")
     keys = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)
     values = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g)
     direction = torch.nn.functional.normalize(torch.randn(num_kv_heads, head_dim, generator=g), dim=-1)
     needles = torch.stack(
         [torch.randperm(n_blocks - 8, generator=g)[:num_needles] + 4 for _ in range(num_kv_heads)]
     ).sort(dim=1).values
+    strengths = torch.linspace(strength[0], strength[1], num_needles).tolist()
     for h in range(num_kv_heads):
-        for b in needles[h].tolist():
+        for b, s in zip(needles[h].tolist(), strengths, strict=True):
             tokens = slice(b * block_size, (b + 1) * block_size)
-            keys[tokens, h] += 6.0 * direction[h]
+            keys[tokens, h] += s * direction[h]
         keys[:block_size, h] += 4.0 * direction[h]  # attention sink
         recent = torch.linspace(0.0, 3.0, 4 * block_size)
         keys[-4 * block_size :, h] += recent[:, None] * direction[h]

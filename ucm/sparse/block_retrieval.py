@@ -37,7 +37,10 @@ class BlockRetrievalConfig:
     init_blocks: int = 1  # always-kept leading blocks (attention sinks)
     local_blocks: int = 2  # always-kept most recent blocks
     retrieval_stride: int = 4  # re-select the top-k every N decode steps
-    summary: str = "bounds"  # "bounds" (per-channel min/max, Quest upper bound) or "mean"
+    # "bounds" (per-channel min/max, Quest upper bound), "mean" (mean key), or "hybrid" (both,
+    # standardised, the larger wins: bounds catch single-token needles, the mean catches blocks
+    # that are relevant as a whole, where high-dimensional bounds are loose)
+    summary: str = "hybrid"
     min_blocks: int = 16  # shorter contexts stay dense: there is nothing worth skipping
     resident_blocks: int | None = None  # offload: device slots per request-layer ((head, block) pairs)
     prefetch_blocks: int = 2  # offload: runners-up per head prefetched for the next re-selection

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-SUMMARY_KINDS = ("bounds", "mean")
+SUMMARY_KINDS = ("bounds", "mean", "hybrid")
 
 
 @dataclasses.dataclass
@@ -39,9 +39,9 @@ class BlockSummaries:
         return int(self.kmin.shape[1])
 
     def nbytes(self, kind: str) -> int:
-        """Bytes a scoring pass reads: both bounds, or the mean only."""
+        """Bytes a scoring pass reads: both bounds, the mean only, or all three (hybrid)."""
         one = self.kmin.numel() * self.kmin.element_size()
-        return 2 * one if kind == "bounds" else one
+        return {"bounds": 2, "mean": 1, "hybrid": 3}[kind] * one
 
 
 def token_valid_mask(num_blocks: int, block_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -69,13 +69,26 @@ def score_blocks(query: torch.Tensor, summaries: BlockSummaries, kind: str) -> t
     num_kv_heads, _, head_dim = summaries.kmin.shape
     group = query.shape[0] // num_kv_heads
     q = query.float().view(num_kv_heads, group, head_dim)
-    if kind == "bounds":
+    if kind in ("bounds", "hybrid"):
         ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
         ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
+    if kind in ("mean", "hybrid"):
+        mean = torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float())
+    if kind == "bounds":
         scores = ub
+    elif kind == "mean":
+        scores = mean
     else:
-        scores = torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float())
+        # a block stands out if either summary singles it out: standardise each score over the
+        # blocks (per query head) and take the larger
+        scores = torch.maximum(_standardise(ub), _standardise(mean))
     return scores.amax(dim=1)
+
+
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std over the last axis (blocks); a constant row becomes zeros."""
+    centred = scores - scores.mean(dim=-1, keepdim=True)
+    return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-6)
 
 
 def num_blocks_to_keep(num_blocks: int, keep_ratio: float, init_blocks: int, local_blocks: int) -> int:
