@@ -550,34 +550,35 @@ class FileStore(Store):
             return os.open(tmp, flags, 0o644)
 
     def _write_object(self, fd: int, key: bytes, description: str, buf: memoryview) -> None:
-        """Header + payload at offset 0. For large blocks the payload is written first while a
-        verify thread computes its checksum, then the header: hashing overlaps the write."""
+        """Header + payload at offset 0.
+
+        Buffered, large blocks: the payload goes to the page cache while a verify thread
+        computes its checksum, then the header (hashing overlaps the copy). O_DIRECT: checksum
+        first, then one device write of header + payload; measured faster than a separate
+        small synchronous header write."""
         n = buf.nbytes
-        pending = self._verify_pool.submit(payload_checksum, buf) if n >= _PIPELINE_BYTES else None
-
-        def header() -> bytes:
-            checksum = pending.result() if pending is not None else payload_checksum(buf)
-            return Header(self.salt, key, description, n, checksum).encode()
-
         if not self.direct:
-            if pending is None:
-                fileio.pwrite_all(fd, [memoryview(header()), buf], 0)
-            else:
+            if n >= _PIPELINE_BYTES:
+                pending = self._verify_pool.submit(payload_checksum, buf)
                 fileio.pwrite_all(fd, [buf], HEADER_SIZE)
-                fileio.pwrite_all(fd, [memoryview(header())], 0)
+                header = Header(self.salt, key, description, n, pending.result()).encode()
+                fileio.pwrite_all(fd, [memoryview(header)], 0)
+            else:
+                header = Header(self.salt, key, description, n, payload_checksum(buf)).encode()
+                fileio.pwrite_all(fd, [memoryview(header), buf], 0)
             return
+        header = Header(self.salt, key, description, n, payload_checksum(buf)).encode()
         if fileio.is_aligned(buf):
-            fileio.pwrite_all(fd, [buf], HEADER_SIZE)
             header_view = self._buffers.get(HEADER_SIZE)
-        else:
-            padded = fileio.align_up(n)
-            bounce = self._buffers.get(HEADER_SIZE + padded)
-            fileio.copy_bytes(bounce[HEADER_SIZE : HEADER_SIZE + n], buf)
-            bounce[HEADER_SIZE + n :] = bytes(padded - n)  # never leak an older block's bytes
-            fileio.pwrite_all(fd, [bounce[HEADER_SIZE:]], HEADER_SIZE)
-            header_view = bounce[:HEADER_SIZE]
-        header_view[:] = header()
-        fileio.pwrite_all(fd, [header_view], 0)
+            header_view[:] = header
+            fileio.pwrite_all(fd, [header_view, buf], 0)
+            return
+        padded = fileio.align_up(n)
+        bounce = self._buffers.get(HEADER_SIZE + padded)
+        bounce[:HEADER_SIZE] = header
+        fileio.copy_bytes(bounce[HEADER_SIZE : HEADER_SIZE + n], buf)
+        bounce[HEADER_SIZE + n :] = bytes(padded - n)  # never leak an older block's bytes
+        fileio.pwrite_all(fd, [bounce], 0)
 
     def _publish(self, tmp: str, final: str) -> bool:
         """Make the object visible; False when another writer published it first.
