@@ -120,6 +120,8 @@ def test_bad_arguments_raise_naming_the_problem(make_store: MakeStore, tmp_path:
         store.dump(random_keys(1), [bytearray(10)], LAYOUT)
     with pytest.raises(ValueError, match="read-only"):
         store.load(random_keys(1), [bytes(LAYOUT.nbytes)], LAYOUT)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        store.dump(random_keys(1), [np.zeros((LAYOUT.nbytes, 2), np.uint8)[:, 0]], LAYOUT)
     with pytest.raises(ValueError, match="2 keys but 1 buffers"):
         store.load(random_keys(2), [bytearray(LAYOUT.nbytes)], LAYOUT)
     with pytest.raises(StoreError, match="salt"):

@@ -732,7 +732,10 @@ def _check_batch(
         raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
     views = []
     for i, buf in enumerate(buffers):
-        view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+        try:
+            view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ValueError(f"buffer {i} must be a C-contiguous buffer: {exc}") from exc
         if view.nbytes != layout.nbytes:
             raise ValueError(
                 f"buffer {i} has {view.nbytes} bytes; layout {layout.describe()} needs {layout.nbytes}"
