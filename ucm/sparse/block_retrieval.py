@@ -344,19 +344,24 @@ class BlockRetrievalSparse(UcmSparseBase):
             dirty = torch.unique(torch.cat([dirty, torch.tensor(sorted(fresh), device=dirty.device)]))
         summaries.refresh(paged, dirty)
         selections: dict[int, torch.Tensor] = {}
-        qsl = attn_metadata.query_start_loc
-        for row in decode_rows(attn_metadata):
-            seq_len = int(attn_metadata.seq_lens[row])
-            nb = math.ceil(seq_len / bs)
-            if nb < self.config.min_blocks:
-                continue
-            physical = attn_metadata.block_table[row, :nb].long()
-            key = (layer_name, int(physical[-1]))
+        # one device->host copy per metadata field, not one per row (each is a sync on a GPU)
+        seq_lens = attn_metadata.seq_lens.tolist()
+        qsl = attn_metadata.query_start_loc.tolist()
+        rows = [r for r in decode_rows(attn_metadata) if math.ceil(seq_lens[r] / bs) >= self.config.min_blocks]
+        if not rows:
+            return attn_metadata
+        table = attn_metadata.block_table
+        last_index = torch.tensor([math.ceil(seq_lens[r] / bs) - 1 for r in rows], device=table.device)
+        last_physical = table[torch.tensor(rows, device=table.device), last_index].tolist()
+        for row, last in zip(rows, last_physical, strict=True):
+            nb = math.ceil(seq_lens[row] / bs)
+            physical = table[row, :nb].long()
+            key = (layer_name, int(last))
             self._seen.add(key)
             state = self._states.setdefault(key, RetrievalState(self.config))
             scores = None
             if state.needs_scores(nb):
-                q = query[int(qsl[row])].view(-1, query.shape[-1])
+                q = query[qsl[row]].view(-1, query.shape[-1])
                 scores = rm.score_blocks(q, summaries.of(physical), self.config.summary).amax(dim=0, keepdim=True)
             selections[row] = state.select(scores, nb, 1, physical.device)[0]
         return compact_decode_rows(attn_metadata, selections, bs)
