@@ -214,3 +214,23 @@ def test_layer_kv_views_the_vllm_bhnc_cache_without_copy() -> None:
     torch.testing.assert_close(paged.value_cache[4, 3, 1], kv_cache[4, 1, 3, D:])
     kv_cache[2, 0, 5, 0] = 123.0  # a view: writes by the kernel are seen
     assert float(paged.key_cache[2, 5, 0, 0]) == 123.0
+
+
+@pytest.mark.parametrize("impl_attrs", [{"alibi_slopes": torch.ones(HQ)}, {"sliding_window": (127, 0)}])
+def test_position_dependent_attention_stays_dense(impl_attrs: dict[str, Any]) -> None:
+    create_sparse({"name": "block_retrieval", "keep_ratio": 0.25, "min_blocks": 4}, "worker")
+    kv_cache, metadata, query = build_batch([40 * BS], [1])
+    seen: list[Any] = []
+
+    def kernel(self: Any, layer: Any, q: Any, k: Any, v: Any, cache: Any, md: Any, output: Any, **_: Any) -> Any:
+        seen.append(md)
+        return output
+
+    wrapper = vllm_patch.make_attention_wrapper(kernel)
+    impl = SimpleNamespace(head_size=D, sliding_window=(-1, -1), alibi_slopes=None)
+    wrapper(impl, SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, torch.zeros_like(query))
+    assert seen[-1] is not metadata  # plain attention: compacted
+    for name, value in impl_attrs.items():
+        setattr(impl, name, value)
+    wrapper(impl, SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, torch.zeros_like(query))
+    assert seen[-1] is metadata  # ALiBi / sliding window: dense

@@ -84,6 +84,7 @@ def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             # a captured CUDA graph would freeze this step's compacted block table into every
             # replay; inside capture stay dense (replays of full graphs then run dense attention)
             or (kv_cache.is_cuda and torch.cuda.is_current_stream_capturing())
+            or uses_token_distances(self)
         ):
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         layer_name = str(getattr(layer, "layer_name", ""))
@@ -96,6 +97,13 @@ def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
 
     setattr(forward, _MARK, original)
     return forward
+
+
+def uses_token_distances(impl: Any) -> bool:
+    """ALiBi and sliding windows depend on key positions, which compaction changes: stay dense."""
+    window = getattr(impl, "sliding_window", None)
+    has_window = window is not None and tuple(window) != (-1, -1)
+    return getattr(impl, "alibi_slopes", None) is not None or has_window
 
 
 def is_patched(cls: type) -> bool:
