@@ -44,12 +44,12 @@ from concurrent.futures import Future
 
 from ucm.store import fileio
 from ucm.store.base import BlockLayout, Key, Store, StoreError, StoreStats, Task, WritableBuffer
+from ucm.store.checks import check_batch, check_keys
 from ucm.store.format import (
     FORMAT_VERSION,
     HEADER_SIZE,
     MARKER_FORMAT,
     MARKER_NAME,
-    MAX_KEY_BYTES,
     OBJECTS_DIR,
     QUARANTINE_DIR,
     SALT_BYTES,
@@ -327,7 +327,7 @@ class FileStore(Store):
             self._refresher.start()
 
     def lookup(self, keys: Sequence[Key]) -> list[bool]:
-        _check_keys(keys)
+        check_keys(keys)
         self._maybe_refresh()
         found = list(map(self._index.__contains__, keys))
         missing = [i for i, hit in enumerate(found) if not hit]
@@ -351,7 +351,7 @@ class FileStore(Store):
     def lookup_prefix(self, keys: Sequence[Key]) -> int:
         """Stats only the keys the index lacks, and stops at the first real miss, so a new
         prompt costs one stat, not one per block."""
-        _check_keys(keys)
+        check_keys(keys)
         self._maybe_refresh()
         in_index = list(map(self._index.__contains__, keys))
         count = 0
@@ -374,7 +374,7 @@ class FileStore(Store):
     # -- load -------------------------------------------------------------------------------------
 
     def load(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
-        views = _check_batch(keys, buffers, layout, writable=True)
+        views = check_batch(keys, buffers, layout, writable=True)
         description = layout.describe()
         return FutureTask(
             [self._pool.submit(self._load_one, k, v, description) for k, v in zip(keys, views, strict=True)]
@@ -489,7 +489,7 @@ class FileStore(Store):
     # -- dump -------------------------------------------------------------------------------------
 
     def dump(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
-        views = _check_batch(keys, buffers, layout, writable=False)
+        views = check_batch(keys, buffers, layout, writable=False)
         if self._stats.read_only_reason is not None:
             with self._lock:
                 self._stats.dump_failures += len(keys)
@@ -682,7 +682,7 @@ class FileStore(Store):
     # -- the rest ---------------------------------------------------------------------------------
 
     def remove(self, keys: Sequence[Key]) -> int:
-        _check_keys(keys)
+        check_keys(keys)
         removed = 0
         for key in keys:
             try:
@@ -712,38 +712,6 @@ class FileStore(Store):
 
 class _LayoutMismatch(Exception):
     """A sound object whose layout differs from the caller's: a miss, but not damage."""
-
-
-def _check_keys(keys: Sequence[Key]) -> None:
-    # set(map(...)) runs in C: this check stays far below the 5 ms budget for 8,192 keys
-    if not keys:
-        return
-    lengths = set(map(len, keys)) if set(map(type, keys)) == {bytes} else {0}
-    if min(lengths) < 16 or max(lengths) > MAX_KEY_BYTES:
-        bad = next(k for k in keys if not isinstance(k, bytes) or not 16 <= len(k) <= MAX_KEY_BYTES)
-        raise ValueError(f"store keys must be bytes of 16..{MAX_KEY_BYTES} bytes, got {bad!r:.80}")
-
-
-def _check_batch(
-    keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout, *, writable: bool
-) -> list[memoryview]:
-    _check_keys(keys)
-    if len(keys) != len(buffers):
-        raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
-    views = []
-    for i, buf in enumerate(buffers):
-        try:
-            view = memoryview(buf).cast("B")  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise ValueError(f"buffer {i} must be a C-contiguous buffer: {exc}") from exc
-        if view.nbytes != layout.nbytes:
-            raise ValueError(
-                f"buffer {i} has {view.nbytes} bytes; layout {layout.describe()} needs {layout.nbytes}"
-            )
-        if writable and view.readonly:
-            raise ValueError(f"buffer {i} is read-only; load needs writable buffers")
-        views.append(view)
-    return views
 
 
 def _fsync_dir(path: str) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from ucm.store import fileio
 from ucm.store.base import BlockLayout, Key, Store, StoreError, StoreStats, Task, WritableBuffer
+from ucm.store.checks import check_batch
 from ucm.store.tasks import CombinedTask
 
 
@@ -98,15 +99,13 @@ class HostTierStore(Store):
         return count + (self.backing.lookup_prefix(keys[count:]) if count < len(keys) else 0)
 
     def load(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
-        if len(keys) != len(buffers):
-            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = check_batch(keys, buffers, layout, writable=True)
         description = layout.describe()
-        views = [memoryview(b).cast("B") for b in buffers]  # type: ignore[arg-type]
         known: list[bool | None] = []
         missing: list[int] = []
         for i, (key, view) in enumerate(zip(keys, views, strict=True)):
             cached = self._get(key, description)
-            if cached is not None and len(cached) == view.nbytes and not view.readonly:
+            if cached is not None and len(cached) == view.nbytes:
                 fileio.copy_bytes(view, memoryview(cached))
                 known.append(True)
             else:
@@ -132,10 +131,11 @@ class HostTierStore(Store):
         return CombinedTask(known, inner, missing, finish)
 
     def dump(self, keys: Sequence[Key], buffers: Sequence[WritableBuffer], layout: BlockLayout) -> Task:
-        task = self.backing.dump(keys, buffers, layout)  # validates keys, sizes and layout first
+        views = check_batch(keys, buffers, layout, writable=False)
+        task = self.backing.dump(keys, buffers, layout)
         description = layout.describe()
-        for key, buf in zip(keys, buffers, strict=True):
-            self._put(key, description, memoryview(buf).cast("B"))  # type: ignore[arg-type]
+        for key, view in zip(keys, views, strict=True):
+            self._put(key, description, view)
         return task
 
     def remove(self, keys: Sequence[Key]) -> int:
