@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-from ucm.connector.layouts import detect_layout, plan_heads
+from ucm.connector.heads import plan_heads
+from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.worker import CacheSpec, UCMWorkerSide
 from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry

@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ucm.connector.config import UCMConfig, parse_extra_config
-from ucm.connector.layouts import canonical_group_size, plan_heads
+from ucm.connector.heads import canonical_group_size, plan_heads
 from ucm.connector.metadata import UCMConnectorMetadata
 from ucm.connector.scheduler import UCMSchedulerSide
 from ucm.connector.stats import UCMConnectorStats, UCMPromMetrics

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ucm.connector.layouts import HeadPlan, detect_layout
+from ucm.connector.heads import HeadPlan
+from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import block_key

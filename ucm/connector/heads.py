@@ -1,0 +1,78 @@
+"""Which KV heads a tensor-parallel rank owns, and how heads are grouped into stored objects.
+
+Pure Python (no torch, no vLLM) so the operator can check at admission time which TP sizes can
+share a store (`supported_tp_sizes`), with the same rule the connector applies at start-up.
+
+Head groups. Blocks are stored as one object per block per group of `group_size` consecutive KV
+heads, so pools with different TP sizes share them: a rank with h local heads reads and writes
+h / group_size objects per block, exactly the heads it owns. `group_size` is the model's KV heads
+divided by the largest power of two <= 8 that divides them (Llama-3-8B: 8 heads -> 1 head per
+object, TP 1/2/4/8 all share). Smaller groups mean more, smaller objects (a 16-token block of
+Llama-3-8B is 8 objects of 256 KiB instead of one of 2 MiB); the group is part of every key, so a
+pool that used another group size would only miss, never read wrong bytes. MLA's latent KV is not
+split across ranks: rank 0 writes one object per block and every rank reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MAX_SHARED_TP = 8
+
+
+def canonical_group_size(total_kv_heads: int, is_mla: bool) -> int:
+    """KV heads per stored object (see the module docstring)."""
+    if is_mla:
+        return 1
+    tp = MAX_SHARED_TP
+    while tp > 1 and total_kv_heads % tp:
+        tp //= 2
+    return total_kv_heads // tp
+
+
+def supported_tp_sizes(total_kv_heads: int, is_mla: bool) -> list[int]:
+    """TP sizes (up to 64) whose ranks each own whole head groups."""
+    if is_mla:
+        return [1, 2, 4, 8, 16, 32, 64]
+    group = canonical_group_size(total_kv_heads, is_mla)
+    sizes = [tp for tp in range(1, total_kv_heads + 1) if total_kv_heads % tp == 0 and (total_kv_heads // tp) % group == 0]
+    if group == 1:
+        sizes += [tp for tp in range(total_kv_heads + 1, 65) if tp % total_kv_heads == 0]  # replicated heads
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPlan:
+    """The KV heads of one TP rank and the stored groups they map to."""
+
+    total_heads: int
+    group_size: int
+    local_start: int  # global index of the rank's first local head
+    local_count: int
+    writes: bool  # False for ranks holding a replica another rank already writes
+
+    def groups(self) -> list[tuple[int, int, int]]:
+        """(global head start, head count, local head offset) of each stored group the rank owns."""
+        return [
+            (self.local_start + off, self.group_size, off)
+            for off in range(0, self.local_count, self.group_size)
+        ]
+
+
+def plan_heads(total_kv_heads: int, tp_size: int, tp_rank: int, *, is_mla: bool) -> HeadPlan:
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tensor parallel rank {tp_rank} is outside 0..{tp_size - 1}")
+    group = canonical_group_size(total_kv_heads, is_mla)
+    if is_mla:
+        return HeadPlan(1, 1, 0, 1, writes=tp_rank == 0)
+    supported = supported_tp_sizes(total_kv_heads, is_mla)
+    if tp_size not in supported:
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} cannot share UCM blocks for a model with {total_kv_heads} "
+            f"KV heads stored in groups of {group}; supported tensor parallel sizes: {supported}"
+        )
+    if tp_size <= total_kv_heads:
+        local = total_kv_heads // tp_size
+        return HeadPlan(total_kv_heads, group, tp_rank * local, local, writes=True)
+    replicas = tp_size // total_kv_heads
+    return HeadPlan(total_kv_heads, 1, tp_rank // replicas, 1, writes=tp_rank % replicas == 0)
