@@ -172,8 +172,8 @@ def test_startup_logs_path_and_salt(store_dir: pathlib.Path, caplog: pytest.LogC
 def test_every_publish_mode(make_store: MakeStore, mode: str) -> None:
     """Each fallback (no RENAME_NOREPLACE e.g. on NFS; no hard links) publishes complete objects."""
     store = make_store(io_threads=8)
-    store._use_noreplace = mode == "renameat2"
-    store._use_link = mode in ("renameat2", "link")
+    store._publisher.use_noreplace = mode == "renameat2"
+    store._publisher.use_link = mode in ("renameat2", "link")
     keys = random_keys(4)
     batch = keys * 4  # racing writers of the same keys
     assert store.dump(batch, [payload_for(k) for k in batch], LAYOUT).wait(10) == [True] * 16

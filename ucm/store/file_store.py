@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import json
 import logging
 import os
 import threading
@@ -46,24 +45,20 @@ from ucm.store import fileio
 from ucm.store.base import BlockLayout, Key, Store, StoreError, StoreStats, Task, WritableBuffer
 from ucm.store.checks import check_batch, check_keys
 from ucm.store.format import (
-    FORMAT_VERSION,
     HEADER_SIZE,
-    MARKER_FORMAT,
-    MARKER_NAME,
     OBJECTS_DIR,
     QUARANTINE_DIR,
     SALT_BYTES,
-    SHARD_NAMES,
     Header,
     HeaderError,
     decode_header,
-    is_temp_name,
     object_path,
     payload_checksum,
     shard_dir,
     temp_name,
 )
 from ucm.store.maintenance import evict_lru, remove_stale_temps
+from ucm.store.root import create_shards, prepare_root
 from ucm.store.scan import ObjectEntry, scan_objects
 from ucm.store.tasks import DoneTask, FutureTask
 
@@ -71,7 +66,6 @@ log = logging.getLogger("ucm.store")
 
 # Errors after which retrying a write is pointless: the store stops accepting dumps.
 _READ_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-_NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 _LOW_WATERMARK = 0.9
 _STALE_TEMP_S = 3600.0  # no write takes an hour: an older temp file belongs to a dead writer
 # Blocks at least this large hash on a separate thread, overlapping the checksum with I/O.
@@ -130,8 +124,7 @@ class FileStore(Store):
         self._scanning = False
         self._published_during_scan: list[bytes] = []
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
-        self._use_noreplace = True
-        self._use_link = True
+        self._publisher = fileio.Publisher()
         self._logged_errors: set[int] = set()
         self._buffers = fileio.ThreadBuffers()
         self._open_root()
@@ -156,105 +149,21 @@ class FileStore(Store):
     # -- set-up -----------------------------------------------------------------------------
 
     def _open_root(self) -> None:
-        """Create or validate the store directory; a directory that is not ours is an error."""
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise StoreError(f"store path {self.root} exists and is not a directory")
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create store directory {self.root}: {exc.strerror}") from exc
-        marker = os.path.join(self.root, MARKER_NAME)
-        if os.path.exists(marker):
-            self._check_marker(marker)
-        else:
-            names = set(os.listdir(self.root)) - {OBJECTS_DIR, QUARANTINE_DIR}
-            foreign = sorted(n for n in names if not is_temp_name(n))  # another process creating it
-            if foreign:
-                raise StoreError(
-                    f"store path {self.root} is not empty and has no {MARKER_NAME} "
-                    f"(found {', '.join(foreign[:5])}); refusing to use a foreign directory as a store"
-                )
-            try:
-                self._write_marker(marker)
-            except OSError as exc:
-                self._refuse_dumps(marker, exc)
-        for directory in (self._objects, self._quarantine):
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as exc:
-                self._refuse_dumps(directory, exc)
-        if self.direct:
-            self._probe_direct()
-
-    def _check_marker(self, marker: str) -> None:
-        try:
-            with open(marker, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{marker}: unreadable store marker ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != MARKER_FORMAT:
-            raise StoreError(f"{marker}: not a UCM file store marker (expected format {MARKER_FORMAT!r})")
-        if meta.get("version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{marker}: store format version {meta.get('version')!r}, this UCM reads {FORMAT_VERSION}"
-            )
-
-    def _write_marker(self, marker: str) -> None:
-        tmp = os.path.join(self.root, temp_name("marker"))
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": MARKER_FORMAT, "version": FORMAT_VERSION}, f)
-        try:
-            os.link(tmp, marker)
-        except FileExistsError:
-            pass  # another process created the store at the same moment
-        except OSError as exc:
-            if exc.errno not in _NO_LINK_ERRNOS:
-                raise
-            os.rename(tmp, marker)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _probe_direct(self) -> None:
-        probe = os.path.join(self.root, MARKER_NAME)
-        if not os.path.exists(probe):
-            return  # an empty read-only directory: nothing will ever be read or written
-        try:
-            os.close(os.open(probe, os.O_RDONLY | _O_DIRECT | _O_CLOEXEC))
-        except OSError as exc:
-            raise StoreError(
-                f"direct=True but {self.root} does not support O_DIRECT ({exc.strerror}); use direct=False"
-            ) from exc
+        failure = prepare_root(self.root, direct=self.direct)
+        if failure is not None:
+            self._refuse_dumps(*failure)
 
     # -- index --------------------------------------------------------------------------------
 
     def _warm_index(self) -> None:
         try:
             self.refresh()
-            if self.prepare_shards and not self.index_ready.is_set():
-                self._create_shards()
+            if self.prepare_shards and not self.index_ready.is_set() and self._stats.read_only_reason is None:
+                create_shards(self._objects)
         except Exception:  # never let a scan failure take the process down
             log.exception("UCM store: index scan of %s failed; lookups fall back to stat", self.root)
         finally:
             self.index_ready.set()
-
-    def _create_shards(self) -> None:
-        """Create the shard directories that do not exist yet, so writes need no mkdir.
-        Best effort: a dump creates its shard itself if this has not (or could not)."""
-        if self._stats.read_only_reason is not None:
-            return
-        try:
-            existing = set(os.listdir(self._objects))
-        except OSError:
-            return
-        for name in SHARD_NAMES:
-            if name not in existing:
-                try:
-                    os.mkdir(os.path.join(self._objects, name))
-                except FileExistsError:
-                    pass
-                except OSError:
-                    return
 
     def refresh(self) -> list[tuple[bytes, str, int, int]]:
         """Rescan the directory; the index and usage then reflect every host's objects.
@@ -525,11 +434,11 @@ class FileStore(Store):
             finally:
                 os.close(fd)
             where = final
-            published = self._publish(tmp, final)
+            published = self._publisher.publish(tmp, final)
             if self.fsync:
-                _fsync_dir(leaf)
+                fileio.fsync_dir(leaf)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            fileio.unlink_quietly(tmp)
             with self._lock:
                 self._in_flight -= size
             self._write_failed(exc, where)
@@ -579,36 +488,6 @@ class FileStore(Store):
         fileio.copy_bytes(bounce[HEADER_SIZE : HEADER_SIZE + n], buf)
         bounce[HEADER_SIZE + n :] = bytes(padded - n)  # never leak an older block's bytes
         fileio.pwrite_all(fd, [bounce], 0)
-
-    def _publish(self, tmp: str, final: str) -> bool:
-        """Make the object visible; False when another writer published it first.
-
-        Preference order: renameat2(RENAME_NOREPLACE) (one atomic metadata operation, first
-        writer wins), then link()+unlink() (same semantics, two operations; NFS), then plain
-        rename() where the filesystem has neither (last writer wins; same bytes anyway)."""
-        if self._use_noreplace:
-            try:
-                if fileio.rename_noreplace(tmp, final):
-                    return True
-            except FileExistsError:
-                _unlink_quietly(tmp)
-                return False
-            self._use_noreplace = False
-        if self._use_link:
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                _unlink_quietly(tmp)
-                return False
-            except OSError as exc:
-                if exc.errno not in _NO_LINK_ERRNOS:
-                    raise
-                self._use_link = False  # e.g. a filesystem without hard links
-            else:
-                _unlink_quietly(tmp)
-                return True
-        os.rename(tmp, final)
-        return True
 
     def _reserve(self, size: int) -> bool:
         """Account a dump in flight, evicting LRU objects first if it would exceed capacity."""
@@ -712,18 +591,3 @@ class FileStore(Store):
 
 class _LayoutMismatch(Exception):
     """A sound object whose layout differs from the caller's: a miss, but not damage."""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -138,6 +138,63 @@ def rename_noreplace(src: str, dst: str) -> bool:
     )
 
 
+NO_LINK_ERRNOS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+class Publisher:
+    """Makes a fully written temp file visible under its final name, atomically.
+
+    Preference order: renameat2(RENAME_NOREPLACE) (one atomic metadata operation, first
+    writer wins), then link()+unlink() (same semantics, two operations; NFS), then plain
+    rename() where the filesystem has neither (last writer wins; same bytes anyway). Each
+    fallback is remembered after the first time it is needed."""
+
+    def __init__(self) -> None:
+        self.use_noreplace = True
+        self.use_link = True
+
+    def publish(self, tmp: str, final: str) -> bool:
+        """True if this call published; False when another writer had already (tmp removed)."""
+        if self.use_noreplace:
+            try:
+                if rename_noreplace(tmp, final):
+                    return True
+            except FileExistsError:
+                unlink_quietly(tmp)
+                return False
+            self.use_noreplace = False
+        if self.use_link:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                unlink_quietly(tmp)
+                return False
+            except OSError as exc:
+                if exc.errno not in NO_LINK_ERRNOS:
+                    raise
+                self.use_link = False  # e.g. a filesystem without hard links
+            else:
+                unlink_quietly(tmp)
+                return True
+        os.rename(tmp, final)
+        return True
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def drop_cache(fd: int) -> None:
     """Ask the kernel to drop this file's clean pages (after fsync), so the next read hits the disk."""
     try:
