@@ -140,13 +140,14 @@ def test_save_and_load_batches_across_layouts(
     if layerwise:
         for layer in (0, 2):  # layer 1 is never announced: finish() must still copy it
             save.save_layer(layer)
-    payloads = save.finish()
-    granule = 1 << 16  # the layer-major staging was released; only the payloads are held
-    assert pool.in_use_bytes == sum(-(-p.raw.numel() // granule) * granule for p in payloads)
+    payload = save.finish()
+    granule = 1 << 16  # the layer-major staging was released; only the payload is held
+    assert pool.in_use_bytes == -(-payload.raw.numel() // granule) * granule
+    assert len(payload.block_buffers()) == len(groups) * 3
 
     dst_tensors = cache(dst_layout, seed=3)
     dst = PagedKV(dst_tensors, dst_layout, D)
-    load = LoadBatch(dst, [0, 10, 4], groups, [p.tensor for p in payloads])
+    load = LoadBatch(dst, [0, 10, 4], groups, payload.tensor)
     load.start()
     load.wait_layer(1)
     load.finish()
@@ -154,8 +155,7 @@ def test_save_and_load_batches_across_layouts(
         torch.cuda.synchronize()
     for s, d in zip([5, 6, 8], [0, 10, 4], strict=True):
         assert torch.equal(reference_payload(src_tensors, src_layout, s), reference_payload(dst_tensors, dst_layout, d))
-    for p in payloads:
-        p.release()
+    payload.release()
     assert pool.in_use_bytes == 0
 
 
@@ -182,3 +182,30 @@ def test_pool_pins_on_cuda() -> None:
     buf = pool.acquire(1024)
     assert buf.is_pinned()
     pool.release(buf)
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_two_head_groups_of_two_round_trip(staged: bool) -> None:
+    pool = HostBufferPool(16 << 20)
+    src_tensors = cache(CacheLayout.BHNC, "LBNHC")
+    src = PagedKV(src_tensors, CacheLayout.BHNC, D)
+    groups = [HeadGroup(0, 2), HeadGroup(2, 2)]
+    save = SaveBatch(src, [1, 9], groups, pool, staged=staged)
+    for layer in range(L):
+        save.save_layer(layer)
+    payload = save.finish()
+    for g, group in enumerate(groups):  # payload[g, i] is block i's heads of group g
+        for i, b in enumerate([1, 9]):
+            want = reference_payload(src_tensors, CacheLayout.BHNC, b)[:, group.start : group.start + 2]
+            assert torch.equal(payload.tensor[g, i].to(want.device), want)
+    dst_tensors = cache(CacheLayout.FLASH_ATTN, seed=5)
+    dst = PagedKV(dst_tensors, CacheLayout.FLASH_ATTN, D)
+    load = LoadBatch(dst, [3, 4], groups, payload.tensor)
+    load.finish()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    for s, d in ((1, 3), (9, 4)):
+        assert torch.equal(reference_payload(src_tensors, CacheLayout.BHNC, s), reference_payload(dst_tensors, CacheLayout.FLASH_ATTN, d))
+    payload.release()
+    with pytest.raises(ValueError, match="consecutive"):
+        SaveBatch(src, [1], [HeadGroup(2, 2), HeadGroup(0, 2)], pool)

@@ -59,14 +59,14 @@ def _layer_order(name: str) -> tuple[int, str]:
 class _PendingLoad:
     spec: LoadSpec
     task: Task
-    payloads: list[HostPayload]
+    payload: HostPayload
     started: float
 
 
 @dataclasses.dataclass
 class _PendingDump:
     task: Task
-    payloads: list[HostPayload]
+    payload: HostPayload
     started: float
     nbytes: int
     blocks: int
@@ -98,7 +98,7 @@ class UCMWorkerSide:
         self._groups: list[HeadGroup] = []  # local head offsets
         self._group_keys: list[tuple[int, int]] = []  # global (start, count) for the keys
         self._meta: UCMConnectorMetadata | None = None
-        self._loads: list[tuple[LoadBatch, list[HostPayload]]] = []
+        self._loads: list[tuple[LoadBatch, HostPayload]] = []
         self._async: dict[str, _PendingLoad] = {}
         self._save: SaveBatch | None = None
         self._save_specs: list[SaveSpec] = []
@@ -148,18 +148,10 @@ class UCMWorkerSide:
         """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""
         return [block_key(h, start, count) for start, count in self._group_keys for h in hashes]
 
-    def _payloads(self, n: int) -> list[HostPayload]:
+    def _payload(self, n: int) -> HostPayload:
         assert self.paged is not None
         shape = self.paged.payload_shape(self.heads.group_size)
-        payloads: list[HostPayload] = []
-        try:
-            for _ in self._groups:
-                payloads.append(HostPayload(self.pool, n, shape, self.paged.dtype))
-        except BaseException:
-            for p in payloads:
-                p.release()
-            raise
-        return payloads
+        return HostPayload(self.pool, len(self._groups), n, shape, self.paged.dtype)
 
     # ---- per step ------------------------------------------------------------------------------
 
@@ -194,10 +186,9 @@ class UCMWorkerSide:
 
     def _submit_load(self, spec: LoadSpec) -> _PendingLoad:
         assert self.layout is not None
-        payloads = self._payloads(len(spec.block_ids))
-        buffers = [buf for p in payloads for buf in p.block_buffers()]
-        task = self.store.load(self._keys(spec.block_hashes), buffers, self.layout)
-        return _PendingLoad(spec, task, payloads, time.perf_counter())
+        payload = self._payload(len(spec.block_ids))
+        task = self.store.load(self._keys(spec.block_hashes), payload.block_buffers(), self.layout)
+        return _PendingLoad(spec, task, payload, time.perf_counter())
 
     def _complete_load(self, pending: _PendingLoad, *, sync: bool) -> None:
         """Scatter the blocks that loaded; remember the ones that did not."""
@@ -213,15 +204,14 @@ class UCMWorkerSide:
             self.stats.add("load_failures", len(failed))
             logger.warning("UCM: request %s: %d of %d blocks failed to load; vLLM recomputes them",
                            spec.req_id, len(failed), n)
-        sources = [p.tensor if len(good) == n else p.tensor[good] for p in pending.payloads]
-        batch = LoadBatch(self.paged, [spec.block_ids[i] for i in good], self._groups, sources)
+        source = pending.payload.tensor if len(good) == n else pending.payload.tensor[:, good]
+        batch = LoadBatch(self.paged, [spec.block_ids[i] for i in good], self._groups, source)
         batch.start()
         if sync:
-            self._loads.append((batch, pending.payloads))
+            self._loads.append((batch, pending.payload))
         else:
             batch.finish()
-            for p in pending.payloads:
-                p.release()
+            pending.payload.release()
         self.stats.add("loaded_blocks", len(good))
         self.stats.add("loaded_bytes", len(good) * len(self._groups) * self.layout.nbytes)
         self.stats.add("load_seconds", time.perf_counter() - pending.started)
@@ -274,10 +264,9 @@ class UCMWorkerSide:
 
     def finish_step(self) -> None:
         """End of the forward pass: loads complete, this step's saves handed to the store."""
-        for load, payloads in self._loads:
+        for load, payload in self._loads:
             load.finish()
-            for p in payloads:
-                p.release()
+            payload.release()
         self._loads.clear()
         save = self._save_batch()
         if save is not None:
@@ -303,26 +292,26 @@ class UCMWorkerSide:
 
     def _dump(self, batch: SaveBatch) -> None:
         assert self.layout is not None
-        payloads = batch.finish()
+        payload = batch.finish()
         keys: list[bytes] = []
         buffers: list[WritableBuffer] = []
+        all_buffers = payload.block_buffers()  # group-major: group g's block i is [g * total + i]
+        total = batch.n
         offset = 0
-        per_group = [p.block_buffers() for p in payloads]
         blocks = 0
         for spec in self._save_specs:
             n = len(spec.block_ids)
             if spec.req_id not in self._failed_reqs:
                 for g, (start, count) in enumerate(self._group_keys):
                     keys += [block_key(h, start, count) for h in spec.block_hashes]
-                    buffers += per_group[g][offset : offset + n]
+                    buffers += all_buffers[g * total + offset : g * total + offset + n]
                 blocks += n
             offset += n
         if not keys:
-            for p in payloads:
-                p.release()
+            payload.release()
             return
         task = self.store.dump(keys, buffers, self.layout)
-        self._dumps.append(_PendingDump(task, payloads, self._save_started, len(keys) * self.layout.nbytes, blocks))
+        self._dumps.append(_PendingDump(task, payload, self._save_started, len(keys) * self.layout.nbytes, blocks))
 
     def _poll_dumps(self, *, block: bool) -> None:
         still: list[_PendingDump] = []
@@ -331,8 +320,7 @@ class UCMWorkerSide:
                 still.append(dump)
                 continue
             dump.task.wait()
-            for p in dump.payloads:
-                p.release()
+            dump.payload.release()
             self.stats.add("saved_blocks", dump.blocks)
             self.stats.add("saved_bytes", dump.nbytes)
             self.stats.add("save_seconds", time.perf_counter() - dump.started)
@@ -361,7 +349,6 @@ class UCMWorkerSide:
         """Finish every dump in flight so a clean shutdown loses no saved KV."""
         for pending in self._async.values():
             pending.task.wait()
-            for p in pending.payloads:
-                p.release()
+            pending.payload.release()
         self._async.clear()
         self._poll_dumps(block=True)

@@ -88,8 +88,7 @@ def bench_block_size(args: argparse.Namespace, device: torch.device, block_size:
         batch = SaveBatch(paged, id_list, groups, pool, layerwise=True)
         for layer in range(paged.num_layers):
             batch.save_layer(layer)
-        for payload in batch.finish():
-            payload.release()
+        batch.finish().release()
 
     on_cpu = device.type == "cpu"
     t = _interleaved(

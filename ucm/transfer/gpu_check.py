@@ -68,8 +68,7 @@ def overlap_check() -> dict[str, float]:
             if batch is not None:
                 batch.save_layer(layer)
         if batch is not None:
-            for p in batch.finish():
-                p.release()
+            batch.finish().release()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 

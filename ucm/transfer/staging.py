@@ -6,10 +6,11 @@ while layer i+1 computes. A load batch is the reverse: host payloads (already re
 are copied to the device and scattered layer by layer, and `LoadBatch.wait_layer(i)` only makes the
 compute stream wait for layer i, so later layers keep loading while earlier ones compute.
 
-Host memory holds, per head group, one contiguous block-major tensor ``[n, layers, heads, N, S, D]``;
-block i's bytes are one contiguous run, which is what the store writes. Because a layer of many
-blocks is not contiguous in that order, a layer-wise save first lands in a layer-major staging
-tensor (one contiguous DMA per layer) and is repacked on the host once per batch (`finish`).
+Host memory holds one `HostPayload` per batch: ``[groups, n, layers, heads_in_group, N, S, D]``,
+group-major then block-major, so each (group, block) object is one contiguous run of bytes, which
+is what the store reads and writes. Because a layer of many blocks is not contiguous in that
+order, a layer-wise save on CUDA first lands in a layer-major staging tensor (one contiguous DMA
+per layer) and is repacked on the host once per batch (`finish`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from ucm.store.base import WritableBuffer
 from ucm.transfer.buffers import HostBufferPool
-from ucm.transfer.paged import PagedKV, gather_blocks, gather_layer, scatter_layer
+from ucm.transfer.paged import PagedKV, gather_groups, gather_layer, scatter_groups, scatter_groups_layer
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,29 @@ class HeadGroup:
     count: int
 
 
-class HostPayload:
-    """Block-major host payloads of one head group: `tensor[i]` is block i's canonical payload."""
+def _as_tuples(groups: Sequence[HeadGroup]) -> list[tuple[int, int]]:
+    if not groups:
+        raise ValueError("at least one head group is needed")
+    if len({g.count for g in groups}) != 1:
+        raise ValueError(f"head groups must have equal sizes, got {[g.count for g in groups]}")
+    return [(g.start, g.count) for g in groups]
 
-    def __init__(self, pool: HostBufferPool, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+
+class HostPayload:
+    """Host payloads of a batch: `tensor[g, i]` is block i's canonical payload for head group g."""
+
+    def __init__(
+        self, pool: HostBufferPool, groups: int, n: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
         self.pool = pool
-        per_block = dtype.itemsize
-        for d in shape:
-            per_block *= d
-        self.raw = pool.acquire(n * per_block)
-        self.tensor = self.raw.view(dtype).view(n, *shape)
-        self._bytes = self.raw.view(n, per_block)
+        per_block = dtype.itemsize * int(np.prod(shape))
+        self.raw = pool.acquire(groups * n * per_block)
+        self.tensor = self.raw.view(dtype).view(groups, n, *shape)
+        self._bytes = self.raw.view(groups * n, per_block)
 
     def block_buffers(self) -> list[WritableBuffer]:
-        """One writable byte buffer per block (views, no copy) for `Store.load`/`Store.dump`."""
+        """One writable byte buffer per (group, block), group-major (views, no copy), for
+        `Store.load`/`Store.dump`."""
         flat = self._bytes.numpy()
         return [cast(WritableBuffer, flat[i]) for i in range(flat.shape[0])]
 
@@ -76,7 +86,7 @@ class _Streams:
 
 
 class SaveBatch:
-    """Save `block_ids` of a paged cache into block-major host payloads, one per head group."""
+    """Save `block_ids` of a paged cache into one `HostPayload` covering every head group."""
 
     def __init__(
         self,
@@ -90,6 +100,7 @@ class SaveBatch:
     ) -> None:
         self.paged = paged
         self.groups = list(groups)
+        self._group_tuples = _as_tuples(self.groups)
         self.n = len(block_ids)
         # Copy each layer as it is produced (into layer-major staging, repacked in `finish`): on by
         # default on CUDA, where the copy overlaps later layers' compute; on CPU it would overlap
@@ -98,8 +109,11 @@ class SaveBatch:
         self.ids = torch.tensor(list(block_ids), dtype=torch.long, device=paged.device)
         self.pool = pool
         self.layerwise = layerwise
-        self.head_start = min(g.start for g in self.groups)
-        self.head_count = max(g.start + g.count for g in self.groups) - self.head_start
+        self.group_size = self.groups[0].count
+        self.head_start = self.groups[0].start
+        self.head_count = self.group_size * len(self.groups)
+        if [g.start for g in self.groups] != list(range(self.head_start, self.head_start + self.head_count, self.group_size)):
+            raise ValueError(f"head groups must be consecutive and in order, got {self.groups}")
         self._streams = _Streams(paged.device)
         self._stage_raw: torch.Tensor | None = None
         self._stage: torch.Tensor | None = None  # [L, n, heads, N, S, D] layer-major
@@ -139,48 +153,40 @@ class SaveBatch:
         self._events.append(event)
         self._done_layers.add(layer)
 
-    def finish(self) -> list[HostPayload]:
-        """Wait for the copies and return one block-major payload per head group (caller releases)."""
+    def finish(self) -> HostPayload:
+        """Wait for the copies and return the batch's host payload (the caller releases it)."""
         p = self.paged
-        payloads: list[HostPayload] = []
-        try:
-            for g in self.groups:
-                payloads.append(HostPayload(self.pool, self.n, p.payload_shape(g.count), p.dtype))
-        except BaseException:
-            for payload in payloads:
-                payload.release()
-            raise
+        payload = HostPayload(self.pool, len(self.groups), self.n, p.payload_shape(self.group_size), p.dtype)
         if self.n == 0:
-            return payloads
+            return payload
         if not self.staged or (not self._done_layers and not self.layerwise):
-            self._gather_all(payloads)
-            return payloads
+            self._gather_all(payload)
+            return payload
         for layer in range(p.num_layers):
             self.save_layer(layer)
         for event in self._events:
             event.synchronize()
         self._keep.clear()
         stage = self._stage_tensor()
-        for g, payload in zip(self.groups, payloads, strict=True):
-            part = stage.narrow(2, g.start - self.head_start, g.count)
-            payload.tensor.copy_(part.transpose(0, 1))
+        g, gs = len(self.groups), self.group_size
+        by_group = stage.view(p.num_layers, self.n, g, gs, *stage.shape[3:]).permute(2, 1, 0, 3, 4, 5, 6)
+        payload.tensor.copy_(by_group)
         assert self._stage_raw is not None
         self.pool.release(self._stage_raw)
         self._stage_raw = self._stage = None
-        return payloads
+        return payload
 
-    def _gather_all(self, payloads: list[HostPayload]) -> None:
-        """All layers at once, straight into the block-major payloads (no layer-major staging)."""
-        for g, payload in zip(self.groups, payloads, strict=True):
-            if self._streams.stream is None:
-                gather_blocks(self.paged, self.ids, g.start, g.count, out=payload.tensor)
-                continue
-            self._streams.start_after_compute()
-            with torch.cuda.stream(self._streams.stream):
-                tmp = torch.empty_like(payload.tensor, device=self.paged.device)
-                gather_blocks(self.paged, self.ids, g.start, g.count, out=tmp)
-                payload.tensor.copy_(tmp, non_blocking=True)
-            self._streams.stream.synchronize()
+    def _gather_all(self, payload: HostPayload) -> None:
+        """All layers and groups in one indexing call, straight into the payload (no staging)."""
+        if self._streams.stream is None:
+            gather_groups(self.paged, self.ids, self._group_tuples, out=payload.tensor)
+            return
+        self._streams.start_after_compute()
+        with torch.cuda.stream(self._streams.stream):
+            tmp = torch.empty_like(payload.tensor, device=self.paged.device)
+            gather_groups(self.paged, self.ids, self._group_tuples, out=tmp)
+            payload.tensor.copy_(tmp, non_blocking=True)
+        self._streams.stream.synchronize()
 
     def abandon(self) -> None:
         """Release staging memory without producing payloads (e.g. the step failed)."""
@@ -192,55 +198,56 @@ class SaveBatch:
 
 
 class LoadBatch:
-    """Scatter block-major host payloads (one per head group) into `block_ids` of a paged cache."""
+    """Scatter a host payload ``[groups, n, *payload]`` into `block_ids` of a paged cache."""
 
     def __init__(
-        self,
-        paged: PagedKV,
-        block_ids: Sequence[int],
-        groups: Sequence[HeadGroup],
-        payloads: Sequence[torch.Tensor],
+        self, paged: PagedKV, block_ids: Sequence[int], groups: Sequence[HeadGroup], payload: torch.Tensor
     ) -> None:
         self.paged = paged
-        self.groups = list(groups)
-        self.payloads = list(payloads)
+        self.groups = _as_tuples(groups)
+        self.payload = payload
         self.ids = torch.tensor(list(block_ids), dtype=torch.long, device=paged.device)
         self._streams = _Streams(paged.device)
         self._events: dict[int, torch.cuda.Event] = {}
-        self._device_payloads: list[torch.Tensor] = []
-        self._done: set[int] = set()
+        self._device_payload: torch.Tensor | None = None
+        self._all_done = len(self.ids) == 0
 
     def start(self) -> None:
         """On CUDA, enqueue every layer's copy on the side stream now (events per layer)."""
-        if self._streams.stream is None or len(self.ids) == 0:
+        if self._streams.stream is None or self._all_done or self._events:
             return
         self._streams.start_after_compute()
         with torch.cuda.stream(self._streams.stream):
-            self._device_payloads = [t.to(self.paged.device, non_blocking=True) for t in self.payloads]
+            dev = self.payload.to(self.paged.device, non_blocking=True)
+            self._device_payload = dev
             for layer in range(self.paged.num_layers):
-                for g, dev in zip(self.groups, self._device_payloads, strict=True):
-                    scatter_layer(self.paged, layer, self.ids, g.start, g.count, dev[:, layer])
+                scatter_groups_layer(self.paged, layer, self.ids, self.groups, dev[:, :, layer])
                 event = self._streams.record()
                 assert event is not None
                 self._events[layer] = event
 
     def wait_layer(self, layer: int) -> None:
-        """Make layer `layer` valid for the compute that follows (CPU: do the copy now)."""
-        if layer in self._done or len(self.ids) == 0:
+        """Make layer `layer` valid for the compute that follows.
+
+        On CPU the copy is synchronous and overlaps nothing, so the first call scatters every
+        layer in one indexing call; on CUDA only the compute stream waits, for that layer's event.
+        """
+        if self._all_done:
             return
         if self._streams.stream is None:
-            for g, src in zip(self.groups, self.payloads, strict=True):
-                scatter_layer(self.paged, layer, self.ids, g.start, g.count, src[:, layer])
-        else:
-            if layer not in self._events:
-                self.start()
-            torch.cuda.current_stream(self.paged.device).wait_event(self._events[layer])
-        self._done.add(layer)
+            scatter_groups(self.paged, self.ids, self.groups, self.payload)
+            self._all_done = True
+            return
+        self.start()
+        torch.cuda.current_stream(self.paged.device).wait_event(self._events[layer])
 
     def finish(self) -> None:
         """Every layer loaded (for layers whose attention never asked) and host memory reusable."""
-        for layer in range(self.paged.num_layers):
-            self.wait_layer(layer)
+        if self._streams.stream is None:
+            self.wait_layer(0)
+            return
+        self.start()
         for event in self._events.values():
             event.synchronize()
-        self._device_payloads.clear()
+        self._device_payload = None
+        self._all_done = True
