@@ -54,7 +54,11 @@ def test_plugin_registers_the_connector_by_name(tmp_path: pathlib.Path) -> None:
     from ucm.connector import UCMConnector
     from ucm.connector.plugin import register
 
-    register()
+    from vllm.plugins import load_plugins_by_group
+
+    plugins = load_plugins_by_group("vllm.general_plugins")  # what vLLM runs at start-up
+    assert plugins.get("ucm") is register, "the vllm.general_plugins entry point (pyproject) is not installed"
+    plugins["ucm"]()
     register()  # idempotent: vLLM may load plugins in several places
     assert KVConnectorFactory.get_connector_class_by_name("UCMConnector") is UCMConnector
     config = make_vllm_config(write_model_dir(tmp_path / "m"), tmp_path / "store")
