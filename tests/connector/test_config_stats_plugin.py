@@ -50,11 +50,10 @@ def test_store_path_is_required() -> None:
 def test_plugin_registers_the_connector_by_name(tmp_path: pathlib.Path) -> None:
     from ucm_connector_harness import make_vllm_config, write_model_dir
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.plugins import load_plugins_by_group
 
     from ucm.connector import UCMConnector
     from ucm.connector.plugin import register
-
-    from vllm.plugins import load_plugins_by_group
 
     plugins = load_plugins_by_group("vllm.general_plugins")  # what vLLM runs at start-up
     assert plugins.get("ucm") is register, "the vllm.general_plugins entry point (pyproject) is not installed"

@@ -14,10 +14,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-from ucm_connector_harness import LAYERS, Engine, write_model_dir  # noqa: E402
+from ucm_connector_harness import LAYERS, Engine, write_model_dir
 
-from ucm.sparse.base import UcmSparseBase  # noqa: E402
-from ucm.sparse.registry import get_active_sparse, register_sparse, shutdown_sparse  # noqa: E402
+from ucm.sparse.base import UcmSparseBase
+from ucm.sparse.registry import get_active_sparse, register_sparse, shutdown_sparse
 
 CALLS: list[tuple[str, str, Any]] = []
 
