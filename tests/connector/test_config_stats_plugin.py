@@ -106,3 +106,15 @@ def test_stats_aggregate_reduce_and_reach_prometheus(tmp_path: pathlib.Path) -> 
     assert REGISTRY.get_sample_value("vllm:ucm_hit_tokens_total", labels) == 80
     assert REGISTRY.get_sample_value("vllm:ucm_loaded_bytes_total", labels) == 4e9
     assert REGISTRY.get_sample_value("vllm:ucm_load_gbps", labels) == 2.0
+
+
+def test_pipeline_parallel_is_refused_with_a_clear_error(tmp_path: pathlib.Path) -> None:
+    from ucm_connector_harness import kv_cache_config, make_vllm_config, write_model_dir
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from ucm.connector import UCMConnector
+
+    config = make_vllm_config(write_model_dir(tmp_path / "m"), tmp_path / "s")
+    config.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
+        UCMConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config(16, 8))

@@ -117,6 +117,13 @@ class UCMConnector(KVConnectorBase_V1):
                 "store is a cache miss to recompute, not a request failure", ktc.kv_load_failure_policy,
             )
             ktc.kv_load_failure_policy = "recompute"
+        parallel = vllm_config.parallel_config
+        for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
+            if getattr(parallel, name, 1) > 1:
+                raise ValueError(
+                    f"UCMConnector: {name}={getattr(parallel, name)} is not supported (a stored block holds "
+                    "all layers and all tokens of its heads); use tensor parallelism"
+                )
         self.identity = build_identity(vllm_config, self.config)
         self.store = open_configured_store(self.config, self.identity)
         self.can_save = bool(ktc.is_kv_producer)
@@ -213,6 +220,11 @@ class UCMConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         assert isinstance(connector_metadata, UCMConnectorMetadata)
         self.worker_side.bind(connector_metadata)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self._worker is not None:
+            self._worker.bind(None)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         self.worker_side.start_load()

@@ -155,7 +155,8 @@ class UCMWorkerSide:
 
     # ---- per step ------------------------------------------------------------------------------
 
-    def bind(self, meta: UCMConnectorMetadata) -> None:
+    def bind(self, meta: UCMConnectorMetadata | None) -> None:
+        """This step's plan (None once vLLM clears it, so a stray hook never replays a step)."""
         self._meta = meta
 
     def start_load(self) -> None:
