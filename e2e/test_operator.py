@@ -97,9 +97,11 @@ def test_heterogeneous_cluster_lifecycle(cluster: ClusterAccess, namespace: str,
                 assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
 
         # The router discovers workers through EndpointSlices labeled by cluster and role.
-        slices = kube.request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
-                              query=[("labelSelector", f"ucm.dev/cluster={name},ucm.dev/role=decode")])["items"]
-        assert sum(len(s.get("endpoints") or []) for s in slices) == 2
+        def decode_endpoints() -> int:
+            slices = kube.request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+                                  query=[("labelSelector", f"ucm.dev/cluster={name},ucm.dev/role=decode")])["items"]
+            return sum(1 for s in slices for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready"))
+        wait_for(lambda: decode_endpoints() == 2, "2 ready decode endpoints in EndpointSlices", timeout_s=30)
 
         # Scale the decode pool: same revision, 3/3.
         body["spec"]["decode"][0]["replicas"] = 3

@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import signal
 import threading
 import time
 from typing import Any
@@ -104,7 +105,8 @@ class Operator:
         self.known: set[Key] = set()
         self._failures: dict[Key, int] = {}
         self._seen: set[Key] = set()
-        self._stop = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = threading.Event()
         self._ready = threading.Event()
         self._queue: WorkQueue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,22 +219,39 @@ class Operator:
 
     async def main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # An asyncio stop flag: kopf waits for a threading.Event in an executor thread, which
+        # would hold up every signal-initiated shutdown until that thread is released.
+        self._stop = asyncio.Event()
+        if self._stop_requested.is_set():
+            self._stop.set()
         self._queue = WorkQueue(self.options.debounce_seconds)
         executor = concurrent.futures.ThreadPoolExecutor(self.options.workers, thread_name_prefix="reconcile")
         tasks = [asyncio.create_task(self._worker(executor)) for _ in range(self.options.workers)]
         tasks.append(asyncio.create_task(self._resync()))
+        ready = asyncio.Event()
+        tasks.append(asyncio.create_task(self._when_ready(ready)))
         try:
             await kopf.operator(
                 registry=self._registry(), settings=self._settings(),
                 clusterwide=not self.options.namespaces, namespaces=list(self.options.namespaces),
                 standalone=True, liveness_endpoint=self.options.liveness_endpoint,
-                stop_flag=self._stop, ready_flag=self._ready,
+                stop_flag=self._stop, ready_flag=ready,
             )
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _when_ready(self, ready: asyncio.Event) -> None:
+        await ready.wait()
+        if threading.current_thread() is threading.main_thread():
+            # Route SIGTERM/SIGINT to the stop flag instead of kopf's own signal future: kopf
+            # leaves its stop-flag waiter pending on the signal path and then waits 5 s for it.
+            assert self._stop is not None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(sig, self._stop.set)
+        self._ready.set()
 
     def run(self) -> None:
         asyncio.run(self.main())
@@ -247,5 +266,8 @@ class Operator:
         return thread
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop a running operator from any thread."""
+        self._stop_requested.set()
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
 
