@@ -582,6 +582,12 @@ class FileStore(Store):
         return snapshot
 
     def close(self) -> None:
+        # Join the background scan too: it creates shard directories, and a caller that removes
+        # the store's directory right after close() must not race it.
+        with self._lock:
+            refresher = self._refresher
+        if refresher is not None:
+            refresher.join()
         self._pool.shutdown(wait=True)
         self._verify_pool.shutdown(wait=True)
 
