@@ -163,6 +163,16 @@ def _namespace(kube: Kube, prefix: str) -> str:
     return name
 
 
+def _exists(kube: Kube, path: str) -> bool:
+    try:
+        kube.request("GET", path)
+    except KubeError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 def _delete_namespace(kube: Kube, name: str) -> None:
     try:
         kube.request("DELETE", f"/api/v1/namespaces/{name}")
@@ -185,6 +195,10 @@ def baseline_seconds(kube: Kube, clusters: int, timeout: float) -> float:
         return time.monotonic() - start
     finally:
         _delete_namespace(kube, namespace)
+        # Let the namespace's garbage collection finish: its deletes would otherwise land in the
+        # write-count windows measured later.
+        _wait(lambda: int(not _exists(kube, f"/api/v1/namespaces/{namespace}")), 1, timeout,
+              "baseline namespace deleted")
 
 
 def run_bench(clusters: int, timeout: float, workers: int, idle_window: float, debounce: float) -> JSON:
