@@ -11,8 +11,11 @@ from ucm.transfer.paged import (
     PagedKV,
     canonical_view,
     gather_blocks,
+    gather_groups,
     gather_layer,
     scatter_blocks,
+    scatter_groups,
+    scatter_groups_layer,
     scatter_layer,
 )
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
@@ -28,7 +31,10 @@ __all__ = [
     "SaveBatch",
     "canonical_view",
     "gather_blocks",
+    "gather_groups",
     "gather_layer",
     "scatter_blocks",
+    "scatter_groups",
+    "scatter_groups_layer",
     "scatter_layer",
 ]
