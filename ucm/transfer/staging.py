@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
-from ucm.store.base import WritableBuffer
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import PagedKV, gather_groups, gather_layer, scatter_groups, scatter_groups_layer
+
+if TYPE_CHECKING:  # typing only: the transfer path does not need the store at run time
+    from ucm.store.base import WritableBuffer
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class HostPayload:
         """One writable byte buffer per (group, block), group-major (views, no copy), for
         `Store.load`/`Store.dump`."""
         flat = self._bytes.numpy()
-        return [cast(WritableBuffer, flat[i]) for i in range(flat.shape[0])]
+        return [cast("WritableBuffer", flat[i]) for i in range(flat.shape[0])]
 
     def release(self) -> None:
         self.pool.release(self.raw)
