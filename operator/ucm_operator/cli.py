@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("kopf.objects", "kopf.activities.authentication", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    # The operator's own level alone (e.g. DEBUG: what each status write changed), without kopf's.
+    logging.getLogger("ucm_operator").setLevel(os.environ.get("UCM_OPERATOR_LOG_LEVEL", "").upper() or
+                                               (logging.DEBUG if args.verbose else logging.INFO))
     return int(args.func(args) or 0)
 
 

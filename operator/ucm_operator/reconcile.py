@@ -78,6 +78,15 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
+def _status_diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """Which status fields (and conditions) changed, for the debug log."""
+    changed = [k for k in after if k != "conditions" and before.get(k) != after.get(k)]
+    old = {c.get("type"): c for c in before.get("conditions") or []}
+    changed += [f"{c['type']}: {old.get(c['type'], {}).get('status')}->{c['status']} {c['message']}"
+                for c in after.get("conditions") or [] if old.get(c["type"]) != c]
+    return "; ".join(changed)
+
+
 class Reconciler:
     """Reconciles UCMClusters through a `Kube`. Thread-safe across different clusters; the runtime
     guarantees one pass at a time per cluster."""
@@ -213,6 +222,8 @@ class Reconciler:
             except KubeError as exc:
                 log.warning("could not post event for %s: %s", body["metadata"]["name"], exc)
         if status != previous:
+            log.debug("%s/%s status changes: %s", body["metadata"]["namespace"], body["metadata"]["name"],
+                      _status_diff(previous, status))
             try:
                 self.kube.patch_status(body, status)
                 outcome.status_written = True
