@@ -110,7 +110,7 @@ def test_invalid_update_changes_nothing_that_runs(cluster: ClusterAccess, namesp
         running = snapshot()
 
         body["spec"]["prefill"][0]["extraArgs"] = ["--kv-cache-dtype", "fp8"]   # incompatible with decode
-        body["spec"]["decode"][0]["replicas"] = 5                                # must not be applied either
+        body["spec"]["decode"][0]["replicas"] = 3                                # must not be applied either
         apply_cluster(cluster, namespace, body)
         after = wait_condition(kube, namespace, name, "Valid", "False", timeout=60)
         assert "spec.prefill[0].extraArgs" in condition(after, "Valid")["message"]
@@ -121,6 +121,6 @@ def test_invalid_update_changes_nothing_that_runs(cluster: ClusterAccess, namesp
         del body["spec"]["prefill"][0]["extraArgs"]                       # fixed: now it is applied
         apply_cluster(cluster, namespace, body)
         wait_condition(kube, namespace, name, "Serving", timeout=60,
-                       extra=lambda b: condition(b, "Valid")["status"] == "True" and b["status"]["decode"] == "5/5")
+                       extra=lambda b: condition(b, "Valid")["status"] == "True" and b["status"]["decode"] == "3/3")
         assert get_cluster(kube, namespace, name) is not None
         wait_for(lambda: snapshot()[f"{name}-l40s"][0] > running[f"{name}-l40s"][0], "decode pool scaled")
