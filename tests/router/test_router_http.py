@@ -271,6 +271,38 @@ async def test_mid_stream_failure_ends_with_error_event(make_upstream, make_rout
     assert metric_value(await metrics(http, router), "ucm_router_stream_errors_total") == 1
 
 
+async def test_failure_after_done_keeps_the_whole_answer(make_upstream, make_router, http) -> None:
+    """The upstream dies after `data: [DONE]` (its chunked end missing): the client already has the
+    whole answer, so it gets it unchanged with no error event; the endpoint's failure still counts."""
+    d = await make_upstream("decode", "d0", break_after_done=True, tokens=3)
+    router = await make_router([], [d])
+    async with http.post(
+        u(router, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
+    ) as resp:
+        assert resp.status == 200
+        events = sse_events(await resp.text())
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == [" t0", " t1", " t2"]
+    assert events[3:] == ["[DONE]"]
+    text = await metrics(http, router)
+    assert metric_value(text, "ucm_router_stream_errors_total") == 0
+    assert (
+        metric_value(text, 'ucm_router_upstream_requests_total{outcome="stream_broken",role="decode"}') == 1
+    )
+
+
+async def test_inflight_gauge_counts_open_streams(make_upstream, make_router, http) -> None:
+    d = await make_upstream("decode", "d0", token_delay_s=0.2, tokens=5)
+    router = await make_router([], [d])
+    async with http.post(
+        u(router, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
+    ) as resp:
+        assert (await resp.content.readuntil(b"\n\n")).startswith(b"data: ")
+        assert metric_value(await metrics(http, router), "ucm_router_inflight_requests") == 1
+        await resp.read()
+    await _wait_for(lambda: router.inflight == 0)
+    assert metric_value(await metrics(http, router), "ucm_router_inflight_requests") == 0
+
+
 async def _wait_for(predicate, timeout: float = 5.0) -> None:
     for _ in range(int(timeout / 0.02)):
         if predicate():

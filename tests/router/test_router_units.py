@@ -96,6 +96,35 @@ def test_prefill_body_follows_vllm_protocol() -> None:
     assert build_decode_body(req, None) is req.raw
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "prompt": "caf\xc3\xa9 } {", "max_tokens": 5}',  # braces inside a string
+        b' \n{"prompt":[1,2,3],"stream":true}\r\n ',  # JSON whitespace around the object
+        b'{"prompt": "x", "n": 1.50, "logit_bias": {"7": -1e2}}',  # number spellings kept as sent
+    ],
+)
+def test_decode_body_is_the_client_bytes_plus_params(raw: bytes) -> None:
+    req = parse_request(raw, "completions", MODEL, 1024)
+    params = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids": [[0, 1]]}
+    out = build_decode_body(req, params)
+    assert json.loads(out) == {**req.body, "kv_transfer_params": params}
+    body = raw.strip()
+    assert out.startswith(body[:-1]) and out.endswith(b"}")  # every client member byte for byte
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_decode_body_of_other_json_encodings_is_reserialised(encoding: str) -> None:
+    raw = json.dumps({"prompt": "x", "max_tokens": 3}).encode(encoding)  # json.loads accepts all three
+    req = parse_request(raw, "completions", MODEL, 1024)
+    params = {"do_remote_prefill": True, "remote_engine_id": "e"}
+    assert json.loads(build_decode_body(req, params)) == {
+        "prompt": "x",
+        "max_tokens": 3,
+        "kv_transfer_params": params,
+    }
+
+
 def test_chat_prefill_caps_max_completion_tokens() -> None:
     req = parse({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9}, "chat")
     body = build_prefill_body(req)  # type: ignore[arg-type]

@@ -7,16 +7,18 @@ prefix affinity lands on the warm pod, and what the router itself rejects.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ucm.router.endpoints import Registry
 
+M = TypeVar("M", bound=MetricWrapperBase)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -101,8 +103,23 @@ class RouterMetrics:
             "Requests abandoned by the client (upstreams cancelled)",
             registry=r,
         )
+        # read at scrape time (`track_inflight`): nothing to update per request
         self.inflight = Gauge("ucm_router_inflight_requests", "Requests being served", registry=r)
         self.registry.register(_EndpointCollector(registry))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: M, *labels: str) -> M:
+        """`metric.labels(*labels)`, memoised: prometheus_client validates and locks on every
+        `labels()` call, which the hot path would pay several times per request. Label values
+        come from small fixed sets (routes, status codes, outcomes, reasons), so this stays small."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[no-any-return]
+
+    def track_inflight(self, read: Callable[[], float]) -> None:
+        self.inflight.set_function(read)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

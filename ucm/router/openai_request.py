@@ -33,6 +33,7 @@ PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
     "remote_port": None,
 }
 _NOT_FOR_PREFILL = ("stream_options", "min_tokens", "min_completion_tokens")
+_JSON_SPACE = b" \t\n\r"  # the whitespace JSON allows between tokens
 _TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "min_completion_tokens")
 
 
@@ -196,9 +197,21 @@ def build_prefill_body(request: ParsedRequest) -> dict[str, Any]:
 
 def build_decode_body(request: ParsedRequest, kv_transfer_params: dict[str, Any] | None) -> bytes:
     """The decode request: the client's body, plus the prefill's hand-off params when it sent any.
-    Without params the client's bytes are forwarded as they came (decode-only fallback)."""
+    Without params the client's bytes are forwarded as they came (decode-only fallback).
+
+    The params are spliced into the client's bytes before the object's closing brace rather than
+    re-serialising the whole body: the prompt (often the bulk of it) is not encoded again, and
+    every other member reaches decode byte for byte as the client wrote it. `parse_request`
+    rejected a client-sent `kv_transfer_params`, so the spliced member is the only one. Bodies
+    that are not plain UTF-8 text starting with `{` (a BOM, UTF-16/32, which `json.loads`
+    also accepts) are re-serialised instead."""
     if kv_transfer_params is None:
         return request.raw
+    params = json.dumps(kv_transfer_params).encode()
+    raw = request.raw.strip(_JSON_SPACE)
+    if raw.startswith(b"{") and raw.endswith(b"}"):
+        inner = raw[1:-1].strip(_JSON_SPACE)
+        return raw[:-1] + (b',"kv_transfer_params":' if inner else b'"kv_transfer_params":') + params + b"}"
     body = dict(request.body)
     body["kv_transfer_params"] = kv_transfer_params
     return json.dumps(body).encode()

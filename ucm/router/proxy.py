@@ -13,9 +13,17 @@ Failure handling:
   revision;
 * decode failure after the SSE stream started: the stream ends with an OpenAI-style error event
   `data: {"error": {...}}` then `data: [DONE]`, the way vLLM ends a stream that fails. Only whole
-  SSE events are forwarded, so the error event never lands inside a half-written one;
+  SSE events are forwarded, so the error event never lands inside a half-written one. A failure
+  after the upstream's `data: [DONE]` (only its end of body missing) costs the client nothing: it
+  has the whole answer, so it gets no error event (the endpoint's failure is still counted);
 * client disconnect: the handler is cancelled (aiohttp `handler_cancellation`), which closes the
   upstream connections, and vLLM aborts the request when its client goes away.
+
+Hot path (the router's CPU per request is what bounds its throughput): the decode stream's bytes
+are relayed as read - only cut at SSE event boundaries, never parsed; the decode body is the
+client's bytes with the hand-off params spliced in (no re-serialisation); the response headers
+leave with the first event and the `[DONE]` event with the end of the chunked body, so a stream
+costs the client side as few writes (and wake-ups) as its events allow.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ from ucm.router.openai_request import ParsedRequest, build_decode_body, build_pr
 
 log = logging.getLogger("ucm.router")
 _EVENT_END = b"\n\n"
+_DONE_EVENT = b"data: [DONE]\n\n"
 _MAX_PENDING = 1 << 20  # an event larger than this is forwarded in pieces
+_KEEPALIVE_S = 4.0
 
 
 class _UpstreamFailed(Exception):
@@ -57,6 +67,14 @@ class _Passthrough(Exception):
     def __init__(self, status: int, body: bytes, content_type: str) -> None:
         super().__init__(status)
         self.response = web.Response(status=status, body=body, content_type=content_type)
+
+
+class _EventStreamResponse(web.StreamResponse):
+    """Sends its status line and headers with the first body write (as `web.Response` does for
+    whole bodies) instead of alone on `prepare()`: one send and one client wake-up fewer per
+    stream. The client sees nothing until the first event, which is all an SSE client waits for."""
+
+    _send_headers_immediately = False  # aiohttp's switch, read by StreamResponse._write_headers
 
 
 def sse_error_event(message: str, code: int = 502) -> bytes:
@@ -85,8 +103,11 @@ class PDProxy:
 
     async def start(self) -> None:
         # No connector limit: the router bounds concurrency itself (max_concurrent), so aiohttp
-        # never queues a request behind the pool.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        # never queues a request behind the pool. Idle keep-alive connections are dropped after
+        # 4 s, before vLLM's server drops them (uvicorn's keep-alive timeout, 5 s by default):
+        # reusing a connection the upstream is closing fails the request, and for a POST nothing
+        # retries it.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
         # No cookies between the router and its upstreams: the dummy jar skips per-request cookie work.
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -121,7 +142,7 @@ class PDProxy:
             )
         else:
             revision = route.revision
-            self.metrics.affinity.labels(route.affinity).inc()
+            self.metrics.child(self.metrics.affinity, route.affinity).inc()
             try:
                 kv_params = await self._prefill(route.prefill, parsed, headers)
             except _Passthrough as answer:
@@ -137,7 +158,7 @@ class PDProxy:
         if decode is None:
             raise unavailable("no decode endpoint is available")
         if fallback is not None:
-            self.metrics.fallbacks.labels(fallback).inc()
+            self.metrics.child(self.metrics.fallbacks, fallback).inc()
         else:
             self.metrics.pd_requests.inc()
         body = build_decode_body(parsed, kv_params)
@@ -165,13 +186,13 @@ class PDProxy:
 
     def _failed(self, state: EndpointState, outcome: str) -> None:
         role = state.endpoint.role
-        self.metrics.upstream.labels(role, outcome).inc()
+        self.metrics.child(self.metrics.upstream, role, outcome).inc()
         if self.registry.record_failure(state):
-            self.metrics.ejections.labels(role).inc()
+            self.metrics.child(self.metrics.ejections, role).inc()
             log.warning("ejected %s %s after consecutive failures", role, state.endpoint.url)
 
     def _succeeded(self, state: EndpointState) -> None:
-        self.metrics.upstream.labels(state.endpoint.role, "ok").inc()
+        self.metrics.child(self.metrics.upstream, state.endpoint.role, "ok").inc()
         self.registry.record_success(state)
 
     async def _prefill(
@@ -260,7 +281,7 @@ class PDProxy:
     async def _relay_stream(
         self, request: web.Request, state: EndpointState, resp: aiohttp.ClientResponse, request_id: str
     ) -> web.StreamResponse:
-        out = web.StreamResponse(
+        out = _EventStreamResponse(
             status=200,
             headers={
                 "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
@@ -269,7 +290,10 @@ class PDProxy:
             },
         )
         await out.prepare(request)
-        pending = b""
+        pending = b""  # the start of an event whose end has not arrived
+        # Whole events ending with `data: [DONE]`: held until the upstream's end of body (which
+        # follows at once), so they leave in the same write as the end of the client's body.
+        last = b""
         try:
             async for chunk in resp.content.iter_any():
                 data = pending + chunk if pending else chunk
@@ -281,17 +305,23 @@ class PDProxy:
                     cut = len(data) - len(_EVENT_END)  # not SSE framing after all: stop holding it back
                 cut += len(_EVENT_END)
                 pending = data[cut:]
-                await out.write(data[:cut] if pending else data)
+                events = data[:cut] if pending else data
+                if last:  # more came after [DONE]: relay it unchanged, in order
+                    events, last = last + events, b""
+                if not pending and events.endswith(_DONE_EVENT):
+                    last = events
+                    continue
+                await out.write(events)
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._failed(state, "stream_broken")
-            self.metrics.stream_errors.inc()
             reason = "went idle" if isinstance(exc, TimeoutError) else f"failed ({exc.__class__.__name__})"
             log.warning("decode stream from %s %s", state.endpoint.url, reason)
-            await out.write(sse_error_event(f"upstream decode stream {reason} mid-response"))
-            await out.write_eof()
+            if last:  # the answer is whole ([DONE] arrived); only the upstream's end of body is missing
+                await out.write_eof(last)
+                return out
+            self.metrics.stream_errors.inc()
+            await out.write_eof(sse_error_event(f"upstream decode stream {reason} mid-response"))
             return out
-        if pending:
-            await out.write(pending)
         self._succeeded(state)
-        await out.write_eof()
+        await out.write_eof(last + pending)
         return out

@@ -44,6 +44,7 @@ class RouterServer:
             affinity_slack=config.affinity_slack,
         )
         self.metrics = RouterMetrics(self.registry)
+        self.metrics.track_inflight(lambda: self.inflight)
         self.proxy = PDProxy(config, self.registry, self.metrics)
         self.prober: HealthProber | None = None
         self.inflight = 0
@@ -117,17 +118,16 @@ class RouterServer:
     async def _serve(self, request: web.Request, kind: RequestKind) -> web.StreamResponse:
         metrics = self.metrics
         if self.draining:
-            metrics.rejected.labels("draining").inc()
+            metrics.child(metrics.rejected, "draining").inc()
             return _closing(
                 ApiError(503, "The router is shutting down.", type="service_unavailable").response()
             )
         if self.inflight >= self.config.max_concurrent:
-            metrics.rejected.labels("overloaded").inc()
+            metrics.child(metrics.rejected, "overloaded").inc()
             return overloaded(
                 f"The router is at its limit of {self.config.max_concurrent} concurrent requests; retry later."
             ).response()
         self.inflight += 1
-        metrics.inflight.inc()
         start = time.perf_counter()
         status = 500
         try:
@@ -140,7 +140,7 @@ class RouterServer:
         except ApiError as exc:
             status = exc.status
             if exc.status < 500:
-                metrics.rejected.labels(exc.code or "invalid_request").inc()
+                metrics.child(metrics.rejected, exc.code or "invalid_request").inc()
             return exc.response()
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # client closed the request
@@ -148,9 +148,8 @@ class RouterServer:
             raise
         finally:
             self.inflight -= 1
-            metrics.inflight.dec()
-            metrics.requests.labels(kind, str(status)).inc()
-            metrics.duration.labels(kind).observe(time.perf_counter() - start)
+            metrics.child(metrics.requests, kind, str(status)).inc()
+            metrics.child(metrics.duration, kind).observe(time.perf_counter() - start)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.max_body_bytes

@@ -44,6 +44,7 @@ class FakeBehavior:
     prefill_delay_s: float = 0.0
     fail_status: int | None = None  # answer every completion request with this status
     break_after_tokens: int | None = None  # decode: drop the connection mid-event after N tokens
+    break_after_done: bool = False  # decode: drop the connection after `data: [DONE]`, before the body's end
     hang: bool = False  # never answer (timeout tests)
     healthy: bool = True
     require_kv_params: bool = False
@@ -204,6 +205,10 @@ class FakeUpstream:
         if options.get("include_usage"):
             await out.write(_event({**base, "choices": [], "usage": _usage(n), "served_by": self.name}))
         await out.write(b"data: [DONE]\n\n")
+        if b.break_after_done:
+            assert request.transport is not None
+            request.transport.abort()
+            return out
         await out.write_eof()
         self.completed += 1
         return out
