@@ -95,6 +95,8 @@ class Reconciler:
         self.kube = kube
         # uid of a child -> (hash we applied, its version right after): detects edits by others.
         self._applied: dict[str, tuple[str, str]] = {}
+        # cluster -> uids of its children in _applied, so records of deleted children are dropped.
+        self._children: dict[tuple[str, str], set[str]] = {}
         self._lock = threading.Lock()
         self.passes = 0
 
@@ -129,6 +131,7 @@ class Reconciler:
         self.passes += 1
         body = self.kube.get(API_VERSION, KIND, namespace, name)
         if body is None:
+            self._forget(namespace, name, set())
             return Outcome(found=False)
         if body["metadata"].get("deletionTimestamp"):
             return Outcome()  # children go by garbage collection
@@ -158,7 +161,19 @@ class Reconciler:
                             claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
         status = compute_status(observed, body.get("status"))
         self._report(body, status, outcome)
+        self._forget(namespace, name, {o["metadata"].get("uid", "") for o in live.values()})
         return outcome
+
+    def _forget(self, namespace: str, name: str, live_uids: set[str]) -> None:
+        """Keep drift records only for children that still exist (bounded memory)."""
+        with self._lock:
+            gone = self._children.get((namespace, name), set()) - live_uids
+            for uid in gone:
+                self._applied.pop(uid, None)
+            if live_uids:
+                self._children[(namespace, name)] = live_uids
+            else:
+                self._children.pop((namespace, name), None)
 
     def _claim(self, store_kind: str, namespace: str, name: str,
                live: Mapping[tuple[str, str, str], JSON]) -> JSON | None:
