@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from ucm.router.bench import _plan_cpus
 
 
 @pytest.mark.slow
@@ -25,9 +28,28 @@ def test_bench_router_reports_json_with_same_run_baselines() -> None:
         "router_rps",
         "toy_proxy_rps",
         "direct_rps",
+        "router_cpu_ms_per_request",
+        "toy_proxy_cpu_ms_per_request",
+        "router_capacity_rps",
+        "toy_proxy_capacity_rps",
+        "loadgen_cpu_ms_per_request",
     ):
         assert isinstance(result[key], float | int), key
     assert result["router_rps"] > 0 and result["toy_proxy_rps"] > 0 and result["concurrency"] == 4
     assert set(result["latency"]) == {"1", "4"}
     assert set(result["latency"]["4"]) == {"direct", "router", "toy_proxy"}
     assert result["latency"]["4"]["router"]["streams"] > 0
+    usable = len(os.sched_getaffinity(0))
+    assert result["pinned"].startswith("proxy under test pinned") == (usable >= 2)
+
+
+def test_pinning_plan_gives_the_proxy_its_own_cpu() -> None:
+    assert _plan_cpus(False) is None
+    usable = os.sched_getaffinity(0)
+    plan = _plan_cpus(True)
+    if len(usable) < 2:
+        assert plan is None
+        return
+    assert plan is not None
+    proxy, rest = plan
+    assert len(proxy) == 1 and rest and not proxy & rest and proxy | rest == usable

@@ -21,6 +21,20 @@ concurrency isolates what a proxy costs:
   direct, router and toy proxy, and each proxy's CPU time per request (from /proc, which stays
   meaningful when other processes compete for the CPUs).
 
+CPU placement (`--pin`, on by default when this process may use 2+ CPUs): the proxy under test
+(router or toy - measured in turn, so never both at once) runs alone on one CPU, and the load
+generator and the upstreams share the other CPU(s), via os.sched_setaffinity. Otherwise, on a
+small machine, the proxy and the processes feeding it compete for the same cores and each proxy
+hop waits behind the load generator; pinned, the proxy's CPU is its own and "added" latency is
+what the proxy costs, not what it displaces. Other work on the machine still shares both CPUs
+(the JSON reports the load average and how long each proxy sat runnable but not running).
+
+Throughput is the completed streams per second; when the load-generator side saturates its CPU
+first, both proxies show the same rps whatever they cost. The proxies' own efficiency is then
+read from `*_cpu_ms_per_request` (user+system CPU time from /proc per completed request) and
+`*_capacity_rps` = requests per CPU-second of the proxy: what one dedicated core would serve.
+`loadgen_cpu_ms_per_request` (this process plus the upstreams) shows which side was the limit.
+
 The last output line is JSON (`--json`).
 """
 
@@ -57,7 +71,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
+        default=3,
         help="slices per point, targets taken in turn (evens out drifting load)",
     )
     parser.add_argument("--tokens", type=int, default=16, help="token events per decode stream")
@@ -69,6 +83,13 @@ def register(parser: argparse.ArgumentParser) -> None:
         "the throughput run is unpaced",
     )
     parser.add_argument("--upstreams", type=int, default=2, help="prefill and decode servers each")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the proxy under test alone on one CPU, load generator and upstreams on the others "
+        "(needs 2+ usable CPUs; see the module docstring)",
+    )
     parser.set_defaults(func=bench_main)
 
 
@@ -154,16 +175,29 @@ async def _read_stream(resp: aiohttp.ClientResponse, start: float) -> _Sample:
     return _Sample((first or time.monotonic()) - start, time.monotonic() - start, delays)
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User+system CPU time of a process (Linux /proc); 0 when unavailable."""
+def _cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads (Linux /proc); zeros when
+    unavailable."""
     if pid is None:
-        return 0.0
+        return 0.0, 0.0
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _plan_cpus(pin: bool) -> tuple[set[int], set[int]] | None:
+    """(CPU for the proxy under test, CPUs for the load generator and upstreams), or None when
+    not pinning (asked not to, or fewer than 2 usable CPUs)."""
+    if not pin or not hasattr(os, "sched_setaffinity"):
+        return None
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return None
+    return {usable[-1]}, set(usable[:-1])
 
 
 def _runqueue_wait_seconds(pid: int | None) -> float:
@@ -221,11 +255,15 @@ class _Run:
     completed: int = 0  # including warm-up: the CPU counters cover it too
     measured_s: float = 0.0  # time after warm-up (the denominator of throughput)
     wall_s: float = 0.0
-    cpu_s: float = 0.0
+    cpu_user_s: float = 0.0
+    cpu_sys_s: float = 0.0
     starved_s: float = 0.0
+    loadgen_cpu_s: float = 0.0  # this process plus the upstreams
 
     def stats(self, proxied: bool) -> dict[str, float]:
         events = [d for s in self.samples for d in s.event_delays]
+        done = max(self.completed, 1)
+        cpu_s = self.cpu_user_s + self.cpu_sys_s
         return {
             "ttft_p50_ms": _pct([s.ttft for s in self.samples], 0.5) * 1e3,
             "ttft_p99_ms": _pct([s.ttft for s in self.samples], 0.99) * 1e3,
@@ -235,14 +273,30 @@ class _Run:
             "event_p99_ms": _pct(events, 0.99) * 1e3,
             "rps": len(self.samples) / self.measured_s,
             "streams": float(len(self.samples)),
-            "proxy_cpu_ms_per_request": self.cpu_s * 1e3 / max(self.completed, 1) if proxied else 0.0,
+            "proxy_cpu_ms_per_request": cpu_s * 1e3 / done if proxied else 0.0,
+            "proxy_user_ms_per_request": self.cpu_user_s * 1e3 / done if proxied else 0.0,
+            "proxy_sys_ms_per_request": self.cpu_sys_s * 1e3 / done if proxied else 0.0,
+            # requests per CPU-second of the proxy: its throughput on one dedicated core
+            "proxy_capacity_rps": self.completed / cpu_s if proxied and cpu_s > 0 else 0.0,
             # share of the run the proxy was runnable but not running (other processes had the CPUs)
             "proxy_cpu_starved": self.starved_s / self.wall_s if proxied else 0.0,
+            "loadgen_cpu_ms_per_request": self.loadgen_cpu_s * 1e3 / done,
         }
 
 
+def _loadgen_cpu_seconds(upstreams_pid: int | None) -> float:
+    own = os.times()
+    return own.user + own.system + sum(_cpu_seconds(upstreams_pid))
+
+
 async def _measure_slice(
-    run: _Run, target: _Target, concurrency: int, seconds: float, tokens: int, token_delay_s: float
+    run: _Run,
+    target: _Target,
+    concurrency: int,
+    seconds: float,
+    tokens: int,
+    token_delay_s: float,
+    upstreams_pid: int | None = None,
 ) -> None:
     t0 = time.monotonic()
     warm_until = t0 + min(0.3, seconds / 4)
@@ -258,16 +312,26 @@ async def _measure_slice(
             if start >= warm_until:
                 run.samples.append(sample)
 
-    cpu0, wait0 = _cpu_seconds(target.pid), _runqueue_wait_seconds(target.pid)
+    (user0, sys0), wait0 = _cpu_seconds(target.pid), _runqueue_wait_seconds(target.pid)
+    loadgen0 = _loadgen_cpu_seconds(upstreams_pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     run.measured_s += time.monotonic() - warm_until
     run.wall_s += time.monotonic() - t0
-    run.cpu_s += _cpu_seconds(target.pid) - cpu0
+    user1, sys1 = _cpu_seconds(target.pid)
+    run.cpu_user_s += user1 - user0
+    run.cpu_sys_s += sys1 - sys0
     run.starved_s += _runqueue_wait_seconds(target.pid) - wait0
+    run.loadgen_cpu_s += _loadgen_cpu_seconds(upstreams_pid) - loadgen0
 
 
 async def _measure(
-    targets: list[_Target], concurrency: int, seconds: float, rounds: int, tokens: int, token_delay_s: float
+    targets: list[_Target],
+    concurrency: int,
+    seconds: float,
+    rounds: int,
+    tokens: int,
+    token_delay_s: float,
+    upstreams_pid: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Each target gets `seconds` in total, in `rounds` slices taken in turn (rotating the order),
     so load that other work puts on the machine drifts over all targets alike."""
@@ -275,7 +339,7 @@ async def _measure(
     for r in range(rounds):
         for target in targets[r % len(targets) :] + targets[: r % len(targets)]:
             await _measure_slice(
-                runs[target.name], target, concurrency, seconds / rounds, tokens, token_delay_s
+                runs[target.name], target, concurrency, seconds / rounds, tokens, token_delay_s, upstreams_pid
             )
     return {t.name: runs[t.name].stats(t.pid is not None) for t in targets}
 
@@ -303,10 +367,12 @@ def _wait_port(proc: subprocess.Popen[str], what: str) -> int:
 
 def _line(level: int | str, name: str, stats: dict[str, float], pid: int | None) -> str:
     cpu = (
-        f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req, starved {stats['proxy_cpu_starved']:.0%}"
+        f"  proxy cpu {stats['proxy_cpu_ms_per_request']:.2f} ms/req"
+        f" (user {stats['proxy_user_ms_per_request']:.2f}), starved {stats['proxy_cpu_starved']:.0%}"
         if pid
         else ""
     )
+    cpu += f"  loadgen+upstreams cpu {stats['loadgen_cpu_ms_per_request']:.2f} ms/req"
     return (
         f"  c={level:<3} {name:<9} ttft p50/p99 {stats['ttft_p50_ms']:6.2f}/{stats['ttft_p99_ms']:6.2f} ms"
         f"  token p50/p99 {stats['event_p50_ms']:6.2f}/{stats['event_p99_ms']:6.2f} ms"
@@ -315,7 +381,11 @@ def _line(level: int | str, name: str, stats: dict[str, float], pid: int | None)
 
 
 async def _run_all(
-    args: argparse.Namespace, upstreams: dict[str, list[str]], router: tuple[str, int], toy: tuple[str, int]
+    args: argparse.Namespace,
+    upstreams: dict[str, list[str]],
+    router: tuple[str, int],
+    toy: tuple[str, int],
+    upstreams_pid: int,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     latency: dict[str, dict[str, Any]] = {}
@@ -330,7 +400,9 @@ async def _run_all(
             await asyncio.gather(*(target.one(args.tokens, 0.0) for _ in range(8)))
         print(f"latency: streams paced at {args.token_delay_ms:g} ms/token", file=sys.stderr)
         for level in args.concurrency:
-            by_target = await _measure(targets, level, args.seconds, args.rounds, args.tokens, delay)
+            by_target = await _measure(
+                targets, level, args.seconds, args.rounds, args.tokens, delay, upstreams_pid
+            )
             latency[str(level)] = by_target
             for target in targets:
                 print(
@@ -338,7 +410,7 @@ async def _run_all(
                 )
         top = max(args.concurrency)
         print(f"throughput: {top} unpaced streams", file=sys.stderr)
-        throughput = await _measure(targets, top, args.seconds, args.rounds, args.tokens, 0.0)
+        throughput = await _measure(targets, top, args.seconds, args.rounds, args.tokens, 0.0, upstreams_pid)
         for target in targets:
             print(_line(top, target.name, throughput[target.name], target.pid), file=sys.stderr, flush=True)
     return {"latency": latency, "throughput": throughput}
@@ -368,10 +440,24 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
         "router_vs_toy_throughput": round(throughput["router"]["rps"] / throughput["toy_proxy"]["rps"], 2),
         "router_cpu_ms_per_request": round(throughput["router"]["proxy_cpu_ms_per_request"], 3),
         "toy_proxy_cpu_ms_per_request": round(throughput["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
+        "router_capacity_rps": round(throughput["router"]["proxy_capacity_rps"], 1),
+        "toy_proxy_capacity_rps": round(throughput["toy_proxy"]["proxy_capacity_rps"], 1),
+        # the proxies' efficiency ratio: what the throughput ratio would be if each proxy, not the
+        # load generator, were the bottleneck
+        "router_vs_toy_cpu_efficiency": round(
+            throughput["toy_proxy"]["proxy_cpu_ms_per_request"]
+            / max(throughput["router"]["proxy_cpu_ms_per_request"], 1e-9),
+            2,
+        ),
+        # paced streams (one event per read, as from a real decode): the per-event relay dominates
+        "router_cpu_ms_per_request_paced": round(latency[t]["router"]["proxy_cpu_ms_per_request"], 3),
+        "toy_proxy_cpu_ms_per_request_paced": round(latency[t]["toy_proxy"]["proxy_cpu_ms_per_request"], 3),
+        "loadgen_cpu_ms_per_request": round(throughput["router"]["loadgen_cpu_ms_per_request"], 3),
         "router_cpu_starved": round(throughput["router"]["proxy_cpu_starved"], 2),
         "toy_proxy_cpu_starved": round(throughput["toy_proxy"]["proxy_cpu_starved"], 2),
         "concurrency": top,
         "cpus": os.cpu_count(),
+        "pinned": results["pinned"],
         # other work on the machine skews latencies (each proxy hop waits for a CPU slice)
         "load_avg_1m": round(os.getloadavg()[0], 2),
         **out,
@@ -382,6 +468,10 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
 def bench_main(args: argparse.Namespace) -> int:
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
+    plan = _plan_cpus(args.pin)
+    own_cpus = os.sched_getaffinity(0) if plan else None
+    if plan:  # this process (the load generator) and, inherited, the upstreams it spawns
+        os.sched_setaffinity(0, plan[1])
     try:
         up = _spawn([py, "-m", "ucm.router.testing", "--prefill", str(args.upstreams), "--decode",
                      str(args.upstreams), "--tokens", str(args.tokens), "--model", MODEL])  # fmt: skip
@@ -395,16 +485,27 @@ def bench_main(args: argparse.Namespace) -> int:
         procs.append(router)
         toy = _spawn([py, "-m", "ucm.router.bench", *flags])
         procs.append(toy)
+        if plan:  # still importing, so no thread has started yet: later threads inherit this
+            for proxy in (router, toy):
+                os.sched_setaffinity(proxy.pid, plan[0])
         router_url = f"http://127.0.0.1:{_wait_port(router, 'router')}"
         toy_url = f"http://127.0.0.1:{_wait_port(toy, 'toy proxy')}"
+        placement = (
+            f"proxy under test pinned to cpu {sorted(plan[0])}, load generator + upstreams to {sorted(plan[1])}"
+            if plan
+            else "not pinned"
+        )
         print(
             f"PD streams of {args.tokens} token events; {args.upstreams}+{args.upstreams} fake upstreams; "
             f"{args.seconds:.1f} s per target and point in {args.rounds} interleaved slices; "
-            f"{os.cpu_count()} cpus shared by all processes (load average {os.getloadavg()[0]:.1f})",
+            f"{os.cpu_count()} cpus, {placement}; load average {os.getloadavg()[0]:.1f} (other work shares them)",
             file=sys.stderr,
         )
-        results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid)))
+        results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid), up.pid))
+        results["pinned"] = placement
     finally:
+        if own_cpus is not None:
+            os.sched_setaffinity(0, own_cpus)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
