@@ -44,7 +44,7 @@ def _check_output_and_cleanup(output: str) -> None:
     assert sum(1 for row in rows if row[0] == "decode") == 2, "the example asks for 2 decode replicas"
     assert "Serving=True" in output
     assert f"export KUBECONFIG={kubeconfig_line.group(1)}" in output
-    assert "all pods of the UCMCluster are gone" in output
+    assert "all Deployments and pods of the UCMCluster are gone" in output
     assert "demo finished: nothing left running" in output
     # Nothing left: no process mentions the work directory, the API server's port is closed,
     # and the work directory itself is gone.

@@ -183,16 +183,24 @@ class Demo:
     def _delete_cluster(self) -> None:
         ns = self.args.namespace
         say(f"      deleting UCMCluster {self.name} (its children go by garbage collection)")
+        t0 = time.monotonic()
         self.kubectl("-n", ns, "delete", PLURAL, self.name, "--wait=true", "--timeout=60s", check=False)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            left = self.kubectl("-n", ns, "get", "pods", "-l", f"{view.LABEL_CLUSTER}={self.name}", "-o", "name",
-                                check=False).split()
+        selector = f"{view.LABEL_CLUSTER}={self.name}"
+        reported = 0.0
+        while True:
+            left = self.kubectl("-n", ns, "get", "deployments,pods", "-l", selector, "-o", "name", check=False).split()
+            elapsed = time.monotonic() - t0
             if not left:
-                say("      all pods of the UCMCluster are gone")
+                say(f"      all Deployments and pods of the UCMCluster are gone ({elapsed:.0f}s)")
                 return
+            if elapsed > 90:
+                say(f"      still there after 90s (the control plane goes down next anyway): {left}")
+                return
+            if elapsed - reported >= 10:
+                # The garbage collector notices a new CRD's owners on its periodic (30 s) discovery sync.
+                say(f"      waiting for the garbage collector: {len(left)} objects left")
+                reported = elapsed
             time.sleep(1)
-        say(f"      pods still terminating after 60s: {left}")
 
     def watch_until_serving(self) -> view.Snapshot:
         ns, deadline = self.args.namespace, time.monotonic() + self.args.timeout
