@@ -48,6 +48,8 @@ async def test_completion_non_stream_goes_prefill_then_decode(make_upstream, mak
     assert params["remote_engine_id"] == "p0" and params["do_remote_prefill"] is True
     assert d.requests[0].body["max_tokens"] == 5  # the client's own request, unchanged otherwise
     assert p.requests[0].headers["X-Request-Id"] == d.requests[0].headers["X-Request-Id"]
+    # bodies are relayed as they come, so upstreams are asked not to compress them
+    assert p.requests[0].headers["Accept-Encoding"] == d.requests[0].headers["Accept-Encoding"] == "identity"
     assert metric_value(await metrics(http, router), "ucm_router_pd_requests_total") == 1
 
 

@@ -114,7 +114,7 @@ class PDProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._t_stream,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            skip_auto_headers=("User-Agent", "Accept"),
         )
 
     async def close(self) -> None:
@@ -125,7 +125,13 @@ class PDProxy:
     # ---- the flow -------------------------------------------------------------------------
     async def handle(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        # identity: the router relays bodies as they come (auto_decompress off) and does not pass
+        # a Content-Encoding on, so an upstream must not compress
+        headers = {
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            "Accept-Encoding": "identity",
+        }
         auth = request.headers.get("Authorization")
         if auth:
             headers["Authorization"] = auth
@@ -294,8 +300,9 @@ class PDProxy:
         # Whole events ending with `data: [DONE]`: held until the upstream's end of body (which
         # follows at once), so they leave in the same write as the end of the client's body.
         last = b""
+        read = resp.content.readany
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await read():
                 data = pending + chunk if pending else chunk
                 cut = data.rfind(_EVENT_END)
                 if cut < 0:
