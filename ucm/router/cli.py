@@ -24,6 +24,7 @@ from ucm.router.loop import run
 from ucm.router.server import RouterServer
 
 log = logging.getLogger("ucm.router")
+_GC_YOUNG_THRESHOLD = 20_000
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +167,12 @@ async def _serve(config: RouterConfig, discovery: Discovery) -> None:
     # out of the collector's reach, so young-generation collections under load stay short (a full
     # collection otherwise walks ~45k start-up objects and stalls every stream for tens of ms).
     gc.freeze()
+    # The relay allocates many short-lived containers (parser, futures, response objects) that
+    # die by reference counting; at the default threshold (700) the collector ran ~60 times a
+    # second at ~1200 streams/s (6-7% of the router's CPU, and its full collections stalled every
+    # stream). At 20000 it ran 3 times in 8 s of the same load (0.15% of the CPU; user CPU per
+    # request 0.50-0.57 -> 0.45-0.47 ms). Reference cycles are still collected.
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, 10, 10)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
