@@ -81,7 +81,9 @@ def load_api_client(kubeconfig: str | None = None, pool_size: int = 16) -> k8s_c
     """An ApiClient from the given kubeconfig, $KUBECONFIG/~/.kube/config, or the in-cluster
     service account — the same lookup kopf uses, so both talk to one cluster as one identity."""
     configuration = k8s_client.Configuration()
-    if kubeconfig or os.environ.get("KUBECONFIG") or os.path.exists(os.path.expanduser("~/.kube/config")):
+    # $KUBECONFIG is read now, not when the kubernetes package was imported.
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    if kubeconfig or os.path.exists(os.path.expanduser("~/.kube/config")):
         k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]

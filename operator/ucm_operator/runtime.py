@@ -42,6 +42,21 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def connection_info(trust_env: bool = False) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same lookup as the reconciler's client (`load_api_client`:
+    --kubeconfig/$KUBECONFIG, ~/.kube/config, in-cluster), read afresh on every (re-)login so
+    rotated service-account tokens are picked up."""
+    config = load_api_client(pool_size=1).configuration
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=config.host, ca_path=config.ssl_ca_cert, insecure=not config.verify_ssl,
+        username=config.username or None, password=config.password or None,
+        scheme=scheme or ("Bearer" if token else None), token=token or None,
+        certificate_path=config.cert_file, private_key_path=config.key_file, trust_env=trust_env,
+    )
+
+
 class WorkQueue:
     """client-go style: a key is queued at most once; a key added while being processed is
     processed once more afterwards; one worker per key at a time. `delay` holds a newly dirty key
@@ -120,8 +135,8 @@ class Operator:
         registry = kopf.OperatorRegistry()
 
         @kopf.on.login(registry=registry)
-        def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-            return kopf.login_via_client(**kwargs)
+        def login(**kwargs: Any) -> kopf.ConnectionInfo:
+            return connection_info(kwargs["settings"].networking.trust_env)
 
         @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
         async def on_cluster(**kwargs: Any) -> None:
