@@ -432,6 +432,7 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
         # itself, at the highest concurrency (paced streams)
         "added_p50_ms": out[f"router_added_ttft_p50_ms_c{t}"],
         "added_p99_ms": out[f"router_added_ttft_p99_ms_c{t}"],
+        "added_token_p50_ms": out[f"router_added_event_p50_ms_c{t}"],
         "added_token_p99_ms": out[f"router_added_event_p99_ms_c{t}"],
         "toy_proxy_added_p99_ms": out[f"toy_proxy_added_ttft_p99_ms_c{t}"],
         "router_rps": round(throughput["router"]["rps"], 1),
