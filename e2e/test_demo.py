@@ -33,14 +33,22 @@ def _start_demo(**env: str) -> subprocess.Popen[str]:
 
 
 def _check_output_and_cleanup(output: str) -> None:
+    """Placement and teardown as the demo reported them; on failure, the demo's output says why."""
+    try:
+        _check(output)
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n--- demo output (tail) ---\n{output[-5000:]}") from None
+
+
+def _check(output: str) -> None:
     workdir = Path(re.search(r"UCM demo \(work directory (\S+)\)", output).group(1))  # type: ignore[union-attr]
     kubeconfig_line = re.search(r"KUBECONFIG=(\S+)", output)
-    assert kubeconfig_line, output
+    assert kubeconfig_line
     # Placement: prefill pods on H100 nodes, decode pods on L40S nodes, router on the CPU node.
     rows = re.findall(r"^\s+(prefill|decode|router)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", output, re.M)
     roles = {row[0]: row[3] for row in rows}
-    assert roles.get("prefill") == "NVIDIA-H100-80GB-HBM3", output[-4000:]
-    assert roles.get("decode") == "NVIDIA-L40S", output[-4000:]
+    assert roles.get("prefill") == "NVIDIA-H100-80GB-HBM3"
+    assert roles.get("decode") == "NVIDIA-L40S"
     assert sum(1 for row in rows if row[0] == "decode") == 2, "the example asks for 2 decode replicas"
     assert "Serving=True" in output
     assert f"export KUBECONFIG={kubeconfig_line.group(1)}" in output
@@ -48,7 +56,8 @@ def _check_output_and_cleanup(output: str) -> None:
     assert "demo finished: nothing left running" in output
     # Nothing left: no process mentions the work directory, the API server's port is closed,
     # and the work directory itself is gone.
-    assert leftover_processes(workdir) == []
+    left = leftover_processes(workdir)
+    assert left == [], f"still running: {left}"
     assert not workdir.exists()
 
 
@@ -84,7 +93,7 @@ def test_demo_runs_until_ctrl_c_then_tears_down() -> None:
         lines.append(line)
         if "Press Ctrl-C" in line:
             break
-        assert time.monotonic() < deadline, "".join(lines[-80:])
+        assert time.monotonic() < deadline, "no Serving within 540s:\n" + "".join(lines[-80:])
     else:
         pytest.fail("the demo ended before it was Serving:\n" + "".join(lines[-80:]))
     time.sleep(2)  # still running, nothing torn down yet
