@@ -52,7 +52,11 @@ def _check(output: str) -> None:
     assert sum(1 for row in rows if row[0] == "decode") == 2, "the example asks for 2 decode replicas"
     assert "Serving=True" in output
     assert f"export KUBECONFIG={kubeconfig_line.group(1)}" in output
-    assert "all Deployments and pods of the UCMCluster are gone" in output
+    # The garbage collector removes the children; how soon depends on its periodic discovery of the
+    # new CRD, so the demo may move on (the control plane goes down next) before it is done.
+    assert "deleting UCMCluster" in output
+    assert ("all Deployments and pods of the UCMCluster are gone" in output
+            or "still there after 90s (the control plane goes down next anyway)" in output)
     assert "demo finished: nothing left running" in output
     # Nothing left: no process mentions the work directory, the API server's port is closed,
     # and the work directory itself is gone.
