@@ -209,3 +209,18 @@ def test_deletion_garbage_collects_and_claims_follow_reclaim_policy(
         wait_condition(kube, namespace, "keep", "Serving", timeout=90)
         again = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-store")
         assert again is not None and again["metadata"]["uid"] == kept["metadata"]["uid"]
+
+
+def test_unschedulable_pool_is_reported(cluster: ClusterAccess, namespace: str, kube: Kube, crd: None,
+                                        tmp_path: Path) -> None:
+    """A GPU product no node has: the pods stay Pending, and the status says so instead of Serving."""
+    body = load_example("ucmcluster-heterogeneous.yaml", name="nowhere", namespace=namespace)
+    body["spec"]["decode"][0]["gpu"]["product"] = "NVIDIA-B200"
+    with running_operator(cluster, namespace, tmp_path):
+        apply_cluster(cluster, namespace, body)
+        found = wait_condition(kube, namespace, "nowhere", "Degraded", timeout=60,
+                               extra=lambda b: condition(b, "Degraded")["reason"] == "Unschedulable")
+        assert "l40s:" in condition(found, "Degraded")["message"]
+        assert condition(found, "Serving")["status"] == "False"
+        assert condition(found, "PrefillReady")["status"] == "True"
+        assert condition(found, "DecodeReady")["status"] == "False"
