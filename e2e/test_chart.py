@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def exists(cluster: Any, *args: str) -> bool:
     return bool(cluster.kubectl("get", *args, check=False).returncode == 0)
 
 
+@pytest.fixture
+def uninstall_after(cluster: Any, namespace: str) -> Iterator[None]:
+    """A failed test must not leave the release's ClusterRole behind in the shared cluster (the
+    namespace's deletion removes only namespaced objects)."""
+    yield
+    cluster.helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
+
+
+@pytest.mark.usefixtures("uninstall_after")
 def test_install_upgrade_uninstall(cluster: Any, namespace: str) -> None:
     notes = helm_install(cluster, namespace)
     # NOTES.txt tells the user how to check the operator and where to apply a UCMCluster.
@@ -184,6 +194,7 @@ def _operator_serves_example(cluster: Any, kubeconfig: Path, namespace: str, arg
     assert "Forbidden" not in log and " 403" not in log, f"the operator hit RBAC denials:\n{log[-3000:]}"
 
 
+@pytest.mark.usefixtures("uninstall_after")
 def test_all_namespaces_rbac_reconciles_another_namespace(cluster: Any, namespace: str, tmp_path: Path) -> None:
     """watch.allNamespaces=true: the ClusterRole lets the operator (no --namespace) serve a
     UCMCluster in a namespace the chart was not installed in, and grants the same rules there."""
@@ -197,6 +208,4 @@ def test_all_namespaces_rbac_reconciles_another_namespace(cluster: Any, namespac
         assert granted == _file_rules()
         _operator_serves_example(cluster, kubeconfig, other, [], tmp_path)
     finally:
-        # The ClusterRole and its binding outlive the namespace: uninstall removes them.
-        cluster.helm("uninstall", RELEASE, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
