@@ -35,7 +35,7 @@ DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
 class Stage:
     base: str
     name: str | None
-    copies: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    copies: list[tuple[list[str], str, dict[str, str]]] = field(default_factory=list)  # sources, dest, flags
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
     user: str | None = None
@@ -67,7 +67,7 @@ def parse_dockerfile(path: Path) -> list[Stage]:
             words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
             flags = {w.split("=", 1)[0][2:]: w.partition("=")[2] for w in words if w.startswith("--")}
             paths = [w for w in words if not w.startswith("--")]
-            stages[-1].copies.append((paths[:-1], flags))
+            stages[-1].copies.append((paths[:-1], paths[-1], flags))
         elif instr in ("ENTRYPOINT", "CMD"):
             assert rest.startswith("["), (
                 f"{path.name}: {instr} must use the exec (JSON) form so the process gets signals: {line}"
@@ -138,7 +138,7 @@ def test_copy_sources_exist_and_reach_the_context(dockerfile: Path) -> None:
     ignore = IMAGES / f"{dockerfile.name}.dockerignore"
     checked = 0
     for stage in parse_dockerfile(dockerfile):
-        for sources, flags in stage.copies:
+        for sources, _dest, flags in stage.copies:
             if "from" in flags:
                 assert flags["from"] in stage_names, f"{dockerfile.name}: COPY --from={flags['from']} names no stage"
                 continue
@@ -167,7 +167,7 @@ def test_pyproject_build_inputs_are_copied() -> None:
     needed |= {f"{p.rstrip('*')}/" for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
                if (REPO / p.rstrip("*")).is_dir()}
     for dockerfile in DOCKERFILES:
-        copied = {src for stage in parse_dockerfile(dockerfile) for srcs, flags in stage.copies
+        copied = {src for stage in parse_dockerfile(dockerfile) for srcs, _dest, flags in stage.copies
                   if "from" not in flags for src in srcs}
         assert needed <= copied, f"{dockerfile.name} does not copy {sorted(needed - copied)}"
 
@@ -205,8 +205,10 @@ def test_worker_is_pinned_vllm_plus_ucm_with_the_plugin_entry_point() -> None:
         f"worker.Dockerfile is FROM {stages[0].base}, but pyproject.toml pins vllm=={version}"
     )
     # torch and vLLM come from the base image: installing the worker extra could swap its CUDA torch.
-    assert installed_extra(stages) == set(), "worker.Dockerfile must `pip install .`, not an extra"
-    assert any("pip install" in run for run in stages[-1].runs)
+    # What pip installs is the directory pyproject.toml was copied to, with no [extra].
+    source_dir = next(dest for srcs, dest, _ in stages[-1].copies if "pyproject.toml" in srcs).rstrip("/")
+    installs = [m.group(1) for run in stages[-1].runs for m in re.finditer(r"pip install (?:--\S+ )*(\S+)", run)]
+    assert installs == [source_dir], f"worker.Dockerfile should `pip install {source_dir}` (no extra), got {installs}"
     # `vllm serve` is the base image's server; the plugin entry point is what makes UCMConnector load.
     assert stages[-1].entrypoint == ["vllm", "serve"]
     vllm_scripts = {ep.name for ep in distribution("vllm").entry_points if ep.group == "console_scripts"}
