@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        for noisy in ("kopf.objects", "kopf.activities.authentication", "urllib3"):
+        for noisy in ("kopf.objects", "kopf.activities.authentication", "urllib3", "aiohttp.access"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     # The operator's own level alone (e.g. DEBUG: what each status write changed), without kopf's.
     logging.getLogger("ucm_operator").setLevel(os.environ.get("UCM_OPERATOR_LOG_LEVEL", "").upper() or
