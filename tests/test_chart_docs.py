@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,15 @@ def test_generator_renders_schema_facts(tmp_path: Path) -> None:
 def test_check_mode_accepts_the_committed_file() -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_links_and_commands_point_at_real_things() -> None:
+    """Relative links resolve, and the configuration reference is linked (a newcomer follows them)."""
+    readme = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)\)", readme)
+    relative = [link for link in links if "://" not in link]
+    assert "docs/configuration.md" in relative
+    missing = [link for link in relative if not (REPO / link).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+    for target in ("make demo", "make test", "UCM_DEMO_EXIT_WHEN_SERVING=1", "ucm store stats --path"):
+        assert target in readme, f"README.md no longer mentions {target}"
