@@ -11,8 +11,9 @@ from ucm_operator.build_workers import vllm_args
 from ucm_operator.spec import parse_cluster
 
 
-def test_vllm_parses_the_worker_command_line(hetero: dict[str, Any]) -> None:
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # no GPU here: argument defaults need a device
+def test_vllm_parses_the_worker_command_line(hetero: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    if "VLLM_TARGET_DEVICE" not in os.environ:
+        monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # no GPU here: argument defaults need a device
     serve = pytest.importorskip("vllm.entrypoints.cli.serve")
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
