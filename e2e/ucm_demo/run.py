@@ -30,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from e2e.access import ClusterAccess
+from e2e.access import ClusterAccess, ClusterError
+from e2e.binaries import BinariesMissing
 
 from . import view
 from .cluster import leftover_processes, start_cluster
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except DemoFailed as failure:
         say(f"\nDEMO FAILED: {failure}")
         code = 1
+    except (ClusterError, BinariesMissing) as failure:
+        say(f"\nDEMO FAILED: the local control plane did not start: {failure}")
+        code = 1
     finally:
         # A second Ctrl-C must not cut the teardown short and leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -304,5 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(demo.workdir, ignore_errors=True)
         else:
             say(f"kept the work directory for inspection: {demo.workdir}")
-    say("demo finished: nothing left running" if not left else f"demo exit code {code}")
+    if code == 0:
+        say("demo finished: nothing left running")
+    else:
+        say(f"demo exit code {code}" + ("" if left else " (nothing left running)"))
     return code
