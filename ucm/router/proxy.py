@@ -72,7 +72,8 @@ class _Passthrough(Exception):
 class _EventStreamResponse(web.StreamResponse):
     """Sends its status line and headers with the first body write (as `web.Response` does for
     whole bodies) instead of alone on `prepare()`: one send and one client wake-up fewer per
-    stream. The client sees nothing until the first event, which is all an SSE client waits for."""
+    stream. The client sees nothing until the first event, which is all an SSE client waits for.
+    Should aiohttp drop this (private) switch, headers simply leave on prepare() again."""
 
     _send_headers_immediately = False  # aiohttp's switch, read by StreamResponse._write_headers
 
