@@ -299,7 +299,8 @@ class PDProxy:
         await out.prepare(request)
         pending = b""  # the start of an event whose end has not arrived
         # Whole events ending with `data: [DONE]`: held until the upstream's end of body (which
-        # follows at once), so they leave in the same write as the end of the client's body.
+        # vLLM sends right after), so they leave in the same write as the end of the client's
+        # body. An upstream that stalls there delays them by at most the idle timeout.
         last = b""
         read = resp.content.readany
         try:
