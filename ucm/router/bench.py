@@ -29,6 +29,10 @@ hop waits behind the load generator; pinned, the proxy's CPU is its own and "add
 what the proxy costs, not what it displaces. Other work on the machine still shares both CPUs
 (the JSON reports the load average and how long each proxy sat runnable but not running).
 
+Pinned, "direct" keeps the whole hand-off (both upstream calls, the prefill answer's parse) on
+the load generator's CPU while a proxy takes it off, so near saturation direct can be the slower
+one and an "added" figure can come out negative; read it with the CPU columns.
+
 Throughput is the completed streams per second; when the load-generator side saturates its CPU
 first, both proxies show the same rps whatever they cost. The proxies' own efficiency is then
 read from `*_cpu_ms_per_request` (user+system CPU time from /proc per completed request) and
