@@ -3,7 +3,6 @@ conversion: flags exist, values parse, the KV transfer config becomes a KVTransf
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -12,10 +11,19 @@ from ucm_operator.spec import parse_cluster
 
 
 def test_vllm_parses_the_worker_command_line(hetero: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    if "VLLM_TARGET_DEVICE" not in os.environ:
-        monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # no GPU here: argument defaults need a device
     serve = pytest.importorskip("vllm.entrypoints.cli.serve")
+    import vllm.engine.arg_utils as arg_utils
+    import vllm.platforms
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.platforms.cpu import CpuPlatform
+
+    # No GPU here: argument defaults need a device. vLLM resolves its platform once per process,
+    # so set it explicitly rather than through VLLM_TARGET_DEVICE, which is too late if another
+    # test resolved it first.
+    monkeypatch.setattr(vllm.platforms, "_current_platform", CpuPlatform())
+    # With HF_HUB_OFFLINE=1 (as in `make test`) vLLM swaps the model id for a local snapshot path;
+    # the weights cannot exist here, and the test is about the command line, not the download.
+    monkeypatch.setattr(arg_utils, "get_model_path", lambda model, revision=None: model)
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     root = FlexibleArgumentParser()
