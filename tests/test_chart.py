@@ -175,6 +175,8 @@ def test_existing_service_account_must_be_named(helm: Path) -> None:
         (["--set", "tolerations[0].operator=Maybe"], "operator"),
         (["--set", "extraEnv[0].name=A", "--set", "extraEnv[0].value=1"], "value"),
         (["--set", "livenessPort=80"], "livenessPort"),
+        # A numeric tag would turn 1.10 into 1.1: tags must be strings (--set-string).
+        (["--set", "image.tag=1.10"], "tag"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(helm: Path, settings: list[str], expected: str) -> None:
@@ -224,3 +226,16 @@ def test_rbac_checksum_rolls_the_operator_when_rules_change(helm: Path) -> None:
     (deploy,) = by_kind(render(helm), "Deployment")
     annotations = deploy["spec"]["template"]["metadata"]["annotations"]
     assert len(annotations["checksum/rbac"]) == 64
+
+
+def test_default_child_images_reach_the_operator(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env the chart sets is what the operator reads for pods whose UCMCluster names no image."""
+    from ucm_operator.constants import router_image_default, worker_image_default
+
+    (deploy,) = by_kind(render(helm, "--set", "workerImage.repository=reg/w", "--set-string", "routerImage.tag=9"),
+                        "Deployment")
+    env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert worker_image_default() == "reg/w:0.1.0"
+    assert router_image_default() == "ucm-router:9"
