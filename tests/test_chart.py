@@ -175,8 +175,8 @@ def test_existing_service_account_must_be_named(helm: Path) -> None:
         (["--set", "tolerations[0].operator=Maybe"], "operator"),
         (["--set", "extraEnv[0].name=A", "--set", "extraEnv[0].value=1"], "value"),
         (["--set", "livenessPort=80"], "livenessPort"),
-        # A numeric tag would turn 1.10 into 1.1: tags must be strings (--set-string).
-        (["--set", "image.tag=1.10"], "tag"),
+        # --set turns an all-digit tag into a number; a number is no tag (YAML would float it).
+        (["--set", "image.tag=20261128"], "tag"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(helm: Path, settings: list[str], expected: str) -> None:
