@@ -71,7 +71,7 @@ app.kubernetes.io/part-of: ucm
 
 {{/*
 The operator's RBAC rules, read from files/operator-rbac.yaml: the one place they are declared
-(the operator's own tests check its API calls against the same file). Renders a YAML map
+(the operator's e2e tests run it under exactly these rules). Renders a YAML map
 {rules: [...], clusterRules: [...]}: `rules` apply in the watched namespace (or cluster-wide when
 watching all namespaces); `clusterRules` are for cluster-scoped resources and always need a
 ClusterRole. The file may be either such a map or a bare list of rules.
