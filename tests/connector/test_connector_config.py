@@ -21,6 +21,7 @@ def test_defaults_and_accepted_values() -> None:
     cfg = parse()
     assert (cfg.model_id, cfg.model_revision, cfg.load_mode, cfg.layerwise_save, cfg.durability) == (
         "org/model", "main", "sync", True, "none")
+    assert cfg.max_tp_size == 8 and parse(max_tp_size=2).max_tp_size == 2
     cfg = parse(load_mode="async", durability="fsync", capacity_bytes=None, host_tier_bytes=1 << 30,
                 io_threads=4, direct_io=True, cache_salt="tenant-a", ucm_sparse_config={"name": "x"})
     assert cfg.load_mode == "async" and cfg.host_tier_bytes == 1 << 30 and cfg.ucm_sparse_config == {"name": "x"}
@@ -36,6 +37,9 @@ def test_defaults_and_accepted_values() -> None:
     ({"model_id": "/models/llama"}, r"\.model_id: expected a model name .*not a local path"),
     ({"store_pth": "/x"}, r"unknown key\(s\) store_pth; accepted keys are .*store_path"),
     ({"ucm_sparse_config": [1]}, r"\.ucm_sparse_config: expected an object"),
+    ({"max_tp_size": 3}, r"\.max_tp_size: expected one of 1, 2, 4, 8, got 3"),
+    ({"max_tp_size": "2"}, r"\.max_tp_size: expected one of 1, 2, 4, 8, got '2'"),
+    ({"max_tp_size": True}, r"\.max_tp_size: expected one of 1, 2, 4, 8, got True"),
 ])
 def test_bad_values_name_the_key_and_what_is_accepted(extra: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -118,3 +122,20 @@ def test_pipeline_parallel_is_refused_with_a_clear_error(tmp_path: pathlib.Path)
     config.parallel_config.pipeline_parallel_size = 2
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported"):
         UCMConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config(16, 8))
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_tp_size_above_max_tp_size_fails_start_up(tmp_path: pathlib.Path, role: str) -> None:
+    """A TP 2 rank cannot serve blocks grouped for TP 1 (it would own half a stored group): both
+    connector roles refuse to start, naming the key."""
+    from ucm_connector_harness import kv_cache_config, make_vllm_config, write_model_dir
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from ucm.connector import UCMConnector
+
+    config = make_vllm_config(write_model_dir(tmp_path / "m"), tmp_path / "s", extra={"max_tp_size": 1})
+    config.parallel_config.tensor_parallel_size = 2
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 exceeds kv_connector_extra_config\.max_tp_size=1"):
+        UCMConnector(config, KVConnectorRole[role], kv_cache_config(16, 8))
+    config.kv_transfer_config.kv_connector_extra_config["max_tp_size"] = 2  # type: ignore[union-attr]
+    UCMConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config(16, 8)).shutdown()

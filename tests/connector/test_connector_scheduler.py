@@ -208,3 +208,20 @@ def test_async_load_finishes_through_get_finished(model_dir: pathlib.Path, tmp_p
     assert_kv(engine, "r", prompt, 69)
     engine.run_until_idle()
     assert len(engine.outputs["r"]) == 2
+
+
+def test_blocks_stored_for_another_max_tp_size_are_misses(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """The tiny model's 2 KV heads: max_tp_size=1 stores one 2-head object per block, the default
+    one object per head. A default consumer misses those blocks (and computes the prompt); a
+    consumer with the same max_tp_size hits them."""
+    prompt = [(i * 17) % 250 + 1 for i in range(50)]
+    produce(model_dir, tmp_path, prompt, extra={"max_tp_size": 1})
+    other = Engine(model_dir, tmp_path, role="kv_consumer")
+    other.add("x", prompt)
+    so = other.step()
+    assert other.metas[-1].loads == [] and so.num_scheduled_tokens["x"] == 50
+    same = Engine(model_dir, tmp_path, role="kv_consumer", extra={"max_tp_size": 1})
+    same.add("x", prompt)
+    so = same.step()
+    assert [len(lo.block_ids) for lo in same.metas[-1].loads] == [3] and so.num_scheduled_tokens["x"] == 2
+    assert_kv(same, "x", prompt, 50)

@@ -12,11 +12,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 
-from ucm.connector.heads import plan_heads
+from ucm.connector.heads import canonical_group_size, plan_heads, supported_tp_sizes
 from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.worker import CacheSpec, UCMWorkerSide
-from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry
+from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry, block_key
 from ucm.store import open_store
 from ucm.transfer import CacheLayout, HostBufferPool
 from ucm.transfer.synthetic import make_paged_cache
@@ -35,10 +35,11 @@ def hashes(n: int, seed: int = 0, is_mla: bool = False) -> list[bytes]:
 
 class Rank:
     def __init__(self, store_dir: pathlib.Path, layout: CacheLayout, *, tp: int = 1, rank: int = 0,
-                 physical: str = "LBHNC", seed: int = 0, layerwise: bool = True, staging: int = 64 << 20) -> None:
+                 physical: str = "LBHNC", seed: int = 0, layerwise: bool = True, staging: int = 64 << 20,
+                 max_tp_size: int = 8) -> None:
         is_mla = layout.is_mla
         self.layout = layout
-        self.heads = plan_heads(1 if is_mla else HEADS, tp, rank, is_mla=is_mla)
+        self.heads = plan_heads(1 if is_mla else HEADS, tp, rank, is_mla=is_mla, max_tp_size=max_tp_size)
         tensors = make_paged_cache(
             layout, num_layers=L, num_blocks=NB, block_size=BS, num_heads=self.heads.local_count,
             head_size=D, physical=physical, seed=seed,
@@ -132,6 +133,59 @@ def test_tp1_producer_feeds_tp2_consumer_ranks(tmp_path: pathlib.Path) -> None:
         assert consumer.load([5, 6], h) == set()
         for s, d in zip([2, 9], [5, 6], strict=True):
             assert torch.equal(consumer.kv(d), producer.kv(s)[:, 2 * r : 2 * r + 2])
+
+
+def test_max_tp_size_2_round_trips_tp2_to_tp1_and_tp1_to_tp2(tmp_path: pathlib.Path) -> None:
+    """max_tp_size=2: 2-head objects (half as many, twice the size); TP 2 <-> TP 1 stay bit-exact."""
+    h = hashes(2, seed=700)
+    producers = [Rank(tmp_path, CacheLayout.FLASHINFER, tp=2, rank=r, seed=r, max_tp_size=2) for r in range(2)]
+    assert [p.heads.groups() for p in producers] == [[(0, 2, 0)], [(2, 2, 0)]]
+    for p in producers:
+        p.save([4, 1], h)
+    assert sum(p.store.stats().dumps for p in producers) == 2 * 2  # 2 blocks x 2 groups of 2 heads
+    consumer = Rank(tmp_path, CacheLayout.BHNC, physical="LBNHC", seed=9, max_tp_size=2)
+    assert consumer.heads.groups() == [(0, 2, 0), (2, 2, 2)]
+    assert consumer.load([8, 3], h) == set()
+    for s, d in zip([4, 1], [8, 3], strict=True):
+        assert torch.equal(consumer.kv(d), torch.cat([p.kv(s) for p in producers], dim=1))
+    h2 = hashes(2, seed=800)
+    consumer.save([0, 5], h2)
+    for r in range(2):
+        reader = Rank(tmp_path, CacheLayout.FLASH_ATTN, tp=2, rank=r, seed=20 + r, max_tp_size=2)
+        assert reader.load([6, 7], h2) == set()
+        for s, d in zip([0, 5], [6, 7], strict=True):
+            assert torch.equal(reader.kv(d), consumer.kv(s)[:, 2 * r : 2 * r + 2])
+
+
+def test_blocks_grouped_for_another_max_tp_size_miss_and_are_never_scattered(tmp_path: pathlib.Path) -> None:
+    """Keys encode the head range: a max_tp_size=8 (1-head groups) reader finds nothing of what a
+    max_tp_size=2 (2-head groups) writer stored, in the scheduler's lookup and in the worker's load."""
+    h = hashes(3, seed=900)
+    writer = Rank(tmp_path, CacheLayout.BHNC, seed=1, max_tp_size=2)
+    writer.save([1, 2, 3], h)
+    reader = Rank(tmp_path, CacheLayout.BHNC, seed=2)  # default max_tp_size=8
+    assert reader.heads.group_size == 1 and writer.heads.group_size == 2
+    keys_8 = [block_key(b, head, 1) for b in h for head in range(HEADS)]
+    keys_2 = [block_key(b, head, 2) for b in h for head in (0, 2)]
+    assert not any(reader.store.lookup(keys_8)) and all(reader.store.lookup(keys_2))
+    before = {b: reader.kv(b).clone() for b in range(NB)}
+    assert reader.load([4, 5, 6], h) == {4, 5, 6}
+    assert all(torch.equal(reader.kv(b), before[b]) for b in range(NB))
+
+
+def test_max_tp_size_sets_the_group_and_refuses_larger_tp() -> None:
+    assert [canonical_group_size(8, False, m) for m in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert canonical_group_size(6, False, 8) == 3 and canonical_group_size(6, False, 1) == 6
+    assert supported_tp_sizes(8, False, 2) == [1, 2] and supported_tp_sizes(8, False, 4) == [1, 2, 4]
+    assert supported_tp_sizes(8, False, 8)[-1] == 64  # the default keeps replicated-head TP sizes
+    assert supported_tp_sizes(1, True, 2) == [1, 2]
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 exceeds kv_connector_extra_config\.max_tp_size=2"):
+        plan_heads(8, 4, 0, is_mla=False, max_tp_size=2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 exceeds .*max_tp_size=1"):
+        plan_heads(1, 2, 1, is_mla=True, max_tp_size=1)
+    with pytest.raises(ValueError, match=r"max_tp_size must be one of \[1, 2, 4, 8\], got 3"):
+        plan_heads(8, 1, 0, is_mla=False, max_tp_size=3)
+    assert plan_heads(8, 2, 1, is_mla=False, max_tp_size=2).groups() == [(4, 4, 0)]
 
 
 def test_mla_rank0_writes_every_rank_reads(tmp_path: pathlib.Path) -> None:

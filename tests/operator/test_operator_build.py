@@ -11,7 +11,7 @@ import pytest
 from operator_helpers import load_example
 from ucm_operator.build import build_children
 from ucm_operator.build_router import router_args
-from ucm_operator.build_workers import kv_role, vllm_args
+from ucm_operator.build_workers import kv_role, max_tp_size, vllm_args
 from ucm_operator.constants import ANNOTATION_APPLIED_HASH
 from ucm_operator.meta import revision, short_hash
 from ucm_operator.spec import parse_cluster
@@ -78,7 +78,7 @@ def test_vllm_command_line(hetero: dict[str, Any]) -> None:
         "kv_connector": "UCMConnector", "kv_connector_module_path": "ucm.connector", "kv_role": "kv_producer",
         "kv_connector_extra_config": {"store_path": "/mnt/ucm", "model_id": "meta-llama/Llama-3.1-8B-Instruct",
                                       "model_revision": "main", "durability": "none",
-                                      "capacity_bytes": 500 * 2**30},
+                                      "capacity_bytes": 500 * 2**30, "max_tp_size": 2},
     }
     assert args[-2:] == ["--gpu-memory-utilization", "0.90"]  # engine.extraArgs last
     assert kv_role(spec, spec.decode[0]) == "kv_consumer"
@@ -90,7 +90,27 @@ def test_connector_accepts_the_extra_config(hetero: dict[str, Any]) -> None:
     spec = parse_cluster(hetero)
     extra = json.loads(vllm_args(spec, spec.decode[0])[-3])["kv_connector_extra_config"]
     parsed = config_module.parse_extra_config(extra, default_model_id=spec.model.served_name)
-    assert parsed.store_path == "/mnt/ucm"
+    assert parsed.store_path == "/mnt/ucm" and parsed.max_tp_size == 2
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "expected"), [
+    (2, 1, 2), (1, 1, 1), (1, 4, 4), (8, 2, 8), (3, 1, 4), (16, 1, 8),
+])
+def test_every_pool_gets_the_largest_tp_size_as_max_tp_size(
+    hetero: dict[str, Any], prefill_tp: int, decode_tp: int, expected: int
+) -> None:
+    """All pools of a cluster agree on the connector's head grouping: the largest TP size of any
+    pool (prefill or decode), rounded up to a value the connector accepts (1, 2, 4, 8)."""
+    body = copy.deepcopy(hetero)
+    body["spec"]["prefill"][0]["tensorParallelSize"] = prefill_tp
+    body["spec"]["decode"][0]["tensorParallelSize"] = decode_tp
+    body["spec"]["decode"].append({**copy.deepcopy(body["spec"]["decode"][0]), "name": "small", "tensorParallelSize": 1})
+    spec = parse_cluster(body)
+    assert max_tp_size(spec) == expected
+    for pool in spec.pools:
+        args = vllm_args(spec, pool)
+        extra = json.loads(args[args.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+        assert extra["max_tp_size"] == expected, pool.name
 
 
 def test_decode_only_runs_kv_both_and_mounts_model_claim() -> None:

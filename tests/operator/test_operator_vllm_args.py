@@ -44,4 +44,5 @@ def test_vllm_parses_the_worker_command_line(hetero: dict[str, Any], monkeypatch
         assert kv is not None and kv.kv_connector == "UCMConnector" and kv.kv_role == role
         assert kv.kv_connector_module_path == "ucm.connector"
         assert kv.kv_connector_extra_config["store_path"] == "/mnt/ucm"
+        assert kv.kv_connector_extra_config["max_tp_size"] == 2  # the prefill pool's TP, in every pool
         assert (args.host, args.port) == ("0.0.0.0", 8000)

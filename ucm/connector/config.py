@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ucm.connector.heads import MAX_SHARED_TP, MAX_TP_SIZES
+
 LOAD_MODES = ("sync", "async")
 DURABILITIES = ("none", "fsync")
 
@@ -32,6 +34,7 @@ class UCMConfig:
     cache_salt: str = ""
     direct_io: bool = False
     io_threads: int = 8
+    max_tp_size: int = MAX_SHARED_TP  # largest TP size that must read the blocks (sets the head grouping)
     ucm_sparse_config: dict[str, Any] | None = None
 
 
@@ -65,6 +68,13 @@ def _choice(extra: Mapping[str, Any], key: str, default: str, accepted: tuple[st
     if value not in accepted:
         raise _fail(key, value, "one of " + ", ".join(repr(a) for a in accepted))
     return str(value)
+
+
+def _int_choice(extra: Mapping[str, Any], key: str, default: int, accepted: tuple[int, ...]) -> int:
+    value = extra.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value not in accepted:
+        raise _fail(key, value, "one of " + ", ".join(str(a) for a in accepted))
+    return value
 
 
 def _str(extra: Mapping[str, Any], key: str, default: str | None, *, empty_ok: bool = False) -> str:
@@ -106,5 +116,6 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, default_model_id: str
         cache_salt=_str(extra, "cache_salt", "", empty_ok=True),
         direct_io=_bool(extra, "direct_io", False),
         io_threads=_int(extra, "io_threads", 8, minimum=1, nullable=False) or 8,
+        max_tp_size=_int_choice(extra, "max_tp_size", MAX_SHARED_TP, MAX_TP_SIZES),
         ucm_sparse_config=sparse,
     )

@@ -144,8 +144,11 @@ class UCMConnector(KVConnectorBase_V1):
         )
         self._scheduler: UCMSchedulerSide | None = None
         self._worker: UCMWorkerSide | None = None
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.SCHEDULER:
-            group = canonical_group_size(geo.num_kv_heads, geo.is_mla)
+            # Refuse a TP size the stored head groups cannot serve here too, before any worker starts.
+            plan_heads(geo.num_kv_heads, tp_size, 0, is_mla=geo.is_mla, max_tp_size=self.config.max_tp_size)
+            group = canonical_group_size(geo.num_kv_heads, geo.is_mla, self.config.max_tp_size)
             self._scheduler = UCMSchedulerSide(
                 identity=self.identity,
                 store=self.store,
@@ -157,8 +160,9 @@ class UCMConnector(KVConnectorBase_V1):
                 sparse=sparse,
             )
         else:
-            tp_size = vllm_config.parallel_config.tensor_parallel_size
-            heads = plan_heads(geo.num_kv_heads, tp_size, _tp_rank(), is_mla=geo.is_mla)
+            heads = plan_heads(
+                geo.num_kv_heads, tp_size, _tp_rank(), is_mla=geo.is_mla, max_tp_size=self.config.max_tp_size
+            )
             staging = int(os.environ.get(STAGING_ENV, DEFAULT_STAGING_BYTES))
             self._worker = UCMWorkerSide(
                 store=self.store,
