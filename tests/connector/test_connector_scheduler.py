@@ -225,3 +225,117 @@ def test_blocks_stored_for_another_max_tp_size_are_misses(model_dir: pathlib.Pat
     so = same.step()
     assert [len(lo.block_ids) for lo in same.metas[-1].loads] == [3] and so.num_scheduled_tokens["x"] == 2
     assert_kv(same, "x", prompt, 50)
+
+
+def free_blocks(engine: Engine) -> int:
+    return engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def step_until_finished(engine: Engine, req_id: str, max_steps: int = 60) -> None:
+    for _ in range(max_steps):
+        engine.step()
+        if req_id in engine.kv_params:
+            return
+    raise AssertionError(f"{req_id} did not finish")
+
+
+def test_next_chat_turn_hits_the_previous_answer(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Turn 1 (40 prompt + 30 generated tokens) finishes: its blocks holding generated tokens are
+    saved while vLLM keeps them allocated (delay_free_blocks), then freed. Turn 2, on another
+    instance, sends prompt + answer + 10 new tokens and loads all 4 full blocks bit-exact."""
+    first = Engine(model_dir, tmp_path)
+    start = free_blocks(first)
+    prompt = [(i * 29) % 250 + 1 for i in range(40)]  # 2 full blocks + 8 tokens
+    first.add("turn1", prompt, max_tokens=30)
+    step_until_finished(first, "turn1")
+    answer = first.outputs["turn1"]
+    assert len(answer) == 30
+    assert [len(s.block_ids) for m in first.metas for s in m.saves] == [2]  # the prompt's, during prefill
+    assert "turn1" in first.scheduler.requests and free_blocks(first) < start  # held for the finish save
+    first.run_until_idle()
+    (finish,) = [s for m in first.metas for s in m.finish_saves]
+    assert len(finish.block_ids) == 2  # tokens 32..63; the 70th token (no KV yet) is in block 4
+    assert not first.scheduler.requests and free_blocks(first) == start  # freed once reported: no leak
+    saved = sum(s.get("saved_blocks", 0) for s in first.stats)
+    assert saved == 4
+
+    second = Engine(model_dir, tmp_path)
+    turn2 = prompt + answer + [5] * 10  # 80 tokens
+    second.add("turn2", turn2)
+    so = second.step()
+    (load,) = second.metas[-1].loads
+    assert load.block_ids == second.scheduler.kv_cache_manager.get_block_ids("turn2")[0][:4]
+    assert load.block_hashes[2:] == finish.block_hashes
+    assert so.num_scheduled_tokens["turn2"] == 16
+    assert_kv(second, "turn2", turn2, 80)  # the answer's KV came from the store, bit-exact
+    second.run_until_idle()
+    assert not second.scheduler.requests and free_blocks(second) == free_blocks(first)
+
+
+def test_aborted_requests_free_every_block(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Abort paths: a decoding request saves its computed full blocks, then frees them; a waiting
+    request, a consumer's request and one whose async load is in flight have nothing to save and
+    are freed by vLLM as before."""
+    from vllm.v1.request import RequestStatus
+
+    engine = Engine(model_dir, tmp_path)
+    start = free_blocks(engine)
+    prompt = [(i * 31) % 250 + 1 for i in range(20)]
+    engine.add("a", prompt, max_tokens=100)
+    while len(engine.outputs.get("a", [])) < 30:  # 50 tokens, 49 with KV: blocks 0-2 full
+        engine.step()
+    engine.add("w", [1] * 20)  # never scheduled
+    engine.scheduler.finish_requests(["a", "w"], RequestStatus.FINISHED_ABORTED)
+    assert "a" in engine.scheduler.requests and "w" not in engine.scheduler.requests
+    engine.run_until_idle()
+    assert [len(s.block_ids) for m in engine.metas for s in m.finish_saves] == [2]  # blocks 1-2
+    assert not engine.scheduler.requests and free_blocks(engine) == start
+
+    consumer = Engine(model_dir, tmp_path, role="kv_consumer")
+    consumer.add("c", prompt, max_tokens=40)
+    consumer.run_until_idle()
+    assert all(m.finish_saves == [] for m in consumer.metas)  # a consumer never saves
+    assert free_blocks(consumer) == start
+
+    # An async load in flight when the request is aborted: vLLM holds and frees the blocks itself.
+    engine.flush()
+    loader = Engine(model_dir, tmp_path, extra={"load_mode": "async"})
+    loader.add("l", prompt + engine.outputs["a"] + [3] * 10)  # hits blocks 0-2
+    loader.step()
+    assert [len(lo.block_ids) for lo in loader.metas[-1].loads] == [3]
+    loader.scheduler.finish_requests("l", RequestStatus.FINISHED_ABORTED)
+    deadline = time.monotonic() + 30
+    while loader.scheduler.requests and time.monotonic() < deadline:
+        loader.step()
+        time.sleep(0.01)
+    assert all(m.finish_saves == [] for m in loader.metas)
+    assert not loader.scheduler.requests and free_blocks(loader) == start
+
+
+def test_preempted_request_aborted_while_waiting_frees_at_once(model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A preempted request holds no blocks (vLLM passes none to request_finished): aborting it must
+    not delay anything, and the survivor's finish frees every block."""
+    from vllm.v1.request import RequestStatus
+
+    engine = Engine(model_dir, tmp_path, num_blocks=10)
+    engine.scheduler.kv_cache_manager.enable_caching = False
+    start = free_blocks(engine)
+    engine.add("a", [(i * 3) % 250 + 1 for i in range(64)], max_tokens=20)
+    engine.add("b", [(i * 13) % 250 + 2 for i in range(64)], max_tokens=20)
+    preempted: list[str] = []
+    for _ in range(30):
+        so = engine.step()
+        preempted = sorted(getattr(so, "preempted_req_ids", None) or [])
+        if preempted:
+            break
+    assert preempted, "the test must actually preempt a request"
+    victim = preempted[0]
+    assert engine.requests[victim].status == RequestStatus.PREEMPTED
+    engine.scheduler.finish_requests(victim, RequestStatus.FINISHED_ABORTED)
+    assert victim not in engine.scheduler.requests  # nothing held for it
+    engine.run_until_idle()
+    assert not engine.scheduler.requests and free_blocks(engine) == start
+    survivor = ({"a", "b"} - {victim}).pop()
+    assert len(engine.outputs[survivor]) == 20
+    finish = [(s.req_id, len(s.block_ids)) for m in engine.metas for s in m.finish_saves]
+    assert finish == [(survivor, 1)]  # 64 + 20 tokens: block 4 holds generated tokens only

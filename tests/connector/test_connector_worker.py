@@ -200,6 +200,27 @@ def test_mla_rank0_writes_every_rank_reads(tmp_path: pathlib.Path) -> None:
     assert torch.equal(reader.kv(7), ranks[0].kv(1)) and torch.equal(reader.kv(8), ranks[0].kv(2))
 
 
+def test_finish_saves_are_reported_once_done_and_named_finished_by_every_rank(tmp_path: pathlib.Path) -> None:
+    """A finished request's blocks are dumped from get_finished (no forward pass needed); the
+    request is reported as finished sending once the dump is over and vLLM has named it finished,
+    exactly once, by the writing rank and by a replica rank that writes nothing."""
+    h = hashes(2, seed=1000, is_mla=True)
+    ranks = [Rank(tmp_path, CacheLayout.MLA, tp=2, rank=r, seed=r) for r in range(2)]
+    meta = UCMConnectorMetadata(finish_saves=[SaveSpec("done", [3, 4], h)])
+    for rank in ranks:
+        rank.worker.bind(meta)
+        rank.worker.flush()
+        assert rank.worker.poll_finished(set()) == (set(), set())  # not yet named finished by vLLM
+        rank.worker.flush()
+        assert rank.worker.poll_finished({"done"}) == ({"done"}, set())
+        assert rank.worker.poll_finished({"done"}) == (set(), set())  # reported once
+        rank.worker.bind(None)
+    assert ranks[0].store.stats().dumps == 2 and ranks[1].store.stats().dumps == 0
+    reader = Rank(tmp_path, CacheLayout.MLA, seed=5)
+    assert reader.load([0, 1], h) == set()
+    assert torch.equal(reader.kv(0), ranks[0].kv(3)) and torch.equal(reader.kv(1), ranks[0].kv(4))
+
+
 def test_missing_blocks_are_reported_and_never_scattered(tmp_path: pathlib.Path) -> None:
     h = hashes(3, seed=400)
     src = Rank(tmp_path, CacheLayout.BHNC)
@@ -241,6 +262,11 @@ def test_host_staging_too_small_skips_saves_and_recomputes_loads(tmp_path: pathl
     h2 = hashes(2, seed=600)
     tiny.save([0, 1], h2)
     assert tiny.worker.pool.in_use_bytes == 0
+    dumps = tiny.store.stats().dumps
+    tiny.worker.bind(UCMConnectorMetadata(finish_saves=[SaveSpec("f", [4, 5], hashes(2, seed=650))]))
+    assert tiny.worker.poll_finished({"f"}) == ({"f"}, set())  # skipped, but its blocks are freed
+    tiny.worker.bind(None)
+    assert tiny.store.stats().dumps == dumps
     assert tiny.load([2, 3], h[:2]) == {2, 3}  # cannot stage: reported for recompute, not raised
     reader = Rank(tmp_path, CacheLayout.BHNC, seed=1)
     assert reader.load([0, 1], h2) == {0, 1}  # the skipped save really wrote nothing

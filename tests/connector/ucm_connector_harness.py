@@ -168,13 +168,14 @@ class Engine:
             corrupt(meta)
         w.start_load_kv(None)  # type: ignore[arg-type]
         model_out: dict[str, Any] = {}
-        if self.runner is not None:
+        forward = so.total_num_scheduled_tokens > 0  # else vLLM's kv_connector_no_forward: no layers run
+        if self.runner is not None and forward:
             # A real model needs every earlier layer's KV before it runs, so wait for all layers,
             # run the forward, then write and save layer by layer.
             for name in LAYERS:
                 w.wait_for_layer_load(name)
             model_out = self.runner(self, so)
-        for li, name in enumerate(LAYERS):
+        for li, name in enumerate(LAYERS if forward else []):
             if self.runner is None:
                 w.wait_for_layer_load(name)
                 self._compute_layer(so, li, name)
@@ -182,7 +183,7 @@ class Engine:
                 self._write_layer(so, li, name, {r: kv[li] for r, (kv, _) in model_out.items()})
             w.save_kv_layer(name, self.caches[name], None)  # type: ignore[arg-type]
         w.wait_for_save()
-        _, recving = w.get_finished(so.finished_req_ids)
+        sending, recving = w.get_finished(so.finished_req_ids)
         invalid = w.get_block_ids_with_load_errors()
         stats = w.get_kv_connector_stats()
         w.clear_connector_metadata()
@@ -200,7 +201,8 @@ class Engine:
         output = ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)}, sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
-                finished_recving=recving, invalid_block_ids=invalid, kv_connector_stats=stats,
+                finished_sending=sending, finished_recving=recving, invalid_block_ids=invalid,
+                kv_connector_stats=stats,
             ),
         )
         engine_outputs = self.scheduler.update_from_output(so, output)
@@ -233,9 +235,13 @@ class Engine:
             cache[block_ids[pos // self.block_size], :, pos % self.block_size, :] = kv[rid]
 
     def run_until_idle(self, max_steps: int = 50) -> None:
+        """Step until every request finished and vLLM freed its blocks (finished requests whose
+        blocks are being saved stay in `scheduler.requests` until the worker reports them)."""
         for _ in range(max_steps):
             if not self.scheduler.has_unfinished_requests():
-                return
+                if not self.scheduler.requests:
+                    return
+                self.flush()  # only finish saves are left: let the store complete them
             self.step()
         raise AssertionError("requests did not finish")
 

@@ -245,8 +245,8 @@ class UCMConnector(KVConnectorBase_V1):
         self.worker_side.finish_step()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done = self.worker_side.poll_finished()
-        return None, (done or None)
+        sending, recving = self.worker_side.poll_finished(finished_req_ids)
+        return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.take_load_errors()
@@ -272,10 +272,13 @@ class UCMConnector(KVConnectorBase_V1):
         return self.scheduler_side.build_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler_side.loads_finished(connector_output.finished_recving)
         self.scheduler_side.blocks_failed(connector_output.invalid_block_ids)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return False, self.scheduler_side.request_finished(request)
+        # True when the request's generated-token blocks are being saved: vLLM keeps them until
+        # get_finished reports the request as finished sending.
+        return self.scheduler_side.request_finished(request, block_ids)
 
     # ---- stats ---------------------------------------------------------------------------------
 

@@ -34,4 +34,7 @@ class SaveSpec:
 class UCMConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    # Blocks of requests that finished (generated tokens included, for a chat's next turn). Their KV
+    # is complete; vLLM keeps the blocks until every worker reports the request as finished sending.
+    finish_saves: list[SaveSpec] = field(default_factory=list)
     sparse_meta: object | None = None

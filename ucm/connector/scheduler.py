@@ -7,6 +7,14 @@ its blocks are known to be in the store, and a pending load plan between
 (chunked prefill saves chunk by chunk; a resumed request reloads what was saved before it was
 preempted).
 
+Multi-turn reuse: a chat's next turn sends the previous answer back as prompt, so when a request
+finishes, the full blocks holding its generated tokens are saved too (`request_finished` returns
+delay_free_blocks=True and a finish save goes to the workers with the next step's metadata; vLLM
+frees the blocks once every worker has reported the request in get_finished's finished-sending
+set). Only blocks whose KV is already computed and processed are saved: the last sampled token has
+no KV yet, and with async scheduling a step still in flight may be writing the positions after
+`num_computed_tokens - num_in_flight_tokens`.
+
 Hits are full blocks only and never the whole prompt: vLLM must compute at least the last prompt
 token to sample the next one. A consumer handed `kv_transfer_params` from a producer
 (`do_remote_prefill`) waits, bounded by `remote_wait_s`, for the producer's dump to become
@@ -63,6 +71,7 @@ class _RequestState:
     hashed_tokens: int = 0
     saved_blocks: int = 0  # blocks [0, saved_blocks) are in the store or being saved
     pending: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    loading_async: bool = False  # an async load is in flight: vLLM itself holds the blocks until it ends
     first_lookup: float = dataclasses.field(default_factory=time.monotonic)
     lookup_counted: bool = False
 
@@ -98,6 +107,7 @@ class UCMSchedulerSide:
         self.stats = UCMConnectorStats()
         self._states: dict[str, _RequestState] = {}
         self._loads: list[LoadSpec] = []
+        self._finish_saves: list[SaveSpec] = []
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -197,11 +207,20 @@ class UCMSchedulerSide:
             )
         )
         state.saved_blocks = max(state.saved_blocks, first + count)
+        state.loading_async = self.load_async and count > 0
         self.stats.add("hit_tokens", count * self.block_size)
 
+    def loads_finished(self, req_ids: set[str] | None) -> None:
+        """Async loads the workers reported as finished receiving."""
+        for req_id in req_ids or ():
+            state = self._states.get(req_id)
+            if state is not None:
+                state.loading_async = False
+
     def build_meta(self, scheduler_output: SchedulerOutput) -> UCMConnectorMetadata:
-        meta = UCMConnectorMetadata(loads=self._loads)
+        meta = UCMConnectorMetadata(loads=self._loads, finish_saves=self._finish_saves)
         self._loads = []
+        self._finish_saves = []
         if self.can_save:
             cached = scheduler_output.scheduled_cached_reqs
             progress = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
@@ -241,20 +260,44 @@ class UCMSchedulerSide:
                     state.saved_blocks = idx
                     break
 
-    def request_finished(self, request: Request) -> dict[str, Any] | None:
+    def request_finished(self, request: Request, block_ids: Sequence[int]) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's request_finished: (delay freeing the blocks until the finish save is reported,
+        kv_transfer_params for a decode instance). `block_ids` are the blocks of the request's
+        computed tokens (empty for a preempted or never-scheduled request)."""
         state = self._states.pop(request.request_id, None)
         if self.sparse is not None:
             self.sparse.request_finished(request)
+        saved = state.saved_blocks if state is not None else 0  # prompt blocks saved while it ran
+        delay = state is not None and self._plan_finish_save(state, block_ids)
         params = request.kv_transfer_params or {}
         if not self.can_save or not (self.produces_for_remote or params.get("do_remote_decode")):
-            return None
-        saved = state.saved_blocks if state is not None else 0
-        return {
+            return delay, None
+        return delay, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             PARAM_IDENTITY: self.identity.digest().hex(),
             PARAM_TOKENS: saved * self.block_size,
         }
+
+    def _plan_finish_save(self, state: _RequestState, block_ids: Sequence[int]) -> bool:
+        """Queue a save of the finished request's full blocks not saved yet (its generated tokens);
+        True when there is one, i.e. vLLM must keep the blocks until the workers report it."""
+        request = state.request
+        if not self.can_save or not _cacheable(request) or state.loading_async:
+            # While an async load is in flight vLLM delays the free itself and frees the blocks on
+            # finished_recving; a second owner would free them twice.
+            return False
+        processed = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        end = min(processed, request.num_tokens - 1, len(block_ids) * self.block_size) // self.block_size
+        first = state.saved_blocks
+        if end <= first:
+            return False
+        hashes = self._hashes(state, end * self.block_size)
+        state.saved_blocks = end
+        self._finish_saves.append(
+            SaveSpec(req_id=request.request_id, block_ids=list(block_ids[first:end]), block_hashes=hashes[first:end])
+        )
+        return True
 
     def take_stats(self) -> UCMConnectorStats | None:
         return self.stats.take()

@@ -10,6 +10,13 @@ step (its later blocks were computed from KV that is now known to be wrong).
 Saves: `save_layer` starts the copy of each layer as attention finishes it; `finish_step` completes
 the copies, repacks per head group and hands the payloads to the store's asynchronous dump, whose
 completion is polled at later steps (the host buffers return to the bounded pool then).
+
+Finish saves (blocks of finished requests, generated tokens included): their KV is complete, so
+`poll_finished` (vLLM's get_finished, called every step with or without a forward pass) gathers all
+layers at once and hands them to the store. A request is reported as finished sending once its dump
+completed (or could not be staged: a skipped save is a future miss, while blocks never reported
+would leak) and vLLM has named it among the finished requests; every rank reports it, since vLLM
+frees the blocks only when all ranks have.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import block_key
-from ucm.store.base import BlockLayout, Store, Task, WritableBuffer
+from ucm.store.base import BlockLayout, Store, StoreError, Task, WritableBuffer
 from ucm.transfer.buffers import HostBufferPool, PoolExhausted
 from ucm.transfer.paged import PagedKV
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
@@ -70,6 +77,7 @@ class _PendingDump:
     started: float
     nbytes: int
     blocks: int
+    finished_reqs: tuple[str, ...] = ()  # finish saves: reported as finished sending once done
 
 
 class UCMWorkerSide:
@@ -108,6 +116,10 @@ class UCMWorkerSide:
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
         self._finished_recving: set[str] = set()
+        self._finish_handled = False  # this step's finish saves were handed to the store
+        self._sending: set[str] = set()  # finish saves not yet reported to vLLM
+        self._sent: set[str] = set()  # ... of those, the ones whose dump is over
+        self._released: set[str] = set()  # ... of those, the ones vLLM named as finished
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -158,6 +170,7 @@ class UCMWorkerSide:
     def bind(self, meta: UCMConnectorMetadata | None) -> None:
         """This step's plan (None once vLLM clears it, so a stray hook never replays a step)."""
         self._meta = meta
+        self._finish_handled = False
 
     def start_load(self) -> None:
         meta = self._meta
@@ -314,29 +327,83 @@ class UCMWorkerSide:
         task = self.store.dump(keys, buffers, self.layout)
         self._dumps.append(_PendingDump(task, payload, self._save_started, len(keys) * self.layout.nbytes, blocks))
 
+    def _dump_finished_requests(self, specs: Sequence[SaveSpec]) -> None:
+        """Hand the finished requests' blocks to the store (see the module docstring)."""
+        specs = [s for s in specs if s.req_id not in self._sending]
+        req_ids = tuple(s.req_id for s in specs)
+        self._sending.update(req_ids)
+        specs = [s for s in specs if s.block_ids]
+        block_ids = [b for s in specs for b in s.block_ids]
+        if not block_ids or not self.can_save or self.paged is None or self.layout is None:
+            self._sent.update(req_ids)  # nothing this rank writes (a replica, or nothing to save)
+            return
+        needed = len(block_ids) * self.paged.block_nbytes(self.heads.local_count)
+        try:
+            if needed > self.pool.capacity_bytes:
+                raise ValueError(f"they need {needed} bytes of host staging, more than the "
+                                 f"{self.pool.capacity_bytes} bytes allowed (raise {STAGING_HINT})")
+            started = time.perf_counter()
+            payload = SaveBatch(self.paged, block_ids, self._groups, self.pool, layerwise=False).finish()
+        except (ValueError, PoolExhausted) as exc:
+            logger.warning("UCM: not saving %d blocks of finished requests: %s", len(block_ids), exc)
+            self._sent.update(req_ids)
+            return
+        keys: list[bytes] = []
+        buffers: list[WritableBuffer] = []
+        all_buffers = payload.block_buffers()  # group-major, like `_dump`
+        total, offset = len(block_ids), 0
+        for spec in specs:
+            n = len(spec.block_ids)
+            for g, (start, count) in enumerate(self._group_keys):
+                keys += [block_key(h, start, count) for h in spec.block_hashes]
+                buffers += all_buffers[g * total + offset : g * total + offset + n]
+            offset += n
+        try:
+            task = self.store.dump(keys, buffers, self.layout)
+        except StoreError as exc:
+            logger.warning("UCM: not saving %d blocks of finished requests: %s", total, exc)
+            payload.release()
+            self._sent.update(req_ids)
+            return
+        nbytes = len(keys) * self.layout.nbytes
+        self._dumps.append(_PendingDump(task, payload, started, nbytes, total, req_ids))
+
     def _poll_dumps(self, *, block: bool) -> None:
         still: list[_PendingDump] = []
         for dump in self._dumps:
             if not (block or dump.task.done()):
                 still.append(dump)
                 continue
-            dump.task.wait()
+            dump.task.wait()  # failures are results (a future miss); the blocks are freed either way
             dump.payload.release()
+            self._sent.update(dump.finished_reqs)
             self.stats.add("saved_blocks", dump.blocks)
             self.stats.add("saved_bytes", dump.nbytes)
             self.stats.add("save_seconds", time.perf_counter() - dump.started)
         self._dumps = still
 
-    def poll_finished(self) -> set[str]:
-        """Async loads that completed (successfully or not) since the last call."""
+    def poll_finished(self, finished_req_ids: set[str] | None = None) -> tuple[set[str], set[str]]:
+        """(finished sending, finished receiving) since the last call: finish saves that are over
+        for requests vLLM has named as finished (`finished_req_ids`, now or in an earlier call), and
+        async loads that completed (successfully or not)."""
+        meta = self._meta
+        if meta is not None and not self._finish_handled:
+            self._finish_handled = True
+            if meta.finish_saves:
+                self._dump_finished_requests(meta.finish_saves)
         for req_id, pending in list(self._async.items()):
             if pending.task.done():
                 del self._async[req_id]
                 self._complete_load(pending, sync=False)
                 self._finished_recving.add(req_id)
         self._poll_dumps(block=False)
+        self._released |= self._sending & (finished_req_ids or set())
+        sending = self._sent & self._released
+        self._sending -= sending
+        self._sent -= sending
+        self._released -= sending
         done, self._finished_recving = self._finished_recving, set()
-        return done
+        return sending, done
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
