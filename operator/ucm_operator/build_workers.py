@@ -45,27 +45,12 @@ def kv_role(spec: ClusterSpec, pool: PoolSpec) -> str:
     return "kv_consumer" if spec.disaggregated else "kv_both"
 
 
-# The connector's accepted `max_tp_size` values (ucm.connector.heads.MAX_TP_SIZES; the operator
-# imports nothing from the connector, which needs vLLM).
-CONNECTOR_MAX_TP_SIZES = (1, 2, 4, 8)
-
-
-def max_tp_size(spec: ClusterSpec) -> int:
-    """The connector's `max_tp_size` for every pool of the cluster: the largest tensorParallelSize
-    of any prefill or decode pool, rounded up to an accepted value (8 beyond that). The connector
-    groups KV heads into stored objects for this TP size, so larger objects when every pool is
-    small (a file store writes 1-2 MiB objects ~3x faster than 256 KiB ones); all pools get the
-    same value, because blocks grouped differently never match."""
-    largest = max(pool.tensor_parallel_size for pool in spec.pools)
-    return next((size for size in CONNECTOR_MAX_TP_SIZES if size >= largest), CONNECTOR_MAX_TP_SIZES[-1])
-
-
 def kv_transfer_config(spec: ClusterSpec, pool: PoolSpec) -> JSON:
     return {
         "kv_connector": "UCMConnector",
         "kv_connector_module_path": "ucm.connector",
         "kv_role": kv_role(spec, pool),
-        "kv_connector_extra_config": {**connector_extra_config(spec), "max_tp_size": max_tp_size(spec)},
+        "kv_connector_extra_config": connector_extra_config(spec),
     }
 
 

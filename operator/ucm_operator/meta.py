@@ -55,9 +55,24 @@ def store_identity(spec: ClusterSpec) -> JSON:
     return {**where, "mountPath": store.mount_path}
 
 
+# The connector's accepted `max_tp_size` values (ucm.connector.heads.MAX_TP_SIZES; the operator
+# imports nothing from the connector, which needs vLLM).
+CONNECTOR_MAX_TP_SIZES = (1, 2, 4, 8)
+
+
+def max_tp_size(spec: ClusterSpec) -> int:
+    """The connector's `max_tp_size` for every pool of the cluster: the largest tensorParallelSize
+    of any prefill or decode pool, rounded up to an accepted value (8 beyond that). The connector
+    groups KV heads into stored objects for this TP size, so larger objects when every pool is
+    small (a file store writes 1-2 MiB objects ~3x faster than 256 KiB ones); all pools get the
+    same value, because blocks grouped differently never match."""
+    largest = max(pool.tensor_parallel_size for pool in spec.pools)
+    return next((size for size in CONNECTOR_MAX_TP_SIZES if size >= largest), CONNECTOR_MAX_TP_SIZES[-1])
+
+
 def connector_extra_config(spec: ClusterSpec) -> JSON:
     """The UCM connector's kv_connector_extra_config (keys per docs/interfaces: store_path,
-    model_id, model_revision, durability, capacity_bytes). Identical for every pool: it is what
+    model_id, model_revision, durability, max_tp_size, capacity_bytes). Identical for every pool: it is what
     makes their block hashes and store keys agree."""
     store = spec.store
     config: JSON = {
@@ -65,6 +80,9 @@ def connector_extra_config(spec: ClusterSpec) -> JSON:
         "model_id": spec.model.model_id,
         "model_revision": spec.model.revision,
         "durability": store.durability,
+        # Part of the revision through this function: pools grouping KV heads differently never
+        # share blocks, so a TP change must not pair old and new pods.
+        "max_tp_size": max_tp_size(spec),
     }
     if store.capacity is not None:
         config["capacity_bytes"] = parse_bytes(store.capacity)

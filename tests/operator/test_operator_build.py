@@ -11,9 +11,9 @@ import pytest
 from operator_helpers import load_example
 from ucm_operator.build import build_children
 from ucm_operator.build_router import router_args
-from ucm_operator.build_workers import kv_role, max_tp_size, vllm_args
+from ucm_operator.build_workers import kv_role, vllm_args
 from ucm_operator.constants import ANNOTATION_APPLIED_HASH
-from ucm_operator.meta import revision, short_hash
+from ucm_operator.meta import max_tp_size, revision, short_hash
 from ucm_operator.spec import parse_cluster
 
 LABELS = ("ucm.dev/cluster", "ucm.dev/role", "ucm.dev/revision", "app.kubernetes.io/managed-by")
@@ -210,6 +210,16 @@ def test_pool_changes_keep_revision_and_touch_only_that_pool(hetero: dict[str, A
     assert changed == {("Deployment", "llama-pd-l40s")}
     rev_changed, changed = _changed(hetero, lambda s: s["prefill"][0].update(extraArgs=["--max-num-seqs", "8"]))
     assert not rev_changed and changed == {("Deployment", "llama-pd-h100")}
+
+
+def test_tp_change_that_regroups_kv_heads_changes_revision(hetero: dict[str, Any]) -> None:
+    """The largest TP sets every pool's max_tp_size (the KV-head grouping in the store): pods of
+    the old and new grouping share no blocks, so the router must not pair them."""
+    rev_changed, changed = _changed(hetero, lambda s: s["prefill"][0].update(tensorParallelSize=4))
+    assert rev_changed
+    assert {("Deployment", "llama-pd-h100"), ("Deployment", "llama-pd-l40s")} <= changed
+    # A TP change within the same grouping (decode 1 -> 2, prefill already 2) keeps the revision.
+    assert not _changed(hetero, lambda s: s["decode"][0].update(tensorParallelSize=2))[0]
 
 
 def test_removing_a_pool_removes_its_children(hetero: dict[str, Any]) -> None:
