@@ -23,6 +23,8 @@ from ucm.transfer import (
     gather_blocks,
     scatter_blocks,
 )
+from ucm.transfer import paged as paged_module
+from ucm.transfer.paged import scatter_groups, scatter_groups_layer
 from ucm.transfer.synthetic import make_paged_cache
 
 DEVICE = os.environ.get("UCM_TEST_DEVICE", "cpu")
@@ -70,8 +72,20 @@ def reference_payload(tensors: list[torch.Tensor], layout: CacheLayout, block: i
     return torch.stack(layers)
 
 
+@pytest.fixture(params=["rows", "block_copies"])
+def scatter_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through both CPU scatter strategies: the row scatter (small blocks) and one
+    strided copy per block (large blocks); the test caches are tiny, so the size threshold that
+    picks between them is moved instead of the block size."""
+    threshold = 0 if request.param == "block_copies" else 1 << 62
+    monkeypatch.setattr(paged_module, "_MIN_BLOCK_COPY_BYTES", threshold)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("layout", "physical"), CASES)
-def test_gather_matches_naive_reference_and_scatter_round_trips(layout: CacheLayout, physical: str) -> None:
+def test_gather_matches_naive_reference_and_scatter_round_trips(
+    layout: CacheLayout, physical: str, scatter_path: str
+) -> None:
     src = cache(layout, physical)
     paged = PagedKV(src, layout, D)
     if layout in (CacheLayout.BHNC, CacheLayout.MLA):
@@ -129,7 +143,7 @@ def test_wrong_shape_is_a_clear_error() -> None:
     (CacheLayout.MLA, CacheLayout.MLA_3D),
 ])
 def test_save_and_load_batches_across_layouts(
-    src_layout: CacheLayout, dst_layout: CacheLayout, layerwise: bool, staged: bool | None
+    src_layout: CacheLayout, dst_layout: CacheLayout, layerwise: bool, staged: bool | None, scatter_path: str
 ) -> None:
     pool = HostBufferPool(64 << 20)
     src_tensors = cache(src_layout)
@@ -185,7 +199,7 @@ def test_pool_pins_on_cuda() -> None:
 
 
 @pytest.mark.parametrize("staged", [True, False])
-def test_two_head_groups_of_two_round_trip(staged: bool) -> None:
+def test_two_head_groups_of_two_round_trip(staged: bool, scatter_path: str) -> None:
     pool = HostBufferPool(16 << 20)
     src_tensors = cache(CacheLayout.BHNC, "LBNHC")
     src = PagedKV(src_tensors, CacheLayout.BHNC, D)
@@ -209,3 +223,31 @@ def test_two_head_groups_of_two_round_trip(staged: bool) -> None:
     payload.release()
     with pytest.raises(ValueError, match="consecutive"):
         SaveBatch(src, [1], [HeadGroup(2, 2), HeadGroup(0, 2)], pool)
+
+
+@pytest.mark.parametrize(("layout", "physical"), [(CacheLayout.BHNC, "LBHNC"), (CacheLayout.FLASHINFER, "LBHNC")])
+@pytest.mark.parametrize("order", [[(0, 2), (2, 2)], [(2, 2), (0, 2)], [(1, 1), (3, 1)]])
+def test_scatter_groups_in_any_order_writes_exactly_their_heads(
+    layout: CacheLayout, physical: str, order: list[tuple[int, int]], scatter_path: str
+) -> None:
+    """Consecutive groups take the one-view path; reversed or gapped groups fall back per group.
+    Both the all-layer and the per-layer scatter write group g's payload into its heads only."""
+    ids = [6, 2, 7]
+    for per_layer in (False, True):
+        count = order[0][1]
+        src = torch.randn((len(order), len(ids), L, count, N, 2, D), device=DEVICE).to(torch.bfloat16)
+        dst_tensors = cache(layout, physical, seed=4)
+        before = [reference_payload(dst_tensors, layout, b) for b in range(B)]
+        dst = PagedKV(dst_tensors, layout, D)
+        block_ids = torch.tensor(ids, device=DEVICE)
+        if per_layer:
+            for layer in range(L):
+                scatter_groups_layer(dst, layer, block_ids, order, src[:, :, layer])
+        else:
+            scatter_groups(dst, block_ids, order, src)
+        for b in range(B):
+            want = before[b].clone()
+            if b in ids:
+                for g, (start, count) in enumerate(order):
+                    want[:, start : start + count] = src[g, ids.index(b)]
+            assert torch.equal(reference_payload(dst_tensors, layout, b), want), (b, per_layer)
