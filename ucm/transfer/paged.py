@@ -358,9 +358,15 @@ def _group_rows(
     if layer == -1 and paged.stacked is None:
         return None
     plans = [paged.plan(layer, start, count, for_scatter=for_scatter) for start, count in groups]
-    if any(p.row_len != plans[0].row_len for p in plans):
+    first = plans[0]
+    if any(p.row_len != first.row_len for p in plans):
         return None
-    return plans[0], torch.cat([p.row_ids(block_ids) for p in plans])
+    # Equal-sized head groups of one view have the same sizes, strides and row length, hence the
+    # same `block_rows` and `rel_rows`; only the base row differs. One expression for all groups
+    # (per-group `row_ids` + `cat` cost ~4% of a 64 MiB batch in small tensor ops).
+    bases = torch.tensor([p.base_row for p in plans], dtype=torch.long, device=block_ids.device)
+    rows = bases[:, None, None] + block_ids[None, :, None] * first.block_rows + first.rel_rows[None, None, :]
+    return first, rows.reshape(-1)
 
 
 def gather_groups(
