@@ -24,7 +24,7 @@ from ucm.transfer import (
     scatter_blocks,
 )
 from ucm.transfer import paged as paged_module
-from ucm.transfer.paged import scatter_groups, scatter_groups_layer
+from ucm.transfer.paged import gather_groups, scatter_groups, scatter_groups_layer
 from ucm.transfer.synthetic import make_paged_cache
 
 DEVICE = os.environ.get("UCM_TEST_DEVICE", "cpu")
@@ -226,7 +226,7 @@ def test_two_head_groups_of_two_round_trip(staged: bool, scatter_path: str) -> N
 
 
 @pytest.mark.parametrize(("layout", "physical"), [(CacheLayout.BHNC, "LBHNC"), (CacheLayout.FLASHINFER, "LBHNC")])
-@pytest.mark.parametrize("order", [[(0, 2), (2, 2)], [(2, 2), (0, 2)], [(1, 1), (3, 1)]])
+@pytest.mark.parametrize("order", [[(0, 2), (2, 2)], [(2, 2), (0, 2)], [(1, 1), (3, 1)], [(0, 1), (1, 1), (3, 1)]])
 def test_scatter_groups_in_any_order_writes_exactly_their_heads(
     layout: CacheLayout, physical: str, order: list[tuple[int, int]], scatter_path: str
 ) -> None:
@@ -251,3 +251,6 @@ def test_scatter_groups_in_any_order_writes_exactly_their_heads(
                 for g, (start, count) in enumerate(order):
                     want[:, start : start + count] = src[g, ids.index(b)]
             assert torch.equal(reference_payload(dst_tensors, layout, b), want), (b, per_layer)
+        back = torch.empty_like(src)
+        gather_groups(dst, block_ids, order, back)  # and the gather reads the same heads back
+        assert torch.equal(back, src)
