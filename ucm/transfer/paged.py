@@ -13,11 +13,14 @@ head-major layouts (HND: the CPU backend, FlashInfer on Blackwell), and TP ranks
 whole head groups; token-major layouts (NHD) give runs of ``2 * head`` elements, which a GPU gathers
 at full speed anyway.
 
-The hot path never loops over blocks in Python. A batch is one `index_select` (gather) or
-`index_copy_` (scatter) over a *row view* of the cache: the longest contiguous run of the canonical
-order becomes a row, and the rows of the requested blocks are computed with tensor arithmetic
-(`RowPlan`). Plain multi-dimensional `index_select` on strided views is 5-20x slower than a copy on
-CPU; row gathers run at copy speed. Only torch is imported here.
+The hot path never loops over blocks in Python. A gather is one `index_select` over a *row view*
+of the cache: the longest contiguous run of the canonical order becomes a row, and the rows of the
+requested blocks are computed with tensor arithmetic (`RowPlan`). Plain multi-dimensional
+`index_select` on strided views is 5-20x slower than a copy on CPU; row gathers run at copy speed.
+A scatter is one `index_copy_` over the row view on CUDA; on CPU, where `index_copy_` goes element
+by element, it is one `_foreach_copy_` of per-block strided views when blocks are large (writes in
+destination order on torch's own threads) and a numpy row assignment when they are small.
+Only torch (and numpy for CPU tensors) is imported here.
 """
 
 from __future__ import annotations
