@@ -254,3 +254,17 @@ def test_scatter_groups_in_any_order_writes_exactly_their_heads(
         back = torch.empty_like(src)
         gather_groups(dst, block_ids, order, back)  # and the gather reads the same heads back
         assert torch.equal(back, src)
+
+
+def test_block_copy_scatter_rejects_out_of_range_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE != "cpu":
+        pytest.skip("the per-block copy scatter is the CPU path")
+    monkeypatch.setattr(paged_module, "_MIN_BLOCK_COPY_BYTES", 0)
+    dst_tensors = cache(CacheLayout.BHNC)
+    before = [t.clone() for t in dst_tensors]
+    dst = PagedKV(dst_tensors, CacheLayout.BHNC, D)
+    src = torch.zeros((2, *dst.payload_shape(H)), dtype=dst.dtype)
+    for bad in ([1, -1], [1, B]):
+        with pytest.raises(IndexError, match=rf"block ids must be in \[0, {B}\)"):
+            scatter_blocks(dst, torch.tensor(bad), 0, H, src)
+    assert all(torch.equal(a, b) for a, b in zip(dst_tensors, before, strict=True))  # nothing written

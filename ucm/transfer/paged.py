@@ -308,6 +308,8 @@ def _copy_into_blocks(dst: torch.Tensor, block_ids: torch.Tensor, src: torch.Ten
     if src[0].numel() * src.element_size() < _MIN_BLOCK_COPY_BYTES:
         return False
     ids = block_ids.tolist()
+    if min(ids) < 0 or max(ids) >= dst.shape[0]:  # a negative id would silently wrap around
+        raise IndexError(f"block ids must be in [0, {dst.shape[0]}), got min {min(ids)} max {max(ids)}")
     order = sorted(range(len(ids)), key=ids.__getitem__)  # ascending writes: measured 3-5% faster
     sources = src.unbind(0)
     torch._foreach_copy_([dst[ids[i]] for i in order], [sources[i] for i in order])
