@@ -41,6 +41,8 @@ def test_bench_router_reports_json_with_same_run_baselines() -> None:
     assert result["latency"]["4"]["router"]["streams"] > 0
     usable = len(os.sched_getaffinity(0))
     assert result["pinned"].startswith("proxy under test pinned") == (usable >= 2)
+    # in the load generator's session the proxies shared its scheduling group and were starved
+    assert result["proxies_in_own_session"] is True
 
 
 def test_pinning_plan_gives_the_proxy_its_own_cpu() -> None:

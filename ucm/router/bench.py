@@ -28,6 +28,9 @@ small machine, the proxy and the processes feeding it compete for the same cores
 hop waits behind the load generator; pinned, the proxy's CPU is its own and "added" latency is
 what the proxy costs, not what it displaces. Other work on the machine still shares both CPUs
 (the JSON reports the load average and how long each proxy sat runnable but not running).
+Each proxy also runs in its own session, so in its own scheduling group where the kernel's
+sched_autogroup is on (see `_spawn`): in the load generator's group, the router - the lighter
+proxy - lost up to 40% of its CPU to any other process on its CPU while the toy lost ~10%.
 
 Pinned, "direct" keeps the whole hand-off (both upstream calls, the prefill answer's parse) on
 the load generator's CPU while a proxy takes it off, so near saturation direct can be the slower
@@ -349,9 +352,23 @@ async def _measure(
 
 
 # ---- process management ---------------------------------------------------------------------
-def _spawn(args: list[str]) -> subprocess.Popen[str]:
+def _spawn(args: list[str], own_session: bool = False) -> subprocess.Popen[str]:
+    """`own_session`: start the child in a new session, so (with the kernel's sched_autogroup,
+    on by default on desktop and many server kernels) it is its own scheduling group, as a
+    proxy in its own container or systemd unit is. Left in this process's group, a proxy's
+    CPU share on its pinned CPU is the group's share scaled by the proxy's part of the group's
+    load - and the load generator and upstreams saturating the other CPU are most of it - so
+    any other process that lands on the proxy's CPU takes most of it; the lighter the proxy,
+    the smaller its part and the more it is starved."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=own_session,
+    )
 
 
 def _wait_port(proc: subprocess.Popen[str], what: str) -> int:
@@ -463,6 +480,8 @@ def _summarise(results: dict[str, Any], top: int) -> dict[str, Any]:
         "concurrency": top,
         "cpus": os.cpu_count(),
         "pinned": results["pinned"],
+        # each proxy its own scheduling group (sched_autogroup), not a share of the load generator's
+        "proxies_in_own_session": results["proxies_in_own_session"],
         # other work on the machine skews latencies (each proxy hop waits for a CPU slice)
         "load_avg_1m": round(os.getloadavg()[0], 2),
         **out,
@@ -486,13 +505,14 @@ def bench_main(args: argparse.Namespace) -> int:
         flags = [f for u in upstreams["prefill"] for f in ("--prefill", u)]
         flags += [f for u in upstreams["decode"] for f in ("--decode", u)]
         router = _spawn([py, "-m", "ucm", "router", "serve", "--host", "127.0.0.1", "--port", "0", "--model", MODEL,
-                         "--probe-interval", "30", *flags])  # fmt: skip
+                         "--probe-interval", "30", *flags], own_session=True)  # fmt: skip
         procs.append(router)
-        toy = _spawn([py, "-m", "ucm.router.bench", *flags])
+        toy = _spawn([py, "-m", "ucm.router.bench", *flags], own_session=True)
         procs.append(toy)
         if plan:  # still importing, so no thread has started yet: later threads inherit this
             for proxy in (router, toy):
                 os.sched_setaffinity(proxy.pid, plan[0])
+        own_sessions = all(os.getsid(proxy.pid) == proxy.pid for proxy in (router, toy))
         router_url = f"http://127.0.0.1:{_wait_port(router, 'router')}"
         toy_url = f"http://127.0.0.1:{_wait_port(toy, 'toy proxy')}"
         placement = (
@@ -508,6 +528,7 @@ def bench_main(args: argparse.Namespace) -> int:
         )
         results = run(_run_all(args, upstreams, (router_url, router.pid), (toy_url, toy.pid), up.pid))
         results["pinned"] = placement
+        results["proxies_in_own_session"] = own_sessions
     finally:
         if own_cpus is not None:
             os.sched_setaffinity(0, own_cpus)
