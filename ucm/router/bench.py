@@ -211,7 +211,7 @@ def _runqueue_wait_seconds(pid: int | None) -> float:
     """Time a process's main thread spent runnable but waiting for a CPU (/proc/PID/schedstat is
     the thread-group leader's own line). That thread runs the event loop, so its wait is what
     delays requests; the proxies' other threads are the loop's idle resolver pool (measured:
-    under 1% of their CPU, same CPU as the loop)."""
+    under 2% of a proxy's CPU, on the loop's CPU)."""
     if pid is None:
         return 0.0
     try:
