@@ -20,6 +20,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -86,3 +87,22 @@ def namespace(k8s_api: client.ApiClient, request: pytest.FixtureRequest) -> Iter
     finally:
         # Not waited for: the namespace controller removes the contents in the background.
         core.delete_namespace(name, propagation_policy="Background")
+
+
+# --- shared by the operator's e2e modules -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: ClusterAccess) -> None:
+    """The UCMCluster CRD, installed (and Established) once per module."""
+    from e2e.operator_support import install_crd
+
+    install_crd(cluster)
+
+
+@pytest.fixture
+def kube(k8s_api: client.ApiClient) -> Any:
+    """The operator's own API wrapper over the session client."""
+    from ucm_operator.kube import Kube
+
+    return Kube(k8s_api)

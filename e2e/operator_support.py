@@ -131,7 +131,8 @@ def running_operator(cluster: ClusterAccess, namespace: str, tmp_path: Path, **k
 
 
 def get_cluster(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
-    return kube.get(API, "UCMCluster", namespace, name)
+    found: dict[str, Any] | None = kube.get(API, "UCMCluster", namespace, name)
+    return found
 
 
 def condition(body: Mapping[str, Any] | None, type_: str) -> dict[str, Any]:
@@ -172,7 +173,8 @@ def load_example(file_name: str, /, **metadata: Any) -> dict[str, Any]:
 
 
 def children(kube: Kube, namespace: str, name: str, kind: str, api_version: str) -> list[dict[str, Any]]:
-    return kube.list(api_version, kind, namespace, f"ucm.dev/cluster={name}")
+    items: list[dict[str, Any]] = kube.list(api_version, kind, namespace, f"ucm.dev/cluster={name}")
+    return items
 
 
 def node_products(kube: Kube) -> dict[str, str]:

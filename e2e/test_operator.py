@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 from ucm_operator.kube import Kube
 
 from e2e.access import ClusterAccess
@@ -23,7 +22,6 @@ from e2e.operator_support import (
     apply_cluster,
     condition,
     get_cluster,
-    install_crd,
     load_example,
     node_products,
     printer_columns,
@@ -37,16 +35,6 @@ H100, L40S = "NVIDIA-H100-80GB-HBM3", "NVIDIA-L40S"
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "ServiceAccount"),
                ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
                ("policy/v1", "PodDisruptionBudget"), ("v1", "Pod"))
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: ClusterAccess) -> None:
-    install_crd(cluster)
-
-
-@pytest.fixture
-def kube(k8s_api: client.ApiClient) -> Kube:
-    return Kube(k8s_api)
 
 
 def pods_of(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
 from ucm_operator.kube import Kube
 
 from e2e.access import ClusterAccess
@@ -23,7 +22,6 @@ from e2e.operator_support import (
     apply_cluster,
     condition,
     get_cluster,
-    install_crd,
     load_example,
     running_operator,
     wait_condition,
@@ -50,16 +48,6 @@ def cluster_name(path: Path) -> str:
 def test_corpus_is_big_enough() -> None:
     kinds = [expect for _, expect, _ in corpus()]
     assert len(kinds) >= 20 and kinds.count("rejected") >= 10 and kinds.count("invalid") >= 5
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: ClusterAccess) -> None:
-    install_crd(cluster)
-
-
-@pytest.fixture
-def kube(k8s_api: client.ApiClient) -> Kube:
-    return Kube(k8s_api)
 
 
 def test_api_server_rejects_with_the_field_named(cluster: ClusterAccess, namespace: str, crd: None) -> None:

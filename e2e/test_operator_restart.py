@@ -22,7 +22,6 @@ from e2e.operator_support import (
     apply_cluster,
     condition,
     get_cluster,
-    install_crd,
     load_example,
     operator_kubeconfig,
     running_operator,
@@ -31,11 +30,6 @@ from e2e.operator_support import (
 from e2e.wait import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: ClusterAccess) -> None:
-    install_crd(cluster)
 
 
 def existing_children(kube: Kube, namespace: str, name: str) -> set[tuple[str, str]]:
