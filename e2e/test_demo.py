@@ -45,7 +45,9 @@ def _check(output: str) -> None:
     kubeconfig_line = re.search(r"KUBECONFIG=(\S+)", output)
     assert kubeconfig_line
     # Placement: prefill pods on H100 nodes, decode pods on L40S nodes, router on the CPU node.
-    rows = re.findall(r"^\s+(prefill|decode|router)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", output, re.M)
+    # Only the topology table: the live progress lines above it can have as many columns.
+    topology = output[output.index("Topology of"):output.index("Explore it")]
+    rows = re.findall(r"^\s+(prefill|decode|router)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", topology, re.M)
     roles = {row[0]: row[3] for row in rows}
     assert roles.get("prefill") == "NVIDIA-H100-80GB-HBM3"
     assert roles.get("decode") == "NVIDIA-L40S"
