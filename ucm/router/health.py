@@ -14,9 +14,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-import aiohttp
-
 from ucm.router.endpoints import Endpoint, EndpointState, Registry
+from ucm.router.upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("ucm.router")
 
@@ -54,13 +53,11 @@ def _base_url(url: str) -> str:
 
 
 class HealthProber:
-    def __init__(
-        self, registry: Registry, session: aiohttp.ClientSession, interval_s: float, timeout_s: float
-    ) -> None:
+    def __init__(self, registry: Registry, pool: UpstreamPool, interval_s: float, timeout_s: float) -> None:
         self.registry = registry
-        self.session = session
+        self.pool = pool
         self.interval_s = interval_s
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -82,11 +79,18 @@ class HealthProber:
             await asyncio.sleep(self.interval_s)
 
     async def _probe(self, state: EndpointState) -> None:
+        t = self.timeout_s
         try:
-            async with self.session.get(state.endpoint.url + "/health", timeout=self.timeout) as resp:
-                await resp.read()
+            async with asyncio.timeout(t):
+                resp = await self.pool.request(
+                    "GET", state.endpoint.url, "/health", {}, connect_timeout=t, headers_timeout=t
+                )
+                try:
+                    await resp.read(t)
+                finally:
+                    resp.close()
                 ok = resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, UpstreamError):
             ok = False
         if ok != state.probe_ok:
             log.warning(

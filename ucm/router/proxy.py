@@ -28,14 +28,12 @@ costs the client side as few writes (and wake-ups) as its events allow.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
+import secrets
 import time
-import uuid
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from ucm.router.affinity import PrefixKeyer
@@ -44,6 +42,7 @@ from ucm.router.endpoints import EndpointState, Registry
 from ucm.router.errors import bad_gateway, build_error_body, gateway_timeout, unavailable
 from ucm.router.metrics import RouterMetrics
 from ucm.router.openai_request import ParsedRequest, build_decode_body, build_prefill_body
+from ucm.router.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("ucm.router")
 _EVENT_END = b"\n\n"
@@ -90,42 +89,30 @@ class PDProxy:
         self.registry = registry
         self.metrics = metrics
         self.keyer = PrefixKeyer(config.model, config.affinity_prefix_blocks)
-        self._session: aiohttp.ClientSession | None = None
-        connect = config.connect_timeout_s
-        self._t_prefill = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.first_byte_timeout_s)
-        self._t_stream = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.idle_timeout_s)
-        self._t_whole = aiohttp.ClientTimeout(sock_connect=connect, sock_read=config.request_timeout_s)
+        self._pool: UpstreamPool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:
             raise RuntimeError("PDProxy.start() was not awaited")
-        return self._session
+        return self._pool
 
     async def start(self) -> None:
-        # No connector limit: the router bounds concurrency itself (max_concurrent), so aiohttp
-        # never queues a request behind the pool. Idle keep-alive connections are dropped after
-        # 4 s, before vLLM's server drops them (uvicorn's keep-alive timeout, 5 s by default):
+        # No connection limit: the router bounds concurrency itself (max_concurrent), so no
+        # request waits behind the pool. Idle keep-alive connections are dropped after 4 s,
+        # before vLLM's server drops them (uvicorn's keep-alive timeout, 5 s by default):
         # reusing a connection the upstream is closing fails the request, and for a POST nothing
         # retries it.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
-        # No cookies between the router and its upstreams: the dummy jar skips per-request cookie work.
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=self._t_stream,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept"),
-        )
+        self._pool = UpstreamPool(keepalive_s=_KEEPALIVE_S)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     # ---- the flow -------------------------------------------------------------------------
     async def handle(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-Id") or secrets.token_hex(16)
         # identity: the router relays bodies as they come (auto_decompress off) and does not pass
         # a Content-Encoding on, so an upstream must not compress
         headers = {
@@ -208,19 +195,24 @@ class PDProxy:
         url = state.endpoint.url + parsed.path
         data = json.dumps(build_prefill_body(parsed)).encode()
         start = time.perf_counter()
+        timeout = self.config.first_byte_timeout_s
         with self.registry.lease(state):
             try:
-                async with (
-                    asyncio.timeout(self.config.first_byte_timeout_s),
-                    self.session.post(url, data=data, headers=headers, timeout=self._t_prefill) as resp,
-                ):
-                    status, payload, ctype = resp.status, await resp.read(), resp.content_type
+                resp = await self.pool.request(
+                    "POST", state.endpoint.url, parsed.path, headers, data,
+                    connect_timeout=self.config.connect_timeout_s, headers_timeout=timeout,
+                )  # fmt: skip
+                try:
+                    payload = await resp.read(timeout - (time.perf_counter() - start))
+                finally:
+                    resp.close()
+                status, ctype = resp.status, resp.content_type
             except TimeoutError as exc:
                 self._failed(state, "timeout")
                 raise _UpstreamFailed(f"{url} timed out", timeout=True) from exc
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 self._failed(state, "error")
-                raise _UpstreamFailed(f"{url}: {exc!r}") from exc
+                raise _UpstreamFailed(f"{url}: {exc}") from exc
         self.metrics.prefill_duration.observe(time.perf_counter() - start)
         if status >= 500:
             self._failed(state, "http_5xx")
@@ -246,37 +238,34 @@ class PDProxy:
         headers: dict[str, str],
     ) -> web.StreamResponse:
         url = state.endpoint.url + parsed.path
+        config = self.config
         with self.registry.lease(state):
             try:
-                if parsed.stream:
-                    async with asyncio.timeout(self.config.first_byte_timeout_s):
-                        resp = await self.session.post(
-                            url, data=body, headers=headers, timeout=self._t_stream
-                        )
-                else:
-                    resp = await self.session.post(url, data=body, headers=headers, timeout=self._t_whole)
+                resp = await self.pool.request(
+                    "POST", state.endpoint.url, parsed.path, headers, body,
+                    connect_timeout=config.connect_timeout_s,
+                    headers_timeout=config.first_byte_timeout_s if parsed.stream else config.request_timeout_s,
+                )  # fmt: skip
             except TimeoutError as exc:
                 self._failed(state, "timeout")
                 raise gateway_timeout(f"decode {url} timed out") from exc
-            except aiohttp.ClientConnectorError as exc:
+            except UpstreamConnectError as exc:
                 self._failed(state, "connect_error")
-                raise _UpstreamFailed(f"{url}: {exc!r}", connect=True) from exc
-            except aiohttp.ClientError as exc:
+                raise _UpstreamFailed(f"{url}: {exc}", connect=True) from exc
+            except UpstreamError as exc:
                 self._failed(state, "error")
-                raise bad_gateway(f"decode {url}: {exc!r}") from exc
+                raise bad_gateway(f"decode {url}: {exc}") from exc
             try:
                 if resp.status != 200 or not parsed.stream:
                     return await self._whole_answer(state, resp, url)
                 return await self._relay_stream(request, state, resp, headers["X-Request-Id"])
             finally:
-                resp.close()  # no-op when fully read (connection already back in the pool)
+                resp.close()  # back to the pool when read to the end, else the connection is dropped
 
-    async def _whole_answer(
-        self, state: EndpointState, resp: aiohttp.ClientResponse, url: str
-    ) -> web.Response:
+    async def _whole_answer(self, state: EndpointState, resp: UpstreamResponse, url: str) -> web.Response:
         try:
-            payload = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            payload = await resp.read(self.config.request_timeout_s)
+        except (TimeoutError, UpstreamError) as exc:
             self._failed(state, "error")
             raise bad_gateway(f"decode {url} broke off its answer: {exc!r}") from exc
         if resp.status >= 500:
@@ -286,12 +275,12 @@ class PDProxy:
         return web.Response(status=resp.status, body=payload, content_type=resp.content_type)
 
     async def _relay_stream(
-        self, request: web.Request, state: EndpointState, resp: aiohttp.ClientResponse, request_id: str
+        self, request: web.Request, state: EndpointState, resp: UpstreamResponse, request_id: str
     ) -> web.StreamResponse:
         out = _EventStreamResponse(
             status=200,
             headers={
-                "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+                "Content-Type": resp.headers.get("content-type", "text/event-stream"),
                 "Cache-Control": "no-cache",
                 "X-Request-Id": request_id,
             },
@@ -302,9 +291,9 @@ class PDProxy:
         # vLLM sends right after), so they leave in the same write as the end of the client's
         # body. An upstream that stalls there delays them by at most the idle timeout.
         last = b""
-        read = resp.content.readany
+        read, idle = resp.read_chunk, self.config.idle_timeout_s
         try:
-            while chunk := await read():
+            while chunk := await read(idle):
                 data = pending + chunk if pending else chunk
                 cut = data.rfind(_EVENT_END)
                 if cut < 0:
@@ -321,7 +310,7 @@ class PDProxy:
                     last = events
                     continue
                 await out.write(events)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             self._failed(state, "stream_broken")
             reason = "went idle" if isinstance(exc, TimeoutError) else f"failed ({exc.__class__.__name__})"
             log.warning("decode stream from %s %s", state.endpoint.url, reason)

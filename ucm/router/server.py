@@ -72,7 +72,7 @@ class RouterServer:
         await self.discovery.start(self.registry)
         if self.config.probe_interval_s > 0:
             self.prober = HealthProber(
-                self.registry, self.proxy.session, self.config.probe_interval_s, self.config.probe_timeout_s
+                self.registry, self.proxy.pool, self.config.probe_interval_s, self.config.probe_timeout_s
             )
             self.prober.start()
         self._runner = web.AppRunner(
