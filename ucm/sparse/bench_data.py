@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -156,3 +157,31 @@ def planted_context(
     q = direction.repeat_interleave(group, dim=0) * 2.0 * head_dim**0.5
     queries = q + torch.randn(steps, num_kv_heads * group, head_dim, generator=g) * 2.0
     return PlantedContext(keys, values, queries, needles)
+
+
+def tiny_lm_qkv(num_windows: int = 4, window: int | None = None) -> tuple[list[list[LayerQKV]], dict[str, Any]]:
+    """Per held-out text window, every layer's real Q/K/V (after RoPE, as a KV cache holds them) of
+    the tiny causal model trained here (`tiny_lm`, trained once and cached), and its training log
+    with the held-out bits per byte measured on exactly these windows."""
+    from ucm.sparse.tiny_lm import LN2, TinyLMConfig, load_or_train, stdlib_corpus
+
+    config = TinyLMConfig()
+    trained = load_or_train(config)
+    _, held_out = stdlib_corpus()
+    length = window or config.context
+    data = torch.frombuffer(bytearray(held_out), dtype=torch.uint8).long()
+    if data.numel() < num_windows * (length + 1):
+        raise RuntimeError(f"tiny_lm held-out text has {data.numel()} bytes, fewer than {num_windows} windows")
+    stride = (data.numel() - length - 1) // max(1, num_windows - 1) if num_windows > 1 else 0
+    windows: list[list[LayerQKV]] = []
+    bits = 0.0
+    with torch.no_grad():
+        for w in range(num_windows):
+            chunk = data[w * stride : w * stride + length + 1]
+            captured: list[tuple[torch.Tensor, ...]] = []
+            logits = trained.model(chunk[None, :-1], capture=captured)
+            bits += float(torch.nn.functional.cross_entropy(logits[0], chunk[1:])) / LN2
+            windows.append([LayerQKV(i, q, k, v) for i, (q, k, v) in enumerate(captured)])
+    log = {**trained.log, "held_out_bits_per_byte": round(bits / num_windows, 3), "params": sum(
+        p.numel() for p in trained.model.parameters()), "config": dataclasses.asdict(config)}
+    return windows, log

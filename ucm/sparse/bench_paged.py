@@ -80,7 +80,7 @@ def run_paged(
         rescored = sum(s.scorings for s in sparse._states.values()) > scorings_before
         tally.sparse_s += t1 - t0
         tally.dense_s += t2 - t1
-        tally.add(out[0], dense[0], heads)
+        tally.add(out[0], dense[0], lq.query.shape[1])
         itemsize = cache.element_size()
         nb = math.ceil(seq_len / block_size)
         summary_bytes = {"bounds": 2, "mean": 1, "hybrid": 3}[config.summary] * nb * heads * d * itemsize
@@ -96,8 +96,9 @@ def run_paged(
         tally.recalls.append(exact_topk_recall(logical.expand(heads, -1), mass))
 
 
-def bench_minilm_paged(
-    args: Any, windows: list[list[LayerQKV]], ratios: tuple[float, ...] | None = None
+def bench_trained_paged(
+    args: Any, windows: list[list[LayerQKV]], block_size: int, decode_steps: int,
+    ratios: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     from ucm.sparse.bench import KEEP_RATIOS, Tally
 
@@ -110,6 +111,6 @@ def bench_minilm_paged(
         tally = Tally()
         for w, layers in enumerate(windows):
             for lq in layers:
-                run_paged(config, tally, lq, args.decode_steps, args.minilm_block_size, seed=w * 100 + lq.layer)
+                run_paged(config, tally, lq, decode_steps, block_size, seed=w * 100 + lq.layer)
         out[f"keep_{ratio}"] = tally.result()
     return out
