@@ -7,7 +7,9 @@ Processes (so the router gets its own event loop, as in production):
 * the router: `ucm router serve` with static lists of those upstreams;
 * the baseline proxy: built like the seed's toy proxy - a new HTTP client session per request,
   round-robin prefill and decode;
-* this process: the load generator (one keep-alive client session).
+* this process: the load generator, on the router's own upstream client (ucm.router.upstream:
+  pooled keep-alive connections, the body relayed as it arrives) for every target alike - so the
+  load generator's CPU per stream is as small as the router's client makes it.
 
 "direct" is the load generator doing the prefill -> decode hand-off itself against the
 upstreams (the same two upstream calls, no proxy hop), so through-proxy minus direct at the same
@@ -66,6 +68,7 @@ from aiohttp import web
 
 from ucm.router.loop import run
 from ucm.router.openai_request import PREFILL_KV_TRANSFER_PARAMS
+from ucm.router.upstream import UpstreamPool, UpstreamResponse
 
 MODEL = "bench-model"
 PROMPT = "Summarise the history of the printing press in three sentences. " * 8
@@ -164,19 +167,33 @@ class _Sample:
     event_delays: list[float]  # per token event: received - sent by the decode upstream
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, start: float) -> _Sample:
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-    first = 0.0
-    delays: list[float] = []
-    tail = b""
-    async for chunk in resp.content.iter_any():
-        now = time.monotonic()
-        stamps = _STAMP.findall(chunk)
-        if stamps and not first:
-            first = now
-        delays.extend(now - float(t) for t in stamps)
-        tail = (tail + chunk)[-32:]
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_TIMEOUT_S = 60.0
+
+
+async def _post(pool: UpstreamPool, base: str, body: bytes) -> UpstreamResponse:
+    return await pool.request(
+        "POST", base, "/v1/completions", _JSON_HEADERS, body,
+        connect_timeout=_TIMEOUT_S, headers_timeout=_TIMEOUT_S,
+    )  # fmt: skip
+
+
+async def _read_stream(resp: UpstreamResponse, start: float) -> _Sample:
+    try:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.read(_TIMEOUT_S))[:200]!r}")
+        first = 0.0
+        delays: list[float] = []
+        tail = b""
+        while chunk := await resp.read_chunk(_TIMEOUT_S):
+            now = time.monotonic()
+            stamps = _STAMP.findall(chunk)
+            if stamps and not first:
+                first = now
+            delays.extend(now - float(t) for t in stamps)
+            tail = (tail + chunk)[-32:]
+    finally:
+        resp.close()
     if not tail.endswith(b"data: [DONE]\n\n"):
         raise RuntimeError(f"stream did not end with [DONE]: {tail!r}")
     return _Sample((first or time.monotonic()) - start, time.monotonic() - start, delays)
@@ -227,34 +244,46 @@ class _Target:
     def __init__(
         self,
         name: str,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         base: str | None,
         upstreams: dict[str, list[str]],
         pid: int | None = None,
     ) -> None:
-        self.name, self.session, self.base, self.pid = name, session, base, pid
+        self.name, self.pool, self.base, self.pid = name, pool, base, pid
         self._prefill = itertools.cycle(upstreams["prefill"])
         self._decode = itertools.cycle(upstreams["decode"])
+        self._bodies: dict[tuple[int, float], tuple[dict[str, Any], bytes, bytes]] = {}
+
+    def _body(self, tokens: int, token_delay_s: float) -> tuple[dict[str, Any], bytes, bytes]:
+        """(the request, its bytes, the prefill request's bytes): the same for every stream of a
+        run, so encoded once."""
+        found = self._bodies.get((tokens, token_delay_s))
+        if found is None:
+            body: dict[str, Any] = {
+                "model": MODEL,
+                "prompt": PROMPT,
+                "max_tokens": tokens,
+                "stream": True,
+                "fake_token_delay_s": token_delay_s,
+                "fake_stamp": True,
+            }
+            pre = dict(body, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS), stream=False, max_tokens=1)
+            found = body, json.dumps(body).encode(), json.dumps(pre).encode()
+            self._bodies[(tokens, token_delay_s)] = found
+        return found
 
     async def one(self, tokens: int, token_delay_s: float) -> _Sample:
-        body: dict[str, Any] = {
-            "model": MODEL,
-            "prompt": PROMPT,
-            "max_tokens": tokens,
-            "stream": True,
-            "fake_token_delay_s": token_delay_s,
-            "fake_stamp": True,
-        }
+        body, raw, pre = self._body(tokens, token_delay_s)
         start = time.monotonic()
         if self.base is not None:  # through a proxy
-            async with self.session.post(self.base + "/v1/completions", json=body) as resp:
-                return await _read_stream(resp, start)
-        pre = dict(body, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS), stream=False, max_tokens=1)
-        async with self.session.post(next(self._prefill) + "/v1/completions", json=pre) as resp:
-            answer = await resp.json()
-        body["kv_transfer_params"] = answer["kv_transfer_params"]
-        async with self.session.post(next(self._decode) + "/v1/completions", json=body) as resp:
-            return await _read_stream(resp, start)
+            return await _read_stream(await _post(self.pool, self.base, raw), start)
+        resp = await _post(self.pool, next(self._prefill), pre)
+        try:
+            answer = json.loads(await resp.read(_TIMEOUT_S))
+        finally:
+            resp.close()
+        decode = json.dumps(dict(body, kv_transfer_params=answer["kv_transfer_params"])).encode()
+        return await _read_stream(await _post(self.pool, next(self._decode), decode), start)
 
 
 @dataclasses.dataclass
@@ -411,14 +440,14 @@ async def _run_all(
     toy: tuple[str, int],
     upstreams_pid: int,
 ) -> dict[str, Any]:
-    connector = aiohttp.TCPConnector(limit=0)
     latency: dict[str, dict[str, Any]] = {}
     delay = args.token_delay_ms / 1e3
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+    pool = UpstreamPool(keepalive_s=_TIMEOUT_S)
+    try:
         targets = [
-            _Target("direct", session, None, upstreams),
-            _Target("router", session, router[0], upstreams, router[1]),
-            _Target("toy_proxy", session, toy[0], upstreams, toy[1]),
+            _Target("direct", pool, None, upstreams),
+            _Target("router", pool, router[0], upstreams, router[1]),
+            _Target("toy_proxy", pool, toy[0], upstreams, toy[1]),
         ]
         for target in targets:  # connection set-up and first-call costs stay out of the numbers
             await asyncio.gather(*(target.one(args.tokens, 0.0) for _ in range(8)))
@@ -437,6 +466,8 @@ async def _run_all(
         throughput = await _measure(targets, top, args.seconds, args.rounds, args.tokens, 0.0, upstreams_pid)
         for target in targets:
             print(_line(top, target.name, throughput[target.name], target.pid), file=sys.stderr, flush=True)
+    finally:
+        await pool.close()
     return {"latency": latency, "throughput": throughput}
 
 

@@ -14,7 +14,8 @@ depend on it:
 
 Fault knobs (`FakeBehavior`) make it slow, hang, fail with a status, break a stream mid-event,
 or fail its health check. `python -m ucm.router.testing` runs a set of them in one process for
-the benchmark.
+the benchmark. It serves over `ucm.router.testing_http` (a lean protocol-level server), since in
+the benchmark it shares a CPU with the load generator.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import signal
 import sys
@@ -29,10 +31,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from aiohttp import web
-
 from ucm.router.endpoints import Endpoint, Role
 from ucm.router.loop import run
+from ucm.router.testing_http import Exchange, HttpServer
 
 UpstreamRole = Literal["prefill", "decode", "both"]
 
@@ -76,13 +77,7 @@ class FakeUpstream:
         self.completed = 0
         self.active = 0
         self.url = ""
-        self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_post("/v1/chat/completions", self._completions)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        self.app = app
+        self._server: HttpServer | None = None
 
     def endpoint(self, revision: str = "r1", created: float = 0.0) -> Endpoint:
         """This server as a discovered endpoint of `revision`."""
@@ -90,52 +85,54 @@ class FakeUpstream:
         return Endpoint(self.url, role, revision, name=self.name, created=created)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.url = f"http://{host}:{site.port}"
+        self._server = HttpServer(self._route)
+        port = await self._server.start(host, port)
+        self.url = f"http://{host}:{port}"
         return self.url
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({}, status=200 if self.behavior.healthy else 503)
+    async def _route(self, ex: Exchange) -> None:
+        if ex.method == "POST" and ex.path in ("/v1/completions", "/v1/chat/completions"):
+            await self._completions(ex)
+        elif ex.method == "GET" and ex.path == "/health":
+            ex.respond_json({}, status=200 if self.behavior.healthy else 503)
+        elif ex.method == "GET" and ex.path == "/v1/models":
+            ex.respond_json({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        else:
+            _error(ex, 404, f"{self.name}: no route {ex.method} {ex.path}")
 
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completions(self, ex: Exchange) -> None:
         self.active += 1
         try:
-            return await self._answer(request)
+            await self._answer(ex)
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
             raise
         finally:
             self.active -= 1
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+    async def _answer(self, ex: Exchange) -> None:
+        body = ex.json()
         if self.record:
-            self.requests.append(RecordedRequest(request.path, body, request.headers.copy()))
+            self.requests.append(RecordedRequest(ex.path, body, ex.headers.copy()))
         b = self.behavior
         if b.hang:
             await asyncio.sleep(3600)
         if b.fail_status is not None:
-            return _error(b.fail_status, f"{self.name}: configured to fail")
-        chat = request.path.endswith("/chat/completions")
+            return _error(ex, b.fail_status, f"{self.name}: configured to fail")
+        chat = ex.path.endswith("/chat/completions")
         params = body.get("kv_transfer_params")
         if self.role == "prefill" or (self.role == "both" and params and params.get("do_remote_decode")):
             problem = _check_prefill(body, chat)
             if problem:
-                return _error(400, f"{self.name} (prefill): {problem}")
+                return _error(ex, 400, f"{self.name} (prefill): {problem}")
             if b.prefill_delay_s:
                 await asyncio.sleep(b.prefill_delay_s)
-            return self._prefill_answer(request, body, chat)
+            return self._prefill_answer(ex, chat)
         if params is not None:
             if not (
                 isinstance(params, dict)
@@ -143,75 +140,87 @@ class FakeUpstream:
                 and params.get("remote_engine_id")
             ):
                 return _error(
-                    400, f"{self.name} (decode): kv_transfer_params lack do_remote_prefill/remote_engine_id"
+                    ex,
+                    400,
+                    f"{self.name} (decode): kv_transfer_params lack do_remote_prefill/remote_engine_id",
                 )
         elif b.require_kv_params:
-            return _error(400, f"{self.name} (decode): no kv_transfer_params from a prefill")
+            return _error(ex, 400, f"{self.name} (decode): no kv_transfer_params from a prefill")
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 16
         n = b.tokens if b.tokens is not None else min(int(limit), 16)
         if body.get("stream"):
-            return await self._stream(request, body, chat, n)
+            return await self._stream(ex, body, chat, n)
         text = "".join(f" t{i}" for i in range(n))
         self.completed += 1
-        return web.json_response(_whole(self.model, chat, text, n, served_by=self.name))
+        ex.respond_json(_whole(self.model, chat, text, n, served_by=self.name))
 
-    def _prefill_answer(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.Response:
+    def _prefill_answer(self, ex: Exchange, chat: bool) -> None:
         answer = _whole(self.model, chat, " t0", 1, served_by=self.name)
         answer["kv_transfer_params"] = {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_engine_id": self.name,
-            "remote_request_id": request.headers.get("X-Request-Id", ""),
+            "remote_request_id": ex.headers.get("X-Request-Id", ""),
             "remote_block_ids": [[0, 1]],
             "remote_host": "127.0.0.1",
             "remote_port": 0,
         }
         self.completed += 1
-        return web.json_response(answer)
+        ex.respond_json(answer)
 
-    async def _stream(
-        self, request: web.Request, body: dict[str, Any], chat: bool, n: int
-    ) -> web.StreamResponse:
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await out.prepare(request)
+    async def _stream(self, ex: Exchange, body: dict[str, Any], chat: bool, n: int) -> None:
+        ex.start_stream("text/event-stream; charset=utf-8")
         b = self.behavior
         # test-double knobs a client may set per request (vLLM itself ignores unknown fields)
         delay = float(body.get("fake_token_delay_s", b.token_delay_s))
         stamp = bool(body.get("fake_stamp", False))
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": "fake-1", "object": kind, "created": created, "model": self.model}
-        if chat:
-            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
-            await out.write(_event(first))
-        for i in range(n):
+        first, events = _stream_events(self.model, chat, n, int(time.time()))
+        if first:
+            ex.send(first)
+        for i, event in enumerate(events):
             if b.break_after_tokens is not None and i == b.break_after_tokens:
-                await out.write(b'data: {"id": "fake-1", "choi')  # half an event, then the crash
-                assert request.transport is not None
-                request.transport.abort()
-                return out
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
-            if chat:
-                choice["delta"] = {"content": f" t{i}"}
-            else:
-                choice["text"] = f" t{i}"
-            event: dict[str, Any] = {**base, "choices": [choice]}
-            if stamp:  # CLOCK_MONOTONIC is system-wide: a client on this host can diff it
-                event["t_sent"] = time.monotonic()
-            await out.write(_event(event))
+                ex.send(b'data: {"id": "fake-1", "choi')  # half an event, then the crash
+                ex.abort()
+                return
+            # CLOCK_MONOTONIC is system-wide: a client on this host can diff the stamp
+            ex.send(event + (b', "t_sent": %r}\n\n' % time.monotonic() if stamp else b"}\n\n"))
             if delay and i < n - 1:  # the first token leaves at once, like a decode after its KV load
                 await asyncio.sleep(delay)
         options = body.get("stream_options") or {}
         if options.get("include_usage"):
-            await out.write(_event({**base, "choices": [], "usage": _usage(n), "served_by": self.name}))
-        await out.write(b"data: [DONE]\n\n")
+            base = _chunk_base(self.model, chat, int(time.time()))
+            ex.send(_event({**base, "choices": [], "usage": _usage(n), "served_by": self.name}))
+        ex.send(b"data: [DONE]\n\n")
         if b.break_after_done:
-            assert request.transport is not None
-            request.transport.abort()
-            return out
-        await out.write_eof()
+            ex.abort()
+            return
+        ex.end_stream()
         self.completed += 1
-        return out
+
+
+def _chunk_base(model: str, chat: bool, created: int) -> dict[str, Any]:
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": "fake-1", "object": kind, "created": created, "model": model}
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_events(model: str, chat: bool, n: int, created: int) -> tuple[bytes, tuple[bytes, ...]]:
+    """(the chat role event or b"", each token event without its closing `}` and blank line):
+    the same for every stream of one second, so rendered once (the bench's upstreams share a
+    CPU with its load generator)."""
+    base = _chunk_base(model, chat, created)
+    first = b""
+    if chat:
+        first = _event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+    events = []
+    for i in range(n):
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length" if i == n - 1 else None}
+        if chat:
+            choice["delta"] = {"content": f" t{i}"}
+        else:
+            choice["text"] = f" t{i}"
+        events.append(b"data: " + json.dumps({**base, "choices": [choice]}).encode()[:-1])
+    return first, tuple(events)
 
 
 def _check_prefill(body: dict[str, Any], chat: bool) -> str | None:
@@ -279,9 +288,9 @@ def metric_value(text: str, sample: str) -> float:
     return 0.0
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(ex: Exchange, status: int, message: str) -> None:
     err = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
-    return web.json_response(err, status=status)
+    ex.respond_json(err, status=status)
 
 
 # ---- `python -m ucm.router.testing`: upstreams for the benchmark, in their own process ----
