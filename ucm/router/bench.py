@@ -18,7 +18,11 @@ concurrency isolates what a proxy costs:
 * latency runs (1, 16, 64 concurrent streams, decode paced at `--token-delay-ms` per token as a
   real decode is): time to first token (TTFT: send -> first token event, covering both proxy
   hops) and per-token delivery delay (token received - token sent by decode). `added_p99_ms` is
-  the added TTFT p99 at the highest concurrency; `added_token_p99_ms` the added per-token p99;
+  the added TTFT p99 at the highest concurrency; `added_token_p99_ms` the added per-token p99.
+  The streams of a point start spread over one stream's duration, not all at once: streams of
+  equal length started together stay in lockstep, so every ~0.3 s all of them asked for a new
+  stream in the same millisecond and the p99 timed that burst's queue (+10 ms through the router,
+  against ~+2 ms spread), which steady traffic of that many streams never shows;
 * throughput run (highest concurrency, unpaced streams): completed PD streams per second for
   direct, router and toy proxy, and each proxy's CPU time per request (from /proc, which stays
   meaningful when other processes compete for the CPUs).
@@ -337,11 +341,19 @@ async def _measure_slice(
     token_delay_s: float,
     upstreams_pid: int | None = None,
 ) -> None:
+    # Paced streams all last about `period`. Started together, they would stay in lockstep and
+    # arrive as a burst of `concurrency` requests once per period, and the TTFT p99 would time
+    # the burst's queue (the last request waits for all the hand-offs before it), not a proxy
+    # hop. Spread over one period, they arrive as the steady traffic of that many concurrent
+    # streams does; samples count once all streams run (after the spread).
+    period = max(tokens - 1, 0) * token_delay_s
     t0 = time.monotonic()
-    warm_until = t0 + min(0.3, seconds / 4)
+    warm_until = t0 + max(min(0.3, seconds / 4), period)
     end = warm_until + seconds
 
-    async def worker() -> None:
+    async def worker(offset: float) -> None:
+        if offset:
+            await asyncio.sleep(offset)
         while True:
             start = time.monotonic()
             if start >= end:
@@ -353,7 +365,7 @@ async def _measure_slice(
 
     (user0, sys0), wait0 = _cpu_seconds(target.pid), _runqueue_wait_seconds(target.pid)
     loadgen0 = _loadgen_cpu_seconds(upstreams_pid)
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i * period / concurrency) for i in range(concurrency)))
     run.measured_s += time.monotonic() - warm_until
     run.wall_s += time.monotonic() - t0
     user1, sys1 = _cpu_seconds(target.pid)
