@@ -80,7 +80,7 @@ def test_vllm_path_on_trained_activations_dense_at_full_keep() -> None:
     from ucm.sparse.bench_paged import bench_trained_paged
 
     windows = [minilm_qkv(num_windows=1)[0][:2]]
-    args = argparse.Namespace(stride=4, summary="hybrid")
+    args = argparse.Namespace(stride=4, summary="mass")
     result = bench_trained_paged(args, windows, 16, 4, ratios=(1.0, 0.25))
     assert result["keep_1.0"]["cosine_p1"] > 0.99999 and result["keep_1.0"]["max_abs_err"] < 1e-4
     assert 0.8 < result["keep_0.25"]["cosine_mean"] < 0.9999

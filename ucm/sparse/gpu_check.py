@@ -91,8 +91,9 @@ def run_cuda_check(tokens: int = 131072, dtype: torch.dtype = torch.bfloat16, de
         raise RuntimeError("run_cuda_check: CUDA is not available")
     ctx = planted_context(tokens, num_kv_heads=8, group=4, block_size=16, steps=8)
     report: dict[str, Any] = {"tokens": tokens, "dtype": str(dtype)}
-    _, _, report["keep_1.0"] = _decode(ctx, 1.0, 4, dtype, dev)
-    _, _, report["keep_0.25"] = _decode(ctx, 0.25, 4, dtype, dev)
+    stride = BlockRetrievalConfig.retrieval_stride
+    _, _, report["keep_1.0"] = _decode(ctx, 1.0, stride, dtype, dev)
+    _, _, report["keep_0.25"] = _decode(ctx, 0.25, stride, dtype, dev)
     report["ok"] = report["keep_1.0"]["max_abs_err"] < 2e-2 and report["keep_0.25"]["cosine_min"] >= 0.95
     return report
 

@@ -13,10 +13,19 @@ selecting whole blocks is what lets unselected KV stay off the GPU and out of th
 Why the Quest bound: for a block with per-channel key minima m and maxima M, every key k in it has
 q.k <= sum_d max(q_d m_d, q_d M_d). Ranking blocks by that upper bound never ranks a block below its
 true best key's score, so a block holding one strongly matching "needle" token is found even if its
-mean key is unremarkable. The mean summary (q . mean(k)) is cheaper (one vector) but can miss that;
-in turn, at head_dim 128 the bound is loose (every random block has a large bound) and ranks blocks
-that are relevant as a whole worse than the mean does. "hybrid" standardises both scores over the
-blocks and takes the larger, so a block singled out by either is kept (measured in the bench).
+mean key is unremarkable. The mean summary (q . mean(k)) is cheaper (one vector) but can miss that.
+
+Why "mass" (the default): what decides the output error is each block's share of the softmax, per
+query head. From the same min/max bounds it estimates a block's best logit as the score of the
+block's midpoint plus a quarter of the bound's slack (q.c + 0.25 |q|.h, c and h the per-channel
+centre and half-range; the full slack is the loose Quest bound, none ignores single-token
+needles), turns that into a share of attention per query head (softmax over blocks at the
+attention scale), and sums the shares over the query heads of a GQA group. The softmax is what
+matters: a head with flat attention spreads its share thinly and barely moves the ranking, a peaked
+head's few blocks win, where raw scores compared across heads are not on one scale. On the tiny
+causal model's activations (`tiny_lm`, 25% keep, re-selected every step) it reached cosine 0.992
+against 0.990 for the earlier standardised max of bound and mean scores (which read three vectors,
+not two) and 0.963 for the bound alone; the slack weight plateaus between 0.25 and 0.375.
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ import math
 
 import torch
 
-SUMMARY_KINDS = ("bounds", "mean", "hybrid")
+SUMMARY_KINDS = ("bounds", "mean", "mass")
+SUMMARY_VECTORS = {"bounds": 2, "mean": 1, "mass": 2}  # [head_dim] vectors per block a scoring pass reads
+MASS_SLACK = 0.25  # weight of the bound's slack in the "mass" estimate of a block's best logit
 
 
 @dataclasses.dataclass
@@ -42,9 +53,8 @@ class BlockSummaries:
         return int(self.kmin.shape[1])
 
     def nbytes(self, kind: str) -> int:
-        """Bytes a scoring pass reads: both bounds, the mean only, or all three (hybrid)."""
-        one = self.kmin.numel() * self.kmin.element_size()
-        return {"bounds": 2, "mean": 1, "hybrid": 3}[kind] * one
+        """Bytes a scoring pass reads: both bounds (bounds, mass) or the mean only."""
+        return SUMMARY_VECTORS[kind] * self.kmin.numel() * self.kmin.element_size()
 
 
 def token_valid_mask(num_blocks: int, block_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -65,33 +75,29 @@ def build_block_summaries(keys: torch.Tensor, num_tokens: int) -> BlockSummaries
     return BlockSummaries(kmin.to(keys.dtype), kmax.to(keys.dtype), kmean.to(keys.dtype))
 
 
-def score_blocks(query: torch.Tensor, summaries: BlockSummaries, kind: str) -> torch.Tensor:
-    """[num_kv_heads, num_blocks] block scores for one decode query, max over each GQA group's q heads."""
+def score_blocks(
+    query: torch.Tensor, summaries: BlockSummaries, kind: str, scale: float | None = None
+) -> torch.Tensor:
+    """[num_kv_heads, num_blocks] block scores for one decode query (higher = keep): for "bounds" and
+    "mean" the max over each GQA group's q heads, for "mass" the estimated attention share summed
+    over the group. `scale` is the attention's softmax scale (default head_dim ** -0.5)."""
     if kind not in SUMMARY_KINDS:
         raise ValueError(f"summary kind: expected one of {SUMMARY_KINDS}, got {kind!r}")
     num_kv_heads, _, head_dim = summaries.kmin.shape
     group = query.shape[0] // num_kv_heads
     q = query.float().view(num_kv_heads, group, head_dim)
-    if kind in ("bounds", "hybrid"):
-        ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
-        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
-    if kind in ("mean", "hybrid"):
-        mean = torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float())
+    if kind == "mean":
+        return torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float()).amax(dim=1)
+    kmin, kmax = summaries.kmin.float(), summaries.kmax.float()
     if kind == "bounds":
-        scores = ub
-    elif kind == "mean":
-        scores = mean
-    else:
-        # a block stands out if either summary singles it out: standardise each score over the
-        # blocks (per query head) and take the larger
-        scores = torch.maximum(_standardise(ub), _standardise(mean))
-    return scores.amax(dim=1)
-
-
-def _standardise(scores: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over the last axis (blocks); a constant row becomes zeros."""
-    centred = scores - scores.mean(dim=-1, keepdim=True)
-    return centred / centred.std(dim=-1, keepdim=True).clamp(min=1e-6)
+        ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), kmax)
+        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), kmin)
+        return ub.amax(dim=1)
+    centre, half_range = (kmax + kmin) / 2, (kmax - kmin) / 2
+    best_logit = torch.einsum("hgd,hnd->hgn", q, centre)
+    best_logit += MASS_SLACK * torch.einsum("hgd,hnd->hgn", q.abs(), half_range)
+    share = (best_logit * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
+    return share.sum(dim=1)
 
 
 def num_blocks_to_keep(num_blocks: int, keep_ratio: float, init_blocks: int, local_blocks: int) -> int:
@@ -141,7 +147,7 @@ def select_blocks(
     keep_ratio: float,
     init_blocks: int,
     local_blocks: int,
-    kind: str = "bounds",
+    kind: str = "mass",
 ) -> torch.Tensor:
     """One fresh selection [H, K] for `query` (no stride state): windows + top-k by summary score."""
     nb = summaries.num_blocks
