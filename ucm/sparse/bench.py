@@ -290,6 +290,11 @@ def print_table(result: dict[str, Any]) -> None:
     rows += [("minilm_vllm", k, v) for k, v in result.get("minilm_vllm_path", {}).items()]
     rows += [(f"planted_{t}", k, v) for t, r in result["planted"].items() for k, v in r.items()]
     rows += [(f"graded_{t}", k, v) for t, r in result["graded"].items() for k, v in r.items()]
+    if "tiny_lm_model" in result:
+        m = result["tiny_lm_model"]
+        print(f"tiny_lm: causal byte-level model, {m['params']} params, {m['steps']} steps ({m['train_s']}s"
+              f"{', cached' if m['cached'] else ''}): bits/byte {m['first_step_bits_per_byte']} at step 1 -> "
+              f"{m['final_train_bits_per_byte']} train, {m['held_out_bits_per_byte']} held out (uniform: 8.0)")
     print(f"{'data':<16}{'keep':<10}{'cos_mean':>9}{'oracle':>9}{'cos_p1':>9}{'max_err':>9}{'recall':>8}{'needle':>8}"
           f"{'bytes_x':>8}{'ms':>9}{'dense_ms':>9}")
     for data, keep, v in rows:
