@@ -129,3 +129,24 @@ def test_prefetch_candidates_are_runners_up_then_trending_blocks() -> None:
     rising[0, 12] += 5.0  # block 12 climbs but stays outside the top-3
     assert state.select(rising, nb, 1)[0].tolist() == [0, 1, 2, 18, 19]
     assert state.prefetch_candidates() == [(0, 3), (0, 12)]
+
+
+def test_mass_score_follows_the_peaked_head_of_a_gqa_group() -> None:
+    """Why "mass" is a softmax share per query head: one head of the group has large but flat scores
+    (every block alike), the other one peaks on block 9. A max over raw scores ranks blocks by the
+    flat head's noise; the shares rank block 9 first, and each head's shares sum to one."""
+    torch.manual_seed(5)
+    nb = 24
+    keys = torch.randn(nb * BS, 1, D) * 0.05
+    keys[:, 0, 0] += 6.0  # every key scores ~6 * 4 for the flat head (query along channel 0)
+    keys[:, 0, 0] += torch.randn(nb * BS) * 0.3
+    keys[9 * BS : 10 * BS, 0, 1] = 3.0  # block 9 stands out along channel 1 only
+    query = torch.zeros(2, D)
+    query[0, 0] = 4.0  # flat head
+    query[1, 1] = 4.0  # peaked head
+    kb, n = rm.to_block_major(keys, BS)
+    s = rm.build_block_summaries(kb, n)
+    mass = rm.score_blocks(query, s, "mass")
+    torch.testing.assert_close(mass.sum(), torch.tensor(2.0))
+    assert int(mass[0].argmax()) == 9
+    assert int(rm.score_blocks(query, s, "bounds")[0].argmax()) != 9
