@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from ucm.router.bench import _plan_cpus
+from ucm.router.bench import _measure_slice, _plan_cpus, _Run, _Sample
 
 
 @pytest.mark.slow
@@ -55,3 +57,29 @@ def test_pinning_plan_gives_the_proxy_its_own_cpu() -> None:
     assert plan is not None
     proxy, rest = plan
     assert len(proxy) == 1 and rest and not proxy & rest and proxy | rest == usable
+
+
+async def test_paced_streams_start_spread_over_one_stream_duration() -> None:
+    """Streams of equal length started together stay in lockstep and arrive as one burst per
+    stream duration; the slice spreads their first starts over that duration instead, and counts
+    samples only once every stream runs."""
+    starts: list[float] = []
+
+    class Recorder:
+        pid = None
+
+        async def one(self, tokens: int, token_delay_s: float) -> _Sample:
+            starts.append(time.monotonic())
+            await asyncio.sleep((tokens - 1) * token_delay_s)
+            return _Sample(0.0, 0.0, [])
+
+    run = _Run()
+    t0 = time.monotonic()
+    await _measure_slice(run, Recorder(), 8, 0.1, 5, 0.01)  # type: ignore[arg-type]
+    first = sorted(starts)[:8]
+    period = 4 * 0.01
+    # the 8 first starts step by period/8 (5 ms), not all at t0 (a stalled loop only delays them)
+    assert first[-1] - t0 >= period * 7 / 8 * 0.8
+    assert first[4] - t0 >= period * 4 / 8 * 0.8
+    # samples count only from the end of the spread: fewer than the streams run
+    assert 0 < len(run.samples) < run.completed
