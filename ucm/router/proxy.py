@@ -19,7 +19,8 @@ Failure handling:
 * client disconnect: the handler is cancelled (aiohttp `handler_cancellation`), which closes the
   upstream connections, and vLLM aborts the request when its client goes away.
 
-Hot path (the router's CPU per request is what bounds its throughput): the decode stream's bytes
+Hot path (the router's CPU per request is what bounds its throughput): upstream calls go through
+`ucm.router.upstream` (pooled keep-alive connections, httptools' parser); the decode stream's bytes
 are relayed as read - only cut at SSE event boundaries, never parsed; the decode body is the
 client's bytes with the hand-off params spliced in (no re-serialisation); the response headers
 leave with the first event and the `[DONE]` event with the end of the chunked body, so a stream
