@@ -55,6 +55,22 @@ class Tally:
         self.cosines.extend(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
         self.max_abs = max(self.max_abs, float((a - b).abs().max()))
 
+    def add_oracle(
+        self, config: BlockRetrievalConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        num_tokens: int, mass: torch.Tensor, count: int, dense_out: torch.Tensor, scale: float,
+    ) -> None:
+        """The oracle: `count` blocks per row of `mass` ([H, NB] per KV head, or [1, NB] for one
+        selection shared by every head), windows kept, the rest by true attention mass — the best
+        any selection of that size and shape could do (separates "the algorithm missed" from "too
+        few blocks"). `keys`/`values` are block-major [H, NB', bs, D] with NB' >= NB."""
+        forced = mass.clone()
+        forced[:, : config.init_blocks] = math.inf
+        forced[:, max(0, mass.shape[1] - config.local_blocks) :] = math.inf
+        selection = forced.topk(count, dim=1).indices.sort(dim=1).values.expand(keys.shape[0], -1)
+        oracle = rm.sparse_decode_attention(query, keys, values, num_tokens, selection, scale)
+        a, b = oracle.float().view(query.shape[0], -1), dense_out.float().view(query.shape[0], -1)
+        self.oracle_cosines.extend(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
+
     def result(self) -> dict[str, float]:
         cos = sorted(self.cosines)
         return {
@@ -118,15 +134,7 @@ def run_decode(
         tally.steps += 1
         mass = rm.block_attention_mass(query, layer.keys[:, : layer.num_blocks], n, scale)
         tally.recalls.append(exact_topk_recall(report.selection, mass))
-        # oracle: the same number of blocks per head, windows kept, the rest by true mass — the best
-        # any block selection of this size could do (separates "the algorithm missed" from "too few")
-        forced = mass.clone()
-        forced[:, : config.init_blocks] = math.inf
-        forced[:, max(0, layer.num_blocks - config.local_blocks) :] = math.inf
-        oracle_sel = forced.topk(report.selection.shape[1], dim=1).indices.sort(dim=1).values
-        oracle = rm.sparse_decode_attention(query, layer.keys, layer.values, n, oracle_sel, scale)
-        a, b = oracle.float().view(query.shape[0], -1), dense.float().view(query.shape[0], -1)
-        tally.oracle_cosines.extend(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
+        tally.add_oracle(config, query, layer.keys, layer.values, n, mass, report.selection.shape[1], dense, scale)
         if needles is not None:
             sel = report.selection
             found = [len(set(sel[h].tolist()) & set(needles[h].tolist())) for h in range(sel.shape[0])]

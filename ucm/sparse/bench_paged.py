@@ -90,10 +90,13 @@ def run_paged(
         kept = compacted.block_table[0, : math.ceil(int(compacted.seq_lens[0]) / block_size)].tolist()
         logical = torch.tensor([physical.tolist().index(p) for p in kept])
         kb, n = rm.to_block_major(lq.key[:seq_len], block_size)
+        vb, _ = rm.to_block_major(lq.value[:seq_len], block_size)
         mass = rm.block_attention_mass(query[0], kb, n, scale)
         from ucm.sparse.bench import exact_topk_recall
 
         tally.recalls.append(exact_topk_recall(logical.expand(heads, -1), mass))
+        # the oracle of this path's shape: one selection for every head, by mass summed over heads
+        tally.add_oracle(config, query[0], kb, vb, n, mass.sum(dim=0, keepdim=True), len(kept), dense[0], scale)
 
 
 def bench_trained_paged(
