@@ -29,6 +29,7 @@ import torch
 from ucm.sparse import retrieval_math as rm
 from ucm.sparse.bench_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, DecodeLayer
+from ucm.sparse.tiny_lm import TinyLMConfig
 
 KEEP_RATIOS = (0.1, 0.25, 0.5)
 GOAL_COSINE, GOAL_BYTES_REDUCTION = 0.99, 3.0
@@ -141,11 +142,14 @@ def run_decode(
             tally.needle_recalls.append(sum(found) / needles.numel())
 
 
-def bench_trained(args: argparse.Namespace, windows: list[Any], block_size: int, decode_steps: int) -> dict[str, Any]:
+def bench_trained(
+    args: argparse.Namespace, windows: list[Any], block_size: int, decode_steps: int,
+    ratios: tuple[float, ...] = KEEP_RATIOS,
+) -> dict[str, Any]:
     """Causal decode replay on real activations: per window and layer, the last `decode_steps`
     positions are decoded one by one over all earlier tokens of that window."""
     out: dict[str, Any] = {}
-    for ratio in KEEP_RATIOS:
+    for ratio in ratios:
         config = BlockRetrievalConfig.from_dict(
             {"keep_ratio": ratio, "init_blocks": 1, "local_blocks": 2, "retrieval_stride": args.stride,
              "summary": args.summary, "min_blocks": 4}
@@ -246,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.skip_tiny_lm:
         t0 = time.perf_counter()
-        windows, log = tiny_lm_qkv(num_windows=args.lm_windows)
+        windows, log = tiny_lm_qkv(num_windows=args.lm_windows, config=TinyLMConfig(seed=args.lm_seed))
         result["tiny_lm_model"] = {**log, "load_or_train_s": round(time.perf_counter() - t0, 1)}
         result["tiny_lm"] = bench_trained(args, windows, args.lm_block_size, args.lm_decode_steps)
         result["tiny_lm_vllm_path"] = bench_trained_paged(args, windows, args.lm_block_size, args.lm_decode_steps)
@@ -343,6 +347,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-windows", type=int, default=4, help="2048-byte held-out windows through tiny_lm")
     parser.add_argument("--lm-decode-steps", type=int, default=32, help="decoded positions per window and layer")
     parser.add_argument("--lm-block-size", type=int, default=16)
+    parser.add_argument("--lm-seed", type=int, default=0,
+                        help="training seed of tiny_lm (another seed trains and caches another model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.set_defaults(func=main)
 

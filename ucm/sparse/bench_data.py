@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ucm.sparse.tiny_lm import LN2, TinyLMConfig, load_or_train, stdlib_corpus
+
 # stdlib modules whose docstrings are long English prose
 _TEXT_MODULES = ("argparse", "asyncio.tasks", "collections", "dataclasses", "email.message", "functools",
                  "json", "logging", "pathlib", "subprocess", "threading", "typing", "unittest.mock", "zipfile")
@@ -159,13 +161,13 @@ def planted_context(
     return PlantedContext(keys, values, queries, needles)
 
 
-def tiny_lm_qkv(num_windows: int = 4, window: int | None = None) -> tuple[list[list[LayerQKV]], dict[str, Any]]:
+def tiny_lm_qkv(
+    num_windows: int = 4, window: int | None = None, config: TinyLMConfig | None = None
+) -> tuple[list[list[LayerQKV]], dict[str, Any]]:
     """Per held-out text window, every layer's real Q/K/V (after RoPE, as a KV cache holds them) of
     the tiny causal model trained here (`tiny_lm`, trained once and cached), and its training log
-    with the held-out bits per byte measured on exactly these windows."""
-    from ucm.sparse.tiny_lm import LN2, TinyLMConfig, load_or_train, stdlib_corpus
-
-    config = TinyLMConfig()
+    with the held-out bits per byte measured on exactly these windows (default config unless given)."""
+    config = config or TinyLMConfig()
     trained = load_or_train(config)
     _, held_out = stdlib_corpus()
     length = window or config.context
