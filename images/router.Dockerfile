@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The UCM prefill/decode router: aiohttp, the asyncio Kubernetes client (EndpointSlice discovery)
-# and the Prometheus client. No torch, no vLLM, no kopf.
+# The UCM prefill/decode router: aiohttp (the client-facing server), httptools (the pooled upstream
+# client's parser), uvloop, the asyncio Kubernetes client (EndpointSlice discovery) and the
+# Prometheus client. No torch, no vLLM, no kopf.
 #
 # Build from the repository root:
 #   docker build -f images/router.Dockerfile -t REGISTRY/ucm-router:0.1.0 .

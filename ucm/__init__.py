@@ -4,7 +4,7 @@ Layers import only downward:
     ucm.hashing, ucm.store   (stdlib + numpy; no torch needed)
     ucm.transfer             (torch only)
     ucm.connector, ucm.sparse (vLLM)
-    ucm.router               (aiohttp, kubernetes-asyncio; imports ucm.hashing only)
+    ucm.router               (aiohttp, httptools, uvloop, kubernetes-asyncio; imports ucm.hashing only)
 """
 
 __version__ = "0.1.0"
