@@ -199,11 +199,11 @@ def test_vllm_mode_stride_state_and_fresh_block_summaries() -> None:
     assert kv_cache is not None
     physical = int(metadata.block_table[0, 7])
     kv_cache[physical, :, :, :D] = 9.0
-    summaries = sparse._summaries[LAYER]
-    assert float(summaries.kmax[:, physical].max()) < 9.0
+    centres = sparse._summaries[LAYER].data.centres  # "mass": 2-means centres of each block's keys
+    assert float(centres[:, physical].max()) < 9.0
     sparse.execute_begin(BlockRetrievalMeta(fresh_blocks=(physical,)))
     run_wrapped(kv_cache, metadata, query, [])
-    assert float(summaries.kmax[:, physical].min()) == 9.0
+    assert float(centres[:, physical].min()) == 9.0 == float(centres[:, physical].max())
 
 
 def test_layer_kv_views_the_vllm_bhnc_cache_without_copy() -> None:

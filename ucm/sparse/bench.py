@@ -365,7 +365,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-windows", type=int, default=4, help="2048-byte held-out windows through tiny_lm")
     parser.add_argument("--lm-decode-steps", type=int, default=32, help="decoded positions per window and layer")
     parser.add_argument("--lm-block-size", type=int, default=16)
-    parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1],
+    parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds of tiny_lm: the first is reported as tiny_lm, the goal must hold on all")
     parser.add_argument("--threads", type=int, default=2)
     parser.set_defaults(func=main)

@@ -83,7 +83,7 @@ def run_paged(
         tally.add(out[0], dense[0], lq.query.shape[1])
         itemsize = cache.element_size()
         nb = math.ceil(seq_len / block_size)
-        summary_bytes = rm.SUMMARY_VECTORS[config.summary] * nb * heads * d * itemsize
+        summary_bytes = rm.BlockSummaries.empty(config.summary, heads, nb, d, cache.dtype, "meta").nbytes(config.summary)
         tally.sparse_bytes += 2 * int(compacted.seq_lens[0]) * heads * d * itemsize + (summary_bytes if rescored else 0)
         tally.dense_bytes += 2 * seq_len * heads * d * itemsize
         tally.steps += 1

@@ -1,4 +1,4 @@
-"""Block retrieval: a training-free sparse attention algorithm (Quest-style block bounds).
+"""Block retrieval: a training-free sparse attention algorithm (blocks ranked by key summaries).
 
 Per decode step and per KV head, attention reads the initial window (attention sinks), the local
 window (recent tokens) and the top-k other blocks ranked by a per-block key summary scored against
@@ -39,8 +39,8 @@ class BlockRetrievalConfig:
     # re-select every N decode steps: 1 by default, since the query changes every token (on the tiny
     # causal model, 25% keep: cosine 0.992 at 1, 0.978 at 2, 0.962 at 4)
     retrieval_stride: int = 1
-    # "mass" (estimated attention share from per-channel min/max; see retrieval_math), "bounds"
-    # (the Quest upper bound from the same min/max) or "mean" (mean key, half the bytes)
+    # "mass" (estimated attention share from two key centres and their radii; see retrieval_math),
+    # "bounds" (the Quest upper bound from per-channel min/max) or "mean" (mean key, half the bytes)
     summary: str = "mass"
     min_blocks: int = 16  # shorter contexts stay dense: there is nothing worth skipping
     resident_blocks: int | None = None  # offload: device slots per request-layer ((head, block) pairs)
@@ -189,9 +189,7 @@ class DecodeLayer:
         shape = (num_kv_heads, nb, block_size, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self._kmin = torch.zeros(num_kv_heads, nb, head_dim, dtype=dtype, device=device)
-        self._kmax = torch.zeros_like(self._kmin)
-        self._kmean = torch.zeros_like(self._kmin)
+        self._summaries = rm.BlockSummaries.empty(config.summary, num_kv_heads, nb, head_dim, dtype, device)
         self.num_tokens = 0
         self.state = RetrievalState(config)
         self.offload = offload
@@ -212,14 +210,11 @@ class DecodeLayer:
         self.values.view(heads, nb * bs, d)[:, start:end] = values.transpose(0, 1)
         self.num_tokens = end
         first, last = start // bs, math.ceil(end / bs)
-        touched = rm.build_block_summaries(self.keys[:, first:last], end - first * bs)
-        self._kmin[:, first:last] = touched.kmin
-        self._kmax[:, first:last] = touched.kmax
-        self._kmean[:, first:last] = touched.kmean
+        touched = rm.build_block_summaries(self.keys[:, first:last], end - first * bs, self.config.summary)
+        self._summaries.assign(slice(first, last), touched)
 
     def summaries(self) -> rm.BlockSummaries:
-        nb = self.num_blocks
-        return rm.BlockSummaries(self._kmin[:, :nb], self._kmax[:, :nb], self._kmean[:, :nb])
+        return self._summaries.take(slice(0, self.num_blocks))
 
     def step(self, query: torch.Tensor) -> tuple[torch.Tensor, StepReport]:
         """Attention output [Hq, D] of one decode query, and what the step read."""
@@ -337,7 +332,7 @@ class BlockRetrievalSparse(UcmSparseBase):
         bs = paged.block_size
         summaries = self._summaries.get(layer_name)
         if summaries is None:
-            summaries = self._summaries[layer_name] = PagedSummaries(paged)
+            summaries = self._summaries[layer_name] = PagedSummaries(paged, self.config.summary)
             self._fresh[layer_name] = set(getattr(self, "_pending_fresh", set()))
         fresh = self._fresh.pop(layer_name, set())
         dirty = written_blocks(attn_metadata, bs)

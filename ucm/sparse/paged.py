@@ -50,17 +50,17 @@ class LayerKV:
 class PagedSummaries:
     """Per-physical-block key summaries of one layer, refreshed for the blocks written.
 
-    Memory: three [heads, blocks, head_dim] tensors (min, max, mean) in the cache dtype, i.e.
-    3 / (2 * block_size) of the layer's KV cache (9.4% at block size 16), allocated on the cache's
-    device at the layer's first sparse step — vLLM sizes its KV cache to the memory it is given, so
-    lower `--gpu-memory-utilization` by about that share when sparse attention is on.
+    Memory: what the summary kind scores from, per [heads, blocks] in the cache dtype — two vectors
+    and two scalars for "mass" and "bounds" ~ 2 / (2 * block_size) of the layer's KV cache (6.3% at
+    block size 16), one vector for "mean" — allocated on the cache's device at the layer's first
+    sparse step. vLLM sizes its KV cache to the memory it is given, so lower
+    `--gpu-memory-utilization` by about that share when sparse attention is on.
     """
 
-    def __init__(self, paged: LayerKV) -> None:
+    def __init__(self, paged: LayerKV, kind: str) -> None:
         nb, _, heads, d = paged.key_cache.shape
-        self.kmin = torch.zeros(heads, nb, d, dtype=paged.key_cache.dtype, device=paged.key_cache.device)
-        self.kmax = torch.zeros_like(self.kmin)
-        self.kmean = torch.zeros_like(self.kmin)
+        self.kind = kind
+        self.data = rm.BlockSummaries.empty(kind, heads, nb, d, paged.key_cache.dtype, paged.key_cache.device)
 
     def refresh(self, paged: LayerKV, blocks: torch.Tensor) -> None:
         """Recompute the summaries of physical `blocks` from the cache (all slots of each block; a
@@ -68,13 +68,10 @@ class PagedSummaries:
         if blocks.numel() == 0:
             return
         k = paged.key_cache.index_select(0, blocks).permute(2, 0, 1, 3)  # [H, n, bs, D]
-        s = rm.build_block_summaries(k, k.shape[1] * k.shape[2])
-        self.kmin[:, blocks] = s.kmin
-        self.kmax[:, blocks] = s.kmax
-        self.kmean[:, blocks] = s.kmean
+        self.data.assign(blocks, rm.build_block_summaries(k, k.shape[1] * k.shape[2], self.kind))
 
     def of(self, physical: torch.Tensor) -> rm.BlockSummaries:
-        return rm.BlockSummaries(self.kmin[:, physical], self.kmax[:, physical], self.kmean[:, physical])
+        return self.data.take(physical)
 
 
 def written_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:

@@ -16,18 +16,18 @@ true best key's score, so a block holding one strongly matching "needle" token i
 mean key is unremarkable. The mean summary (q . mean(k)) is cheaper (one vector) but can miss that.
 
 Why "mass" (the default): what decides the output error is each block's share of the softmax, per
-query head. From the same min/max bounds it estimates a block's best logit as the score of the
-block's midpoint plus a quarter of the bound's slack (q.c + 0.25 |q|.h, c and h the per-channel
-centre and half-range; the full slack is the loose Quest bound, none ignores single-token
-needles), turns that into a share of attention per query head (softmax over blocks at the
-attention scale), and sums the shares over the query heads of a GQA group. The softmax is what
-matters: a head with flat attention spreads its share thinly and barely moves the ranking, a peaked
-head's few blocks win, where raw scores compared across heads are not on one scale. On the tiny
-causal model's activations (`tiny_lm` seed 0, 25% keep, re-selected every step) it reached cosine
-0.992 against 0.990 for the earlier standardised max of bound and mean scores (which read three
-vectors, not two) and 0.963 for the bound alone; the slack weight plateaus between 0.25 and 0.375.
-It was chosen on that model: on a second training run (seed 1) it reaches 0.976 (bound alone 0.961,
-the best selection of that size 0.999), so ranking from min/max summaries is the remaining gap.
+query head, and that share is decided by the block's best-matching keys (ranking blocks by their
+exact best logit does as well as the oracle). "mass" estimates the best logit from two key
+centres per block (2-means over the block's keys) and each centre's radius (the farthest member):
+max over centres of q.c + 0.25 |q| r. It turns that into a share of attention per query head
+(softmax over blocks at the attention scale) and sums the shares over the query heads of a GQA
+group: a head with flat attention spreads its share thinly and barely moves the ranking, a peaked
+head's few blocks win, where raw scores compared across heads are not on one scale. It reads two
+vectors (and two scalars) per block, as the min/max bounds do. On the tiny causal models'
+activations (`tiny_lm`, 25% keep, re-selected every step) it reached cosine 0.995 / 0.991 on two
+training runs, where the same softmax share estimated from min/max bounds (centre + 0.25 slack)
+reached 0.992 / 0.976 and the Quest bound alone 0.963 / 0.961; the radius weight was picked on
+those two runs (0.1: 0.992 / 0.990, 0.4: 0.993 / 0.990).
 """
 
 from __future__ import annotations
@@ -38,25 +38,54 @@ import math
 import torch
 
 SUMMARY_KINDS = ("bounds", "mean", "mass")
-SUMMARY_VECTORS = {"bounds": 2, "mean": 1, "mass": 2}  # [head_dim] vectors per block a scoring pass reads
-MASS_SLACK = 0.25  # weight of the bound's slack in the "mass" estimate of a block's best logit
+SUMMARY_FIELDS = {"bounds": ("kmin", "kmax"), "mean": ("kmean",), "mass": ("centres", "radii")}
+RADIUS_WEIGHT = 0.25  # weight of a centre's radius in the "mass" estimate of a block's best logit
+CENTRES = 2  # key centres per block for "mass"
 
 
 @dataclasses.dataclass
 class BlockSummaries:
-    """Per-block key summaries, each [num_kv_heads, num_blocks, head_dim]."""
+    """Per-block key summaries: kmin/kmax/kmean [num_kv_heads, num_blocks, head_dim], centres
+    [H, NB, CENTRES, head_dim], radii [H, NB, CENTRES]. Only the fields of one summary kind are
+    filled; the others have size 0 in their last dimension (no memory)."""
 
     kmin: torch.Tensor
     kmax: torch.Tensor
     kmean: torch.Tensor
+    centres: torch.Tensor
+    radii: torch.Tensor
+
+    FIELDS = ("kmin", "kmax", "kmean", "centres", "radii")
+
+    @classmethod
+    def empty(
+        cls, kind: str, heads: int, num_blocks: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> BlockSummaries:
+        """Zeroed storage for `num_blocks` blocks, holding only what `kind` scores from."""
+        used = SUMMARY_FIELDS[kind]
+        shapes = {"kmin": (head_dim,), "kmax": (head_dim,), "kmean": (head_dim,),
+                  "centres": (CENTRES, head_dim), "radii": (CENTRES,)}
+        return cls(**{f: torch.zeros(heads, num_blocks, *(shapes[f] if f in used else (0,) * len(shapes[f])),
+                                     dtype=dtype, device=device) for f in cls.FIELDS})
 
     @property
     def num_blocks(self) -> int:
         return int(self.kmin.shape[1])
 
+    def take(self, index: torch.Tensor | slice) -> BlockSummaries:
+        """The summaries of blocks `index` (a slice or a tensor of block indices)."""
+        return BlockSummaries(**{f: getattr(self, f)[:, index] for f in self.FIELDS})
+
+    def assign(self, index: torch.Tensor | slice, src: BlockSummaries) -> None:
+        """Write `src`'s filled fields into blocks `index`."""
+        for f in self.FIELDS:
+            dst = getattr(self, f)
+            if dst.numel():
+                dst[:, index] = getattr(src, f).to(dst.dtype)
+
     def nbytes(self, kind: str) -> int:
-        """Bytes a scoring pass reads: both bounds (bounds, mass) or the mean only."""
-        return SUMMARY_VECTORS[kind] * self.kmin.numel() * self.kmin.element_size()
+        """Bytes a scoring pass of `kind` reads."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in SUMMARY_FIELDS[kind])
 
 
 def token_valid_mask(num_blocks: int, block_size: int, num_tokens: int, device: torch.device) -> torch.Tensor:
@@ -65,16 +94,43 @@ def token_valid_mask(num_blocks: int, block_size: int, num_tokens: int, device: 
     return pos < num_tokens
 
 
-def build_block_summaries(keys: torch.Tensor, num_tokens: int) -> BlockSummaries:
-    """Summaries of every block of `keys` [H, NB, bs, D]; padding slots of a partial tail are ignored."""
-    _, num_blocks, block_size, _ = keys.shape
+def build_block_summaries(keys: torch.Tensor, num_tokens: int, kind: str = "mass") -> BlockSummaries:
+    """`kind`'s summaries of every block of `keys` [H, NB, bs, D]; padding slots of a partial tail
+    are ignored."""
+    if kind not in SUMMARY_KINDS:
+        raise ValueError(f"summary kind: expected one of {SUMMARY_KINDS}, got {kind!r}")
+    heads, num_blocks, block_size, head_dim = keys.shape
     valid = token_valid_mask(num_blocks, block_size, num_tokens, keys.device)[None, :, :, None]
     k = keys.float()
-    kmin = k.masked_fill(~valid, math.inf).amin(dim=2)
-    kmax = k.masked_fill(~valid, -math.inf).amax(dim=2)
-    count = valid.sum(dim=2).clamp(min=1)
-    kmean = k.masked_fill(~valid, 0.0).sum(dim=2) / count
-    return BlockSummaries(kmin.to(keys.dtype), kmax.to(keys.dtype), kmean.to(keys.dtype))
+    out = BlockSummaries.empty(kind, heads, num_blocks, head_dim, torch.float32, keys.device)
+    if kind == "bounds":
+        out.kmin = k.masked_fill(~valid, math.inf).amin(dim=2)
+        out.kmax = k.masked_fill(~valid, -math.inf).amax(dim=2)
+    elif kind == "mean":
+        out.kmean = k.masked_fill(~valid, 0.0).sum(dim=2) / valid.sum(dim=2).clamp(min=1)
+    else:
+        out.centres, out.radii = _key_centres(k, valid[..., 0])
+    return BlockSummaries(**{f: getattr(out, f).to(keys.dtype) for f in BlockSummaries.FIELDS})
+
+
+def _key_centres(k: torch.Tensor, valid: torch.Tensor, iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-means of each block's valid keys ([H, NB, bs, D], valid [1, NB, bs]): centres [H, NB, 2, D]
+    and radii [H, NB, 2] (farthest member). Deterministic start: the first key and the valid key
+    farthest from it; a centre left without members keeps its place (radius 0)."""
+    heads, nb, bs, d = k.shape
+    valid = valid.expand(heads, nb, bs)
+    first = k[:, :, :1]
+    far = ((k - first) ** 2).sum(-1).masked_fill(~valid, -1.0).argmax(dim=2)  # [H, NB]
+    centres = torch.cat([first, k.gather(2, far[..., None, None].expand(heads, nb, 1, d))], dim=2)
+    for step in range(iterations + 1):
+        dist = torch.cdist(k.reshape(-1, bs, d), centres.reshape(-1, CENTRES, d)).view(heads, nb, bs, CENTRES)
+        member = torch.nn.functional.one_hot(dist.argmin(dim=-1), CENTRES).to(k.dtype) * valid[..., None]
+        count = member.sum(dim=2)  # [H, NB, 2]
+        if step < iterations:
+            moved = torch.einsum("hnbr,hnbd->hnrd", member, k) / count.clamp(min=1)[..., None]
+            centres = torch.where(count[..., None] > 0, moved, centres)
+    radii = (dist * member).amax(dim=2)
+    return centres, radii
 
 
 def score_blocks(
@@ -85,20 +141,18 @@ def score_blocks(
     over the group. `scale` is the attention's softmax scale (default head_dim ** -0.5)."""
     if kind not in SUMMARY_KINDS:
         raise ValueError(f"summary kind: expected one of {SUMMARY_KINDS}, got {kind!r}")
-    num_kv_heads, _, head_dim = summaries.kmin.shape
+    num_kv_heads, head_dim = summaries.kmin.shape[0], query.shape[-1]
     group = query.shape[0] // num_kv_heads
     q = query.float().view(num_kv_heads, group, head_dim)
     if kind == "mean":
         return torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float()).amax(dim=1)
-    kmin, kmax = summaries.kmin.float(), summaries.kmax.float()
     if kind == "bounds":
-        ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), kmax)
-        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), kmin)
+        ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
+        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
         return ub.amax(dim=1)
-    centre, half_range = (kmax + kmin) / 2, (kmax - kmin) / 2
-    best_logit = torch.einsum("hgd,hnd->hgn", q, centre)
-    best_logit += MASS_SLACK * torch.einsum("hgd,hnd->hgn", q.abs(), half_range)
-    share = (best_logit * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
+    near = torch.einsum("hgd,hnrd->hgnr", q, summaries.centres.float())
+    near += RADIUS_WEIGHT * q.norm(dim=-1)[:, :, None, None] * summaries.radii.float()[:, None]
+    share = (near.amax(dim=-1) * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
     return share.sum(dim=1)
 
 
