@@ -33,6 +33,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -287,40 +288,79 @@ class PDProxy:
             },
         )
         await out.prepare(request)
-        pending = b""  # the start of an event whose end has not arrived
-        # Whole events ending with `data: [DONE]`: held until the upstream's end of body (which
-        # vLLM sends right after), so they leave in the same write as the end of the client's
-        # body. An upstream that stalls there delays them by at most the idle timeout.
-        last = b""
-        read, idle = resp.read_chunk, self.config.idle_timeout_s
+        events = _EventCutter()
+        idle = self.config.idle_timeout_s
         try:
-            while chunk := await read(idle):
-                data = pending + chunk if pending else chunk
-                cut = data.rfind(_EVENT_END)
-                if cut < 0:
-                    if len(data) <= _MAX_PENDING:
-                        pending = data
-                        continue
-                    cut = len(data) - len(_EVENT_END)  # not SSE framing after all: stop holding it back
-                cut += len(_EVENT_END)
-                pending = data[cut:]
-                events = data[:cut] if pending else data
-                if last:  # more came after [DONE]: relay it unchanged, in order
-                    events, last = last + events, b""
-                if not pending and events.endswith(_DONE_EVENT):
-                    last = events
-                    continue
-                await out.write(events)
+            # The first events are read here, so they leave in one write with the headers.
+            while chunk := await resp.read_chunk(idle):
+                if first := events.take(chunk):
+                    await out.write(first)
+                    await resp.relay(_client_sink(request, out, events), idle, request.writer.drain)
+                    break
         except (TimeoutError, UpstreamError) as exc:
             self._failed(state, "stream_broken")
             reason = "went idle" if isinstance(exc, TimeoutError) else f"failed ({exc.__class__.__name__})"
             log.warning("decode stream from %s %s", state.endpoint.url, reason)
-            if last:  # the answer is whole ([DONE] arrived); only the upstream's end of body is missing
-                await out.write_eof(last)
+            if events.last:  # the answer is whole ([DONE] came); only the upstream's end of body is missing
+                await out.write_eof(events.last)
                 return out
             self.metrics.stream_errors.inc()
             await out.write_eof(sse_error_event(f"upstream decode stream {reason} mid-response"))
             return out
         self._succeeded(state)
-        await out.write_eof(last + pending)
+        await out.write_eof(events.last + events.pending)
         return out
+
+
+class _EventCutter:
+    """Cuts a relayed SSE stream at event boundaries, so a write never ends inside an event (an
+    error event appended after a failure must start on a boundary)."""
+
+    __slots__ = ("last", "pending")
+
+    def __init__(self) -> None:
+        self.pending = b""  # the start of an event whose end has not arrived
+        # Whole events ending with `data: [DONE]`: held until the upstream's end of body (which
+        # vLLM sends right after), so they leave in the same write as the end of the client's
+        # body. An upstream that stalls there delays them by at most the idle timeout.
+        self.last = b""
+
+    def take(self, chunk: bytes) -> bytes:
+        """The whole events to forward now (b"" when none)."""
+        pending = self.pending
+        data = pending + chunk if pending else chunk
+        cut = data.rfind(_EVENT_END)
+        if cut < 0:
+            if len(data) <= _MAX_PENDING:
+                self.pending = data
+                return b""
+            cut = len(data) - len(_EVENT_END)  # not SSE framing after all: stop holding it back
+        cut += len(_EVENT_END)
+        pending = self.pending = data[cut:]
+        events = data[:cut] if pending else data
+        if self.last:  # more came after [DONE]: relay it unchanged, in order
+            events, self.last = self.last + events, b""
+        if not pending and events.endswith(_DONE_EVENT):
+            self.last = events
+            return b""
+        return events
+
+
+def _client_sink(
+    request: web.Request, out: web.StreamResponse, events: _EventCutter
+) -> Callable[[bytes], bool]:
+    """Writes relayed events straight to the client's transport, from the upstream connection's
+    data callback (see `UpstreamResponse.relay`), framed as `out` frames its body (chunked for
+    HTTP/1.1; `out` already sent its headers and sends the end of the body). Returns False once
+    the client's socket buffer is above its high-water mark (aiohttp's protocol then has writing
+    paused), which pauses the upstream until it drained - the back-pressure `out.write()` gives."""
+    transport, protocol = request.transport, request.protocol
+    chunked = out.headers.get("Transfer-Encoding") == "chunked"  # as prepare() chose and sent it
+
+    def sink(chunk: bytes) -> bool:
+        data = events.take(chunk)
+        if data and transport is not None and not transport.is_closing():
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        return not protocol.writing_paused
+
+    return sink

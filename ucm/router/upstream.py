@@ -15,6 +15,11 @@ Semantics the proxy relies on:
 * `read_chunk(timeout)` waits at most `timeout` between two arrivals (an idle timeout) and
   returns b"" at the end of the body; a connection lost or an unparsable answer before the end
   raises `UpstreamError`;
+* `relay(sink, timeout, drain)` hands the rest of the body to `sink` as it arrives, from the
+  connection's data callback, and returns at its end (same idle timeout and errors). Pulling a
+  piece costs a future, a timer and a task switch - and on uvloop one more event-loop pass with
+  its own epoll_wait - which for a stream of small token events was a large part of relaying
+  one; pushed, a piece costs its socket read and write;
 * `close()` puts a fully read connection back in the pool (when the upstream allows keep-alive)
   and aborts any other - so a cancelled relay (client gone) drops the upstream connection, which
   is how vLLM learns to abort the request;
@@ -28,7 +33,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -64,7 +69,10 @@ class _Origin:
 class UpstreamResponse:
     """Status, headers and the body of one upstream answer, as they arrive."""
 
-    __slots__ = ("_chunks", "_conn", "_error", "_hold", "_size", "_waiter", "complete", "headers", "status")
+    __slots__ = (
+        "_chunks", "_conn", "_error", "_hold", "_idle_timeout", "_idle_timer", "_last_arrival",
+        "_sink", "_sink_full", "_size", "_timed_out", "_waiter", "complete", "headers", "status",
+    )  # fmt: skip
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -76,6 +84,12 @@ class UpstreamResponse:
         self._hold = True  # pause reading while much is buffered (off once read() wants it all)
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None  # set while relay() runs
+        self._sink_full = False  # the sink asked to wait (reading is paused until it drained)
+        self._idle_timeout = 0.0
+        self._last_arrival = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     @property
     def content_type(self) -> str:
@@ -111,6 +125,68 @@ class UpstreamResponse:
         self._size = 0
         return data
 
+    async def relay(
+        self, sink: Callable[[bytes], bool], timeout: float, drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Hands every body byte not read yet to `sink` as it arrives - called from the
+        connection's data callback, so no task wakes per piece - and returns at the end of the
+        body. `sink` returns False when its consumer is full: reading from the upstream pauses
+        until `drain()` returns. `timeout` is the longest wait between two arrivals (time spent
+        waiting for `drain` does not count); raises TimeoutError past it, and `UpstreamError`
+        when the connection breaks before the end."""
+        loop = self._conn.loop
+        self._sink, self._idle_timeout, self._timed_out = sink, timeout, False
+        self._last_arrival = loop.time()
+        # one timer per relay, re-armed only when it fires early (not one per arrival)
+        self._idle_timer = loop.call_at(self._last_arrival + timeout, self._check_idle)
+        try:
+            self._flush_to_sink()
+            while True:
+                if self._sink_full:  # (what arrived meanwhile waits in _chunks, reading paused)
+                    await drain()
+                    self._last_arrival = loop.time()
+                    self._sink_full = False
+                    self._flush_to_sink()
+                    if not self._sink_full:
+                        self._conn.resume()
+                    continue
+                if self.complete:
+                    return
+                if self._error is not None:
+                    raise self._error
+                if self._timed_out:
+                    raise TimeoutError()
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
+            self._idle_timer.cancel()
+
+    def _flush_to_sink(self) -> None:
+        """What arrived while nothing (or a full sink) took it, to the sink."""
+        if self._chunks and self._sink is not None:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            if not self._sink(data):
+                self._sink_full = True
+                self._conn.pause()
+
+    def _check_idle(self) -> None:
+        loop = self._conn.loop
+        now = loop.time()
+        if self._sink_full:  # waiting for the sink's consumer, not for the upstream
+            self._last_arrival = now
+        deadline = self._last_arrival + self._idle_timeout
+        if now < deadline:
+            self._idle_timer = loop.call_at(deadline, self._check_idle)
+            return
+        self._timed_out = True
+        self._wake()
+
     def close(self) -> None:
         """Back to the pool when the answer was read to its end, else the connection is dropped."""
         self._conn.finish(self)
@@ -132,6 +208,14 @@ class UpstreamResponse:
 
     # ---- fed by the connection's parser -------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not self._sink_full:
+            self._last_arrival = self._conn.loop.time()
+            if not sink(data):
+                self._sink_full = True
+                self._conn.pause()
+                self._wake()
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._hold and self._size > _PAUSE_BYTES:
