@@ -24,7 +24,10 @@ Hot path (the router's CPU per request is what bounds its throughput): upstream 
 are relayed as read - only cut at SSE event boundaries, never parsed; the decode body is the
 client's bytes with the hand-off params spliced in (no re-serialisation); the response headers
 leave with the first event and the `[DONE]` event with the end of the chunked body, so a stream
-costs the client side as few writes (and wake-ups) as its events allow.
+costs the client side as few writes (and wake-ups) as its events allow. After the first event the
+relay runs in the upstream connection's data callback (`UpstreamResponse.relay`): a token event
+costs its socket read and write, not a task switch (paced streams: 1.46-1.54 -> ~1.2 ms of router
+CPU per 16-token stream).
 """
 
 from __future__ import annotations
