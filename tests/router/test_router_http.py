@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import aiohttp
@@ -434,3 +435,42 @@ async def test_shutdown_delay_fails_readiness_but_keeps_serving(make_upstream, m
     assert (await post(http, router, "/v1/completions", {"model": MODEL, "prompt": "x"}))[0] == 200
     await shutdown
     assert router.draining
+
+
+async def test_a_slow_client_pauses_the_decode_upstream_and_still_gets_every_event(
+    make_upstream, make_router
+) -> None:
+    d = await make_upstream("decode", "d0", tokens=2000)  # ~0.3 MB of events, sent at once
+    p = await make_upstream("prefill", "p0")
+    router = await make_router([p], [d])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", router.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=8192)  # reads <= 16 KiB ahead
+    # small kernel buffers on the router's side too, so its own write buffer fills (not the kernel's)
+    server = router._runner.server if router._runner is not None else None
+    assert server is not None
+    await _wait_for(lambda: len(server.connections) == 1)
+    transport = server.connections[0].transport
+    assert transport is not None
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    try:
+        # Nothing is read: once the router's socket buffer to the client is full, it stops reading
+        # from the decode upstream instead of buffering the stream in memory.
+        await asyncio.sleep(0.3)
+        assert router.inflight == 1
+        await _wait_for(lambda: any(conn.paused for conn in router.proxy.pool._busy))
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            data += await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in data
+    assert data.count(b"data: ") == 2001 and data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert b"error" not in data
