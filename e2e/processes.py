@@ -12,7 +12,6 @@ recorded binary (PIDs get reused).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,13 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the thread that spawned it exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+import ucm.process
 
 
 @dataclass
@@ -66,7 +59,7 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path, *, die_with_parent: boo
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if die_with_parent else None,
+            preexec_fn=ucm.process.die_with_parent if die_with_parent else None,
         )
     return Component(name, process, log_path, tuple(argv))
 

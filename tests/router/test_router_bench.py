@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,51 @@ def test_bench_router_reports_json_with_same_run_baselines() -> None:
     assert result["pinned"].startswith("proxy under test pinned") == (usable >= 2)
     # in the load generator's session the proxies shared its scheduling group and were starved
     assert result["proxies_in_own_session"] is True
+
+
+def _children(pid: int) -> set[int]:
+    """Direct children of `pid`, from /proc (PPid)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as status:
+                    ppid = next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+            except (OSError, StopIteration):
+                continue
+            if ppid == pid:
+                found.add(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_bench_killed_with_sigkill_leaves_no_upstream_or_proxy_running() -> None:
+    """The proxies run in sessions of their own (beyond a terminal's Ctrl-C and group signals):
+    without the kernel's parent-death signal, `timeout`/`kill -9` of the bench orphaned them."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "ucm", "bench", "router", "--seconds", "30", "--concurrency", "1", "--tokens", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # printed once the upstreams and both proxies listen
+            if line.startswith("PD streams of"):
+                break
+        else:
+            pytest.fail(f"bench exited early ({bench.wait()})")
+        children = _children(bench.pid)
+        assert len(children) == 3  # upstreams, router, toy proxy
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 10
+    while (
+        alive := {pid for pid in children if os.path.exists(f"/proc/{pid}")}
+    ) and time.monotonic() < deadline:
+        time.sleep(0.1)  # killed children are re-parented to init, which reaps them
+    for pid in alive:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"left running after the bench was killed: {alive}"
 
 
 def test_pinning_plan_gives_the_proxy_its_own_cpu() -> None:

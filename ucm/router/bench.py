@@ -70,6 +70,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ucm.process import die_with_parent
 from ucm.router.loop import run
 from ucm.router.openai_request import PREFILL_KV_TRANSFER_PARAMS
 from ucm.router.upstream import UpstreamPool, UpstreamResponse
@@ -408,7 +409,11 @@ def _spawn(args: list[str], own_session: bool = False) -> subprocess.Popen[str]:
     CPU share on its pinned CPU is the group's share scaled by the proxy's part of the group's
     load - and the load generator and upstreams saturating the other CPU are most of it - so
     any other process that lands on the proxy's CPU takes most of it; the lighter the proxy,
-    the smaller its part and the more it is starved."""
+    the smaller its part and the more it is starved.
+
+    A child in its own session is out of reach of a Ctrl-C in the terminal and of signals to this
+    process's group, so every child dies with this process (`die_with_parent`): a bench killed by
+    `timeout` or `kill -9` leaves no proxy or upstream running."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         args,
@@ -417,6 +422,7 @@ def _spawn(args: list[str], own_session: bool = False) -> subprocess.Popen[str]:
         text=True,
         env=env,
         start_new_session=own_session,
+        preexec_fn=die_with_parent,
     )
 
 
