@@ -151,3 +151,20 @@ def test_mass_score_follows_the_peaked_head_of_a_gqa_group() -> None:
     torch.testing.assert_close(mass.sum(), torch.tensor(2.0))
     assert int(mass[0].argmax()) == 9
     assert int(rm.score_blocks(query, rm.build_block_summaries(kb, n, "bounds"), "bounds")[0].argmax()) != 9
+
+
+def test_shared_selection_keeps_each_query_heads_best_block() -> None:
+    """One selection for every KV head (a vLLM block-table row): a head that is confident about four
+    blocks would take all four slots in a plain sum of shares; the flatter head's own best block
+    (7) still gets one, and the confident head keeps the other three."""
+    nb, d = 12, 4
+    summaries = rm.BlockSummaries.empty("mass", 2, nb, d, torch.float32, "cpu")
+    summaries.centres[0, 1:5, :, 0] = 10.0  # KV head 0: blocks 1-4 match strongly
+    summaries.centres[1, 7, :, 1] = 1.0  # KV head 1: block 7 matches mildly
+    query = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0]])  # one query head per KV head
+    init_end, local_start, count = 1, nb - 2, 4
+    plain = rm.score_blocks(query, summaries, "mass").sum(dim=0, keepdim=True)
+    assert sorted(rm.rank_middle(plain, init_end, local_start, count)[0].tolist()) == [1, 2, 3, 4]
+    shared = rm.shared_block_scores(query, summaries, "mass", init_end, local_start, count)
+    chosen = sorted(rm.rank_middle(shared, init_end, local_start, count)[0].tolist())
+    assert 7 in chosen and len(set(chosen) & {1, 2, 3, 4}) == 3

@@ -113,9 +113,7 @@ class RetrievalState:
         if num_blocks < c.min_blocks:
             return torch.arange(num_blocks, device=device).expand(num_heads, -1)
         if scores is not None:
-            keep = rm.num_blocks_to_keep(num_blocks, c.keep_ratio, c.init_blocks, c.local_blocks)
-            init, local = rm.fixed_window(num_blocks, c.init_blocks, c.local_blocks)
-            k = keep - len(init) - len(local)
+            init, local, k = self._layout(num_blocks)
             ranked = rm.rank_middle(scores, init.stop, local.start, k + c.prefetch_blocks)
             trending = self._trending(scores, ranked, init.stop, local.start)
             self.retrieval = Retrieval(ranked[:, :k].sort(dim=1).values, ranked[:, k:], trending, scores)
@@ -124,6 +122,18 @@ class RetrievalState:
             raise ValueError("block retrieval: the first sparse step needs block scores")
         self.retrieval.age += 1
         return rm.compose_selection(self.retrieval.blocks, num_blocks, c.init_blocks, c.local_blocks)
+
+    def shared_scores(self, query: torch.Tensor, summaries: rm.BlockSummaries, num_blocks: int) -> torch.Tensor:
+        """[1, num_blocks] scores for one selection shared by every KV head (see `rm.shared_block_scores`)."""
+        init, local, count = self._layout(num_blocks)
+        return rm.shared_block_scores(query, summaries, self.config.summary, init.stop, local.start, count)
+
+    def _layout(self, num_blocks: int) -> tuple[range, range, int]:
+        """The fixed windows and how many middle blocks a selection retrieves."""
+        c = self.config
+        keep = rm.num_blocks_to_keep(num_blocks, c.keep_ratio, c.init_blocks, c.local_blocks)
+        init, local = rm.fixed_window(num_blocks, c.init_blocks, c.local_blocks)
+        return init, local, keep - len(init) - len(local)
 
     def _trending(self, scores: torch.Tensor, ranked: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """[H, p] middle blocks outside `ranked` whose score rose most since the last scoring
@@ -358,7 +368,7 @@ class BlockRetrievalSparse(UcmSparseBase):
             scores = None
             if state.needs_scores(nb):
                 q = query[qsl[row]].view(-1, query.shape[-1])
-                scores = rm.score_blocks(q, summaries.of(physical), self.config.summary).amax(dim=0, keepdim=True)
+                scores = state.shared_scores(q, summaries.of(physical), nb)
             selections[row] = state.select(scores, nb, 1, physical.device)[0]
         return compact_decode_rows(attn_metadata, selections, bs)
 

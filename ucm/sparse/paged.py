@@ -6,8 +6,9 @@ earlier token), attending to a subset of blocks is the same as attending to a bl
 lists only those blocks, in order, with `seq_len = (kept full blocks) * block_size + tokens of the
 last block` — keys were already rotated (RoPE) when written, so their slot positions no longer
 matter. The kernel itself is untouched; it simply reads fewer blocks. One block table row is shared
-by every KV head, so in vLLM the selection is per request row (block scores are maxed over heads),
-while the offline `DecodeLayer` selects per KV head.
+by every KV head, so in vLLM the selection is per request row (`rm.shared_block_scores`: merged over
+all query heads, each head's own best blocks guaranteed), while the offline `DecodeLayer` selects per
+KV head.
 
 Summaries are kept per physical block and refreshed for blocks written this step (the metadata's
 `slot_mapping`) plus blocks the scheduler reported as newly assigned or loaded (`fresh_blocks`).

@@ -133,27 +133,60 @@ def _key_centres(k: torch.Tensor, valid: torch.Tensor, iterations: int = 3) -> t
     return centres, radii
 
 
-def score_blocks(
+def query_head_scores(
     query: torch.Tensor, summaries: BlockSummaries, kind: str, scale: float | None = None
 ) -> torch.Tensor:
-    """[num_kv_heads, num_blocks] block scores for one decode query (higher = keep): for "bounds" and
-    "mean" the max over each GQA group's q heads, for "mass" the estimated attention share summed
-    over the group. `scale` is the attention's softmax scale (default head_dim ** -0.5)."""
+    """[num_kv_heads, group, num_blocks] block scores per query head (higher = keep): the summary
+    score for "bounds" and "mean", the estimated attention share for "mass". `scale` is the
+    attention's softmax scale (default head_dim ** -0.5)."""
     if kind not in SUMMARY_KINDS:
         raise ValueError(f"summary kind: expected one of {SUMMARY_KINDS}, got {kind!r}")
     num_kv_heads, head_dim = summaries.kmin.shape[0], query.shape[-1]
     group = query.shape[0] // num_kv_heads
     q = query.float().view(num_kv_heads, group, head_dim)
     if kind == "mean":
-        return torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float()).amax(dim=1)
+        return torch.einsum("hgd,hnd->hgn", q, summaries.kmean.float())
     if kind == "bounds":
         ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
-        ub += torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
-        return ub.amax(dim=1)
+        return ub + torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
     near = torch.einsum("hgd,hnrd->hgnr", q, summaries.centres.float())
     near += RADIUS_WEIGHT * q.norm(dim=-1)[:, :, None, None] * summaries.radii.float()[:, None]
-    share = (near.amax(dim=-1) * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
-    return share.sum(dim=1)
+    return (near.amax(dim=-1) * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
+
+
+def _merge_heads(scores: torch.Tensor, kind: str, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """Shares ("mass") add up across query heads; raw scores are not on one scale, so the max."""
+    return scores.sum(dim=dim) if kind == "mass" else scores.amax(dim=dim)
+
+
+def score_blocks(
+    query: torch.Tensor, summaries: BlockSummaries, kind: str, scale: float | None = None
+) -> torch.Tensor:
+    """[num_kv_heads, num_blocks] block scores for one decode query (higher = keep): for "bounds" and
+    "mean" the max over each GQA group's q heads, for "mass" the estimated attention share summed
+    over the group. `scale` is the attention's softmax scale (default head_dim ** -0.5)."""
+    return _merge_heads(query_head_scores(query, summaries, kind, scale), kind, dim=1)
+
+
+def shared_block_scores(
+    query: torch.Tensor, summaries: BlockSummaries, kind: str, init_end: int, local_start: int, count: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """[1, num_blocks] scores for ONE selection of `count` middle blocks shared by every KV head (a
+    vLLM block-table row): merged over all query heads, except that each query head's own best
+    `count // (2 * num_q_heads)` middle blocks rank first.
+
+    Why the guarantee: the estimated shares rank blocks well within a head, but across heads one
+    head's over-confident estimate can take most of the budget in a plain sum (true block maxima
+    summed that way reach the oracle; the estimates do not). Reserving half the budget by each
+    head's own ranking measured better at 10/25/50% keep on all three tiny_lm seeds (25%: 0.9846 /
+    0.9925 / 0.9856 -> 0.9861 / 0.9932 / 0.9891)."""
+    per_head = query_head_scores(query, summaries, kind, scale)
+    merged = _merge_heads(per_head, kind, dim=(0, 1))
+    heads = per_head.shape[0] * per_head.shape[1]
+    guaranteed = rank_middle(per_head.reshape(heads, -1), init_end, local_start, count // (2 * heads))
+    merged[guaranteed.reshape(-1)] = merged.max() + 1.0
+    return merged[None]
 
 
 def num_blocks_to_keep(num_blocks: int, keep_ratio: float, init_blocks: int, local_blocks: int) -> int:
