@@ -35,6 +35,14 @@ async def post(http: aiohttp.ClientSession, server: RouterServer, path: str, bod
             return resp.status, text
 
 
+async def post_stream(
+    http: aiohttp.ClientSession, server: RouterServer, body: Any, path: str = "/v1/completions"
+) -> tuple[int, list[str]]:
+    """The status and the SSE events of a streamed answer, read to its end."""
+    async with http.post(u(server, path), json=body) as resp:
+        return resp.status, sse_events(await resp.text())
+
+
 async def test_completion_non_stream_goes_prefill_then_decode(make_upstream, make_router, http) -> None:
     p = await make_upstream("prefill", "p0")
     d = await make_upstream("decode", "d0", require_kv_params=True)
@@ -90,11 +98,12 @@ async def test_chat_stream_and_non_stream(make_upstream, make_router, http) -> N
     )
     assert status == 200 and body["choices"][0]["message"]["content"] == " t0 t1 t2"
     assert p.requests[0].body["max_completion_tokens"] == 1 and p.requests[0].body["max_tokens"] == 1
-    async with http.post(
-        u(router, "/v1/chat/completions"),
-        json={"model": MODEL, "messages": msgs, "max_tokens": 2, "stream": True},
-    ) as resp:
-        events = sse_events(await resp.text())
+    _, events = await post_stream(
+        http,
+        router,
+        {"model": MODEL, "messages": msgs, "max_tokens": 2, "stream": True},
+        "/v1/chat/completions",
+    )
     deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
     assert deltas == [{"role": "assistant", "content": ""}, {"content": " t0"}, {"content": " t1"}]
     assert events[-1] == "[DONE]"
@@ -251,10 +260,7 @@ async def test_timeouts(make_upstream, make_router, http) -> None:
         assert status == 504 and body["error"]["code"] == "upstream_timeout"
     slow = await make_upstream("decode", "d-slow", token_delay_s=1.0, tokens=3)
     router3 = await make_router([], [slow], idle_timeout_s=0.3)
-    async with http.post(
-        u(router3, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
-    ) as resp:
-        events = sse_events(await resp.text())
+    _, events = await post_stream(http, router3, {"model": MODEL, "prompt": "x", "stream": True})
     assert json.loads(events[0])["choices"][0]["text"] == " t0"  # first token at once, then silence
     assert "went idle" in json.loads(events[1])["error"]["message"] and events[2:] == ["[DONE]"]
 
@@ -262,11 +268,8 @@ async def test_timeouts(make_upstream, make_router, http) -> None:
 async def test_mid_stream_failure_ends_with_error_event(make_upstream, make_router, http) -> None:
     d = await make_upstream("decode", "d0", break_after_tokens=2, tokens=5)
     router = await make_router([], [d])
-    async with http.post(
-        u(router, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
-    ) as resp:
-        assert resp.status == 200
-        events = sse_events(await resp.text())  # every event well formed: no half event leaked
+    status, events = await post_stream(http, router, {"model": MODEL, "prompt": "x", "stream": True})
+    assert status == 200  # and every event well formed: no half event leaked
     assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == [" t0", " t1"]
     error = json.loads(events[2])["error"]
     assert set(error) == {"message", "type", "param", "code"} and "mid-response" in error["message"]
@@ -279,11 +282,8 @@ async def test_failure_after_done_keeps_the_whole_answer(make_upstream, make_rou
     whole answer, so it gets it unchanged with no error event; the endpoint's failure still counts."""
     d = await make_upstream("decode", "d0", break_after_done=True, tokens=3)
     router = await make_router([], [d])
-    async with http.post(
-        u(router, "/v1/completions"), json={"model": MODEL, "prompt": "x", "stream": True}
-    ) as resp:
-        assert resp.status == 200
-        events = sse_events(await resp.text())
+    status, events = await post_stream(http, router, {"model": MODEL, "prompt": "x", "stream": True})
+    assert status == 200
     assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == [" t0", " t1", " t2"]
     assert events[3:] == ["[DONE]"]
     text = await metrics(http, router)
@@ -440,7 +440,9 @@ async def test_shutdown_delay_fails_readiness_but_keeps_serving(make_upstream, m
 async def test_a_slow_client_pauses_the_decode_upstream_and_still_gets_every_event(
     make_upstream, make_router
 ) -> None:
-    d = await make_upstream("decode", "d0", tokens=2000)  # ~0.3 MB of events, sent at once
+    # ~0.3 MB of events, paced: sent at once, the whole body could fit in loopback's socket
+    # buffers and reach the router before its client side fills, leaving nothing to pause
+    d = await make_upstream("decode", "d0", tokens=2000, token_delay_s=0.0002)
     p = await make_upstream("prefill", "p0")
     router = await make_router([p], [d])
     sock = socket.socket()
