@@ -119,6 +119,7 @@ class Engine:
         max_batched_tokens: int = 256,
         extra: dict[str, Any] | None = None,
         runner: Any = None,
+        attention: Any = None,
     ) -> None:
         global _none_hash_ready
         if not _none_hash_ready:
@@ -143,6 +144,7 @@ class Engine:
         self.metas: list[Any] = []
         self.stats: list[dict[str, Any]] = []
         self.runner = runner  # (engine, scheduler_output) -> {req_id: (per-layer KV, logits)}
+        self.attention = attention  # (engine, scheduler_output, layer index, layer name) after its KV is written
         self.logits: dict[str, list[torch.Tensor]] = {}
 
     def add(self, req_id: str, prompt: Sequence[int], max_tokens: int = 2,
@@ -179,6 +181,8 @@ class Engine:
             if self.runner is None:
                 w.wait_for_layer_load(name)
                 self._compute_layer(so, li, name)
+                if self.attention is not None:
+                    self.attention(self, so, li, name)
             else:
                 self._write_layer(so, li, name, {r: kv[li] for r, (kv, _) in model_out.items()})
             w.save_kv_layer(name, self.caches[name], None)  # type: ignore[arg-type]

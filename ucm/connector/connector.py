@@ -261,6 +261,8 @@ class UCMConnector(KVConnectorBase_V1):
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         self.scheduler_side.kv_cache_manager = kv_cache_manager
+        if self.scheduler_side.sparse is not None:
+            self.scheduler_side.sparse.bind_kv_cache_manager(kv_cache_manager, self.scheduler_side)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)

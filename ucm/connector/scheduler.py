@@ -70,6 +70,7 @@ class _RequestState:
     hashes: list[bytes] = dataclasses.field(default_factory=list)
     hashed_tokens: int = 0
     saved_blocks: int = 0  # blocks [0, saved_blocks) are in the store or being saved
+    confirmed_blocks: int = 0  # blocks [0, confirmed_blocks) a lookup found in the store
     pending: tuple[int, int] | None = None  # (first block, number of blocks) to load
     loading_async: bool = False  # an async load is in flight: vLLM itself holds the blocks until it ends
     first_lookup: float = dataclasses.field(default_factory=time.monotonic)
@@ -247,6 +248,18 @@ class UCMSchedulerSide:
         block_ids = self.kv_cache_manager.get_block_ids(req_id)[0]
         state.saved_blocks = full_end
         return SaveSpec(req_id=req_id, block_ids=list(block_ids[first:full_end]), block_hashes=hashes[first:full_end])
+
+    def stored_block_hashes(self, request_id: str) -> list[bytes]:
+        """Hashes of the request's leading blocks that a store lookup found (sparse offload frees
+        only those GPU blocks): blocks being saved are looked up again at later steps."""
+        state = self._states.get(request_id)
+        if state is None:
+            return []
+        state.confirmed_blocks = min(state.confirmed_blocks, state.saved_blocks)
+        if state.confirmed_blocks < state.saved_blocks:
+            pending = state.hashes[state.confirmed_blocks : state.saved_blocks]
+            state.confirmed_blocks += self._present_prefix(pending)
+        return state.hashes[: state.confirmed_blocks]
 
     def blocks_failed(self, invalid_block_ids: set[int]) -> None:
         """Loads of these blocks failed (vLLM recomputes them): save them again once recomputed, so

@@ -155,6 +155,32 @@ class UCMWorkerSide:
         )
         if self.sparse is not None:
             self.sparse.register_kv_caches(dict(kv_caches))
+            self.sparse.register_block_reader(self)
+
+    def layer_of(self, layer_name: str) -> int:
+        """Index of a layer in `read_blocks`' layer dimension (sparse offload's `BlockReader`)."""
+        return self.layer_index[layer_name]
+
+    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
+        """Whole stored blocks of this rank's heads, [n, layers, heads, block_size, states, head]
+        on the CPU (sparse offload's `BlockReader`); `StoreError` names a block that is missing."""
+        assert self.layout is not None and self.paged is not None
+        n = len(block_hashes)
+        payload = self._payload(n)
+        try:
+            found = self.store.load(self._keys(block_hashes), payload.block_buffers(), self.layout).wait()
+            for i, ok in enumerate(found):
+                if not ok:
+                    start, count = self._group_keys[i // n]
+                    raise StoreError(
+                        f"block {block_hashes[i % n].hex()} (heads {start}..{start + count - 1}) is missing "
+                        f"or damaged in the store"
+                    )
+            # [groups, n, layers, group heads, ...] -> [n, layers, local heads, ...]
+            blocks = payload.tensor.movedim(0, 2)
+            return blocks.reshape(n, blocks.shape[1], -1, *blocks.shape[4:]).clone()
+        finally:
+            payload.release()
 
     def _keys(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""

@@ -11,9 +11,10 @@ Every hook has a dense default (do nothing, need every slot), so an algorithm ov
 it uses and a half-wired integration degrades to dense attention, never to wrong attention.
 
 Call order, per process role:
-  scheduler: request_begin(r) -> [estimate_num_slots(r), allocate_slots(r, n), build_sparse_meta(out)]*
+  scheduler: bind_kv_cache_manager(manager, stored) once, then
+             request_begin(r) -> [estimate_num_slots(r), allocate_slots(r, n), build_sparse_meta(out)]*
              -> request_finished(r)
-  worker:    register_kv_caches(caches) once, then per step:
+  worker:    register_kv_caches(caches), register_block_reader(reader) once, then per step:
              execute_begin(meta) -> (layer_begin(L) -> attention_begin(L, q, ...) -> attention_finished(L, out)
              -> layer_finished(L, kv))* -> execute_finished()
 """
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch is only needed by algorithms; the base stays importable without it
     import torch
@@ -31,6 +32,28 @@ if TYPE_CHECKING:  # torch is only needed by algorithms; the base stays importab
 
 class SparseConfigError(ValueError):
     """`ucm_sparse_config` is not valid; the message names the key and what was expected."""
+
+
+class StoredBlocks(Protocol):
+    """The connector's scheduler side, as sparse offload sees it."""
+
+    def stored_block_hashes(self, request_id: str) -> Sequence[bytes]:
+        """Block hashes of the request's leading blocks that the store is known to hold (looked up,
+        not merely being written): KV that can leave the GPU and be read back."""
+        ...
+
+
+class BlockReader(Protocol):
+    """The connector's worker side, as sparse offload sees it: whole stored blocks, all layers."""
+
+    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
+        """[n, layers, kv heads of this rank, block_size, 2 (K, V), head_dim] on the CPU; raises
+        `ucm.store.base.StoreError` naming a block the store does not hold."""
+        ...
+
+    def layer_of(self, layer_name: str) -> int:
+        """Index of `layer_name` in `read_blocks`' layer dimension."""
+        ...
 
 
 class SparseRole(enum.Enum):
@@ -105,9 +128,16 @@ class UcmSparseBase:
         """Per-step metadata shipped to the workers (attached as `sparse_meta`); None = nothing."""
         return None
 
+    def bind_kv_cache_manager(self, kv_cache_manager: Any, stored: StoredBlocks) -> None:
+        """vLLM's `KVCacheManager` of this scheduler and what the connector knows the store holds
+        (an algorithm that frees GPU blocks of stored KV needs both)."""
+
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         """vLLM's paged KV cache tensors, by layer name (called once before the first step)."""
+
+    def register_block_reader(self, reader: BlockReader) -> None:
+        """The connector's reader of whole stored blocks (an algorithm that fetches offloaded KV)."""
 
     def execute_begin(self, sparse_meta: object | None) -> None:
         """A forward pass starts; `sparse_meta` is what `build_sparse_meta` produced for it."""

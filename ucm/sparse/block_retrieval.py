@@ -24,9 +24,18 @@ from typing import Any
 import torch
 
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.base import SlotAllocation, SparseConfigError, SparseRole, UcmSparseBase, validate_keys
-from ucm.sparse.offload import ResidentBlocks
+from ucm.sparse.base import (
+    BlockReader,
+    SlotAllocation,
+    SparseConfigError,
+    SparseRole,
+    StoredBlocks,
+    UcmSparseBase,
+    validate_keys,
+)
+from ucm.sparse.offload import OffloadError, ResidentBlocks
 from ucm.sparse.paged import LayerKV, PagedSummaries, compact_decode_rows, decode_rows, written_blocks
+from ucm.sparse.vllm_offload import OffloadUpdate, SchedulerOffload, WorkerOffload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +52,12 @@ class BlockRetrievalConfig:
     # "bounds" (the Quest upper bound from per-channel min/max) or "mean" (mean key, half the bytes)
     summary: str = "mass"
     min_blocks: int = 16  # shorter contexts stay dense: there is nothing worth skipping
-    resident_blocks: int | None = None  # offload: device slots per request-layer ((head, block) pairs)
-    prefetch_blocks: int = 2  # offload: runners-up per head prefetched for the next re-selection
+    resident_blocks: int | None = None  # offline offload: device slots per request-layer ((head, block) pairs)
+    # offline offload: runners-up per head prefetched for the next re-selection; vLLM offload: slots
+    # kept beyond one selection's need, so recently fetched blocks are reused
+    prefetch_blocks: int = 2
+    offload: bool = False  # vLLM: free stored blocks outside the windows, fetch selected ones (vllm_offload)
+    host_cache_blocks: int = 64  # vLLM offload: whole blocks (all layers) kept in host memory after a read
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, object]) -> BlockRetrievalConfig:
@@ -65,6 +78,9 @@ class BlockRetrievalConfig:
         summary = raw.get("summary", cls.summary)
         if summary not in rm.SUMMARY_KINDS:
             raise SparseConfigError(f"{section}.summary: expected one of {rm.SUMMARY_KINDS}, got {summary!r}")
+        offload = raw.get("offload", cls.offload)
+        if not isinstance(offload, bool):
+            raise SparseConfigError(f"{section}.offload: expected true or false, got {offload!r}")
         resident = raw.get("resident_blocks")
         if resident is not None and (not isinstance(resident, int) or isinstance(resident, bool) or resident < 1):
             raise SparseConfigError(f"{section}.resident_blocks: expected null or int >= 1, got {resident!r}")
@@ -77,6 +93,8 @@ class BlockRetrievalConfig:
             min_blocks=number("min_blocks", int, 1),
             resident_blocks=resident,
             prefetch_blocks=number("prefetch_blocks", int, 0),
+            offload=offload,
+            host_cache_blocks=number("host_cache_blocks", int, 1),
         )
 
 
@@ -258,6 +276,8 @@ class BlockRetrievalMeta:
     attention (a connector load, a prefix-cache hit), so the worker refreshes their summaries."""
 
     fresh_blocks: tuple[int, ...] = ()
+    offload: tuple[OffloadUpdate, ...] = ()  # requests whose stored blocks left the GPU (config.offload)
+    dropped: tuple[str, ...] = ()  # ... and those whose offload ended (preempted)
 
 
 def _block_ids_of(scheduler_output: Any) -> list[int]:
@@ -296,13 +316,24 @@ class BlockRetrievalSparse(UcmSparseBase):
         self._states: dict[tuple[str, int], RetrievalState] = {}
         self._seen: set[tuple[str, int]] = set()
         self.steps = 0
+        self.live: dict[str, Any] = {}  # scheduler: vLLM requests by id (offload plans from their progress)
+        self.scheduler_offload: SchedulerOffload | None = None
+        self.worker_offload = WorkerOffload(config.summary, config.host_cache_blocks) if config.offload else None
 
     # ---------------------------------------------------------------- scheduler side
     def request_begin(self, request: Any) -> None:
         self.requests.add(str(request.request_id))
+        self.live[str(request.request_id)] = request
 
     def request_finished(self, request: Any) -> None:
         self.requests.discard(str(request.request_id))
+        self.live.pop(str(request.request_id), None)
+        if self.scheduler_offload is not None:
+            self.scheduler_offload.release(str(request.request_id))
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any, stored: StoredBlocks) -> None:
+        if self.config.offload:
+            self.scheduler_offload = SchedulerOffload(self.config, self.block_size, kv_cache_manager, stored)
 
     def estimate_num_slots(self, request: Any, num_tokens: int) -> int:
         """Token slots a decode step of this request attends to: the kept blocks (windows included)."""
@@ -321,11 +352,21 @@ class BlockRetrievalSparse(UcmSparseBase):
         return SlotAllocation(request_id, num_blocks, (*init, *local))
 
     def build_sparse_meta(self, scheduler_output: Any) -> BlockRetrievalMeta:
-        return BlockRetrievalMeta(tuple(sorted(set(_block_ids_of(scheduler_output)))))
+        fresh = tuple(sorted(set(_block_ids_of(scheduler_output))))
+        if self.scheduler_offload is None:
+            if self.config.offload:
+                raise OffloadError("sparse offload: the connector did not bind vLLM's KV cache manager")
+            return BlockRetrievalMeta(fresh)
+        updates, dropped = self.scheduler_offload.plan(scheduler_output, self.live)
+        return BlockRetrievalMeta(fresh, tuple(updates), tuple(dropped))
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
         self.layer_names = list(kv_caches)
+
+    def register_block_reader(self, reader: BlockReader) -> None:
+        if self.worker_offload is not None:
+            self.worker_offload.reader = reader
 
     def execute_begin(self, sparse_meta: object | None) -> None:
         self.steps += 1
@@ -334,6 +375,8 @@ class BlockRetrievalSparse(UcmSparseBase):
         for layer in self._summaries:
             self._fresh[layer] = set(fresh)
         self._pending_fresh = fresh
+        if self.worker_offload is not None and isinstance(sparse_meta, BlockRetrievalMeta):
+            self.worker_offload.apply(sparse_meta.offload, sparse_meta.dropped, self._summaries)
 
     def attention_begin(self, layer_name: str, query: torch.Tensor, paged: Any, attn_metadata: Any) -> Any:
         """Select blocks for every decode row and return metadata with compacted rows (see `paged`)."""
@@ -354,23 +397,35 @@ class BlockRetrievalSparse(UcmSparseBase):
         seq_lens = attn_metadata.seq_lens.tolist()
         qsl = attn_metadata.query_start_loc.tolist()
         rows = [r for r in decode_rows(attn_metadata) if math.ceil(seq_lens[r] / bs) >= self.config.min_blocks]
-        if not rows:
-            return attn_metadata
+        offload = self.worker_offload
+        anchors = dict(offload.by_anchor) if offload is not None else {}
+        placed: dict[int, torch.Tensor] = {}
         table = attn_metadata.block_table
-        last_index = torch.tensor([math.ceil(seq_lens[r] / bs) - 1 for r in rows], device=table.device)
-        last_physical = table[torch.tensor(rows, device=table.device), last_index].tolist()
+        last_index = torch.tensor([math.ceil(seq_lens[r] / bs) - 1 for r in rows], device=table.device, dtype=torch.long)
+        last_physical = table[torch.tensor(rows, device=table.device, dtype=torch.long), last_index].tolist()
         for row, last in zip(rows, last_physical, strict=True):
             nb = math.ceil(seq_lens[row] / bs)
             physical = table[row, :nb].long()
             key = (layer_name, int(last))
             self._seen.add(key)
             state = self._states.setdefault(key, RetrievalState(self.config))
+            held = anchors.pop(int(last), None)
             scores = None
             if state.needs_scores(nb):
                 q = query[qsl[row]].view(-1, query.shape[-1])
-                scores = state.shared_scores(q, summaries.of(physical), nb)
+                block_summaries = summaries.of(physical)
+                if held is not None and offload is not None:
+                    offload.overlay(held, layer_name, block_summaries)
+                scores = state.shared_scores(q, block_summaries, nb)
             selections[row] = state.select(scores, nb, 1, physical.device)[0]
-        return compact_decode_rows(attn_metadata, selections, bs)
+            if held is not None and offload is not None:
+                placed[row] = offload.place(held, layer_name, selections[row], physical, paged)
+        if anchors:  # an offloading request whose row is not a decode row would read freed blocks
+            raise OffloadError(
+                f"sparse offload: {len(anchors)} offloading request(s) are not single-token decode rows "
+                "in this batch (speculative decoding is not supported with offload)"
+            )
+        return compact_decode_rows(attn_metadata, selections, bs, placed)
 
     def execute_finished(self) -> None:
         """Forget stride state of rows not decoded in this step (finished or moved to a new block)."""

@@ -89,12 +89,17 @@ def decode_rows(attn_metadata: Any) -> list[int]:
     return [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
 
 
-def compact_decode_rows(attn_metadata: Any, selections: dict[int, torch.Tensor], block_size: int) -> Any:
+def compact_decode_rows(
+    attn_metadata: Any, selections: dict[int, torch.Tensor], block_size: int,
+    physical: dict[int, torch.Tensor] | None = None,
+) -> Any:
     """A copy of `attn_metadata` whose decode rows list only their selected logical blocks.
 
     `selections[row]` holds sorted logical block indices that include the row's last block.
-    Other rows, and every tensor not touched here, are shared with the original (nothing is
-    modified in place, so other layers keep the dense metadata).
+    `physical[row]`, where given, replaces the row's block ids by logical block (offload: selected
+    blocks that left the GPU point at the slots holding them). Other rows, and every tensor not
+    touched here, are shared with the original (nothing is modified in place, so other layers keep
+    the dense metadata).
     """
     if not selections:
         return attn_metadata
@@ -107,7 +112,8 @@ def compact_decode_rows(attn_metadata: Any, selections: dict[int, torch.Tensor],
         if int(logical[-1]) != last:
             raise ValueError(f"row {row}: a decode selection must keep the last block {last}")
         kept = logical.to(block_table.device)
-        block_table[row, : kept.numel()] = attn_metadata.block_table[row, kept]
+        ids = physical[row] if physical is not None and row in physical else attn_metadata.block_table[row]
+        block_table[row, : kept.numel()] = ids[kept].to(block_table.dtype)
         tail = seq_len - last * block_size
         seq_lens[row] = (kept.numel() - 1) * block_size + tail
     changes: dict[str, Any] = {"block_table": block_table, "seq_lens": seq_lens}

@@ -1,0 +1,289 @@
+"""Sparse offload inside vLLM: blocks outside the windows leave the GPU once the store holds them.
+
+Why: block retrieval reads about `keep_ratio` of a long request's blocks per decode step, yet vLLM
+keeps every block on the GPU. Offload frees the others, so a request holds windows + a bounded
+number of slots instead of its whole context, and the freed blocks serve other requests.
+
+Scheduler side (`SchedulerOffload`, with vLLM's real `KVCacheManager`): at each step, for every
+decode request of at least `min_blocks` blocks, the blocks outside the initial and local windows
+that the store is known to hold (the connector's lookup of what it saved, or on a PD decode pod
+what it loaded) are freed the way vLLM frees blocks that leave a sliding window: the request's
+block list gets vLLM's null block there and the blocks return to the pool. The request instead
+holds *slot* blocks from the same pool, as many as one selection can pick outside the windows
+(plus `prefetch_blocks` kept for reuse), never more than it has offloaded. Only blocks whose KV is
+final can be in the store (full prompt blocks), so generated tokens' blocks stay resident.
+
+Worker side (`WorkerOffload`): the step's metadata names, per request, the block its decode token
+is written to (the `anchor`, which finds the request's row in the attention metadata, whose block
+table still lists the freed ids), the blocks offloaded this step and the new slots. Before any layer
+runs, the offloaded blocks' key summaries are copied out of the per-physical-block summaries (their
+GPU blocks may be reused from the next step on). At attention, the row's selection is scored from
+those summaries; selected offloaded blocks are placed in slots (per layer: a slot of layer L holds
+some block of layer L; least recently used first), missing ones read from the store as whole
+blocks (all layers; kept in a small host cache, so other layers selecting the same block do not
+read it again), and the compacted block table points at the slots. A freed id never reaches the
+kernel: an offloaded block is attended only through a slot.
+
+Not done: prefetching ahead of the selection (fetches are on the critical path of the layer);
+speculative decoding (a row with several query tokens) with offload is refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ucm.sparse import retrieval_math as rm
+from ucm.sparse.base import BlockReader, SparseConfigError, StoredBlocks
+from ucm.sparse.offload import OffloadError
+from ucm.sparse.paged import LayerKV, PagedSummaries
+from ucm.store.base import StoreError
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadedBlock:
+    """A block that left the GPU this step: its position, the GPU block it held, its store hash."""
+
+    logical: int
+    physical: int
+    block_hash: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadUpdate:
+    """Per-step scheduler -> worker news of one offloading request."""
+
+    req_id: str
+    anchor: int  # physical block the decode token is written to this step: identifies the row
+    offloaded: tuple[OffloadedBlock, ...] = ()
+    new_slots: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class OffloadCounters:
+    """Worker-side counters since start (bytes at the cache dtype, one layer per fetch)."""
+
+    offloaded_blocks: int = 0
+    fetched_blocks: int = 0  # (layer, block) placements into a slot
+    slot_hits: int = 0  # selected offloaded (layer, block) already in a slot
+    store_reads: int = 0  # whole blocks read from the store
+    host_hits: int = 0  # whole blocks found in the host cache
+
+
+@dataclasses.dataclass
+class _Held:
+    slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
+    offloaded: set[int] = dataclasses.field(default_factory=set)
+
+
+class SchedulerOffload:
+    """Frees stored blocks of long decode requests and holds their slots (see the module docstring)."""
+
+    def __init__(self, config: Any, block_size: int, kv_cache_manager: Any, stored: StoredBlocks) -> None:
+        managers = kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1:
+            raise SparseConfigError(
+                f"ucm_sparse_config.offload: needs a model with one KV cache group (full attention in "
+                f"every layer); this one has {len(managers)}"
+            )
+        self.config = config
+        self.block_size = block_size
+        self.manager = managers[0]
+        self.pool = kv_cache_manager.block_pool
+        self.stored = stored
+        self.held: dict[str, _Held] = {}
+
+    def plan(self, scheduler_output: Any, requests: Mapping[str, Any]) -> tuple[list[OffloadUpdate], list[str]]:
+        """This step's updates, and the requests whose offload ended (preempted: vLLM freed their
+        blocks and will recompute or reload them; the worker forgets them)."""
+        dropped = [r for r in (getattr(scheduler_output, "preempted_req_ids", None) or ()) if r in self.held]
+        for req_id in dropped:
+            self.release(req_id)
+        updates = []
+        for req_id, count in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(req_id)
+            if request is None or count != 1 or request.num_computed_tokens < request.num_prompt_tokens:
+                continue  # prefill chunks read every block: nothing of theirs leaves the GPU
+            update = self._plan_request(request)
+            if update is not None:
+                updates.append(update)
+        return updates, dropped
+
+    def _plan_request(self, request: Any) -> OffloadUpdate | None:
+        c, req_id = self.config, request.request_id
+        nb = request.num_computed_tokens // self.block_size + 1  # blocks once this step's token is in
+        blocks = self.manager.req_to_blocks.get(req_id)
+        if blocks is None or len(blocks) < nb or nb < c.min_blocks:
+            return None
+        held = self.held.get(req_id)
+        init, local = rm.fixed_window(nb, c.init_blocks, c.local_blocks)
+        stored = self.stored.stored_block_hashes(req_id)
+        candidates = [i for i in range(init.stop, min(local.start, len(stored))) if not blocks[i].is_null]
+        num_offloaded = (len(held.offloaded) if held else 0) + len(candidates)
+        need = min(num_slots(c, nb), num_offloaded) - (len(held.slots) if held else 0)
+        returned = sum(1 for i in candidates if blocks[i].ref_cnt == 1)  # shared prefix blocks stay in use
+        if need > self.pool.get_num_free_blocks() + returned:
+            candidates, need = [], 0  # no room for slots this step: keep the blocks resident
+        if held is None and not candidates:
+            return None
+        held = self.held.setdefault(req_id, _Held())
+        freed = [blocks[i] for i in candidates]
+        for i in candidates:
+            blocks[i] = self.pool.null_block
+        held.offloaded.update(candidates)
+        self.pool.free_blocks(reversed(freed))  # later blocks first in eviction order, as vLLM frees
+        slots = self.pool.get_new_blocks(need) if need > 0 else []
+        held.slots.extend(slots)
+        return OffloadUpdate(
+            req_id,
+            anchor=blocks[nb - 1].block_id,
+            offloaded=tuple(OffloadedBlock(i, b.block_id, stored[i]) for i, b in zip(candidates, freed, strict=True)),
+            new_slots=tuple(b.block_id for b in slots),
+        )
+
+    def release(self, req_id: str) -> None:
+        """Return the request's slots to the pool (finished or preempted; vLLM frees the rest)."""
+        held = self.held.pop(req_id, None)
+        if held is not None and held.slots:
+            self.pool.free_blocks(held.slots)
+
+    def gpu_blocks(self, req_id: str) -> int:
+        """GPU blocks the request holds now: its non-null blocks plus its slots."""
+        blocks = self.manager.req_to_blocks.get(req_id, [])
+        held = self.held.get(req_id)
+        return sum(1 for b in blocks if not b.is_null) + (len(held.slots) if held else 0)
+
+
+@dataclasses.dataclass
+class _Offloaded:
+    hashes: dict[int, bytes] = dataclasses.field(default_factory=dict)  # logical block -> store hash
+    slots: list[int] = dataclasses.field(default_factory=list)
+    summaries: dict[str, rm.BlockSummaries] = dataclasses.field(default_factory=dict)  # by layer, logical
+    placed: dict[str, collections.OrderedDict[int, int]] = dataclasses.field(default_factory=dict)  # slot->block
+
+
+class WorkerOffload:
+    """Slots, offloaded summaries and store reads of the worker's offloading requests."""
+
+    def __init__(self, kind: str, host_cache_blocks: int) -> None:
+        self.kind = kind
+        self.host_cache_blocks = host_cache_blocks
+        self.reader: BlockReader | None = None
+        self.requests: dict[str, _Offloaded] = {}
+        self.by_anchor: dict[int, _Offloaded] = {}
+        self.counters = OffloadCounters()
+        self._host: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+
+    def apply(self, updates: Sequence[OffloadUpdate], dropped: Sequence[str], summaries: Mapping[str, PagedSummaries]) -> None:
+        """Take in a step's updates before any layer runs: copy the offloaded blocks' summaries of
+        every layer out of their GPU blocks, which the scheduler may hand out from the next step."""
+        for req_id in dropped:
+            self.requests.pop(req_id, None)
+        self.by_anchor = {}
+        for update in updates:
+            req = self.requests.setdefault(update.req_id, _Offloaded())
+            req.slots.extend(update.new_slots)
+            self.by_anchor[update.anchor] = req
+            if not update.offloaded:
+                continue
+            if self.reader is None:
+                raise OffloadError("sparse offload: the connector registered no block reader on this worker")
+            logical = [b.logical for b in update.offloaded]
+            physical = torch.tensor([b.physical for b in update.offloaded])
+            for layer, paged in summaries.items():
+                store = req.summaries.get(layer)
+                size = max(logical) + 1
+                if store is None or store.num_blocks < size:
+                    store = _grown(store, self.kind, size, paged.data)
+                    req.summaries[layer] = store
+                store.assign(torch.tensor(logical), paged.data.take(physical.to(paged.data.kmin.device)))
+            req.hashes.update((b.logical, b.block_hash) for b in update.offloaded)
+            self.counters.offloaded_blocks += len(logical)
+
+    def overlay(self, req: _Offloaded, layer: str, block_summaries: rm.BlockSummaries) -> None:
+        """Put the offloaded blocks' own summaries into a row's summaries (whose entries for them
+        were read through stale block ids)."""
+        if not req.hashes:
+            return
+        if layer not in req.summaries:  # its summaries did not exist when the blocks left the GPU
+            raise OffloadError(f"sparse offload: layer {layer} has no summaries of the offloaded blocks")
+        logical = torch.tensor(sorted(req.hashes), device=block_summaries.kmin.device)
+        block_summaries.assign(logical, req.summaries[layer].take(logical))
+
+    def place(
+        self, req: _Offloaded, layer: str, selection: torch.Tensor, physical: torch.Tensor, paged: LayerKV
+    ) -> torch.Tensor:
+        """`physical` (a row's block ids by logical block) with every selected offloaded block
+        pointing at a slot of this layer that holds it; loads the missing ones into slots."""
+        placed = req.placed.setdefault(layer, collections.OrderedDict())
+        where = {block: slot for slot, block in placed.items()}
+        wanted = [b for b in selection.tolist() if b in req.hashes]
+        missing = [b for b in wanted if b not in where]
+        self.counters.slot_hits += len(wanted) - len(missing)
+        if missing:
+            busy = {where[b] for b in wanted if b in where}
+            free = [s for s in req.slots if s not in placed] + [s for s in placed if s not in busy]
+            if len(missing) > len(free):
+                raise OffloadError(
+                    f"sparse offload: {len(missing)} selected blocks need slots but only {len(free)} of "
+                    f"{len(req.slots)} are free in layer {layer}"
+                )
+            payloads = self._read([req.hashes[b] for b in missing])
+            index = self.reader.layer_of(layer) if self.reader is not None else 0
+            for block, slot, payload in zip(missing, free, payloads, strict=False):
+                kv = payload[index].to(paged.key_cache.device)  # [heads, bs, 2, head_dim]
+                paged.key_cache[slot].copy_(kv[:, :, 0].transpose(0, 1))
+                paged.value_cache[slot].copy_(kv[:, :, 1].transpose(0, 1))
+                placed.pop(slot, None)
+                placed[slot] = block
+                where[block] = slot
+            self.counters.fetched_blocks += len(missing)
+        out = physical.clone()
+        for block in wanted:
+            placed.move_to_end(where[block])  # most recently used last
+            out[block] = where[block]
+        return out
+
+    def _read(self, block_hashes: list[bytes]) -> list[torch.Tensor]:
+        """Whole blocks by hash, from the host cache or (one store read for the rest) the store."""
+        absent = [h for h in dict.fromkeys(block_hashes) if h not in self._host]
+        self.counters.host_hits += len(block_hashes) - len(absent)
+        if absent:
+            assert self.reader is not None
+            try:
+                loaded = self.reader.read_blocks(absent)
+            except StoreError as exc:
+                raise OffloadError(f"sparse offload: an offloaded block cannot be read back: {exc}") from exc
+            self.counters.store_reads += len(absent)
+            for h, payload in zip(absent, loaded, strict=True):
+                self._host[h] = payload
+        out = []
+        for h in block_hashes:
+            self._host.move_to_end(h)
+            out.append(self._host[h])
+        while len(self._host) > max(self.host_cache_blocks, len(block_hashes)):
+            self._host.popitem(last=False)
+        return out
+
+
+def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: rm.BlockSummaries) -> rm.BlockSummaries:
+    """Logical-block summaries with room for at least `size` blocks (doubling), `old` copied in."""
+    capacity = max(size, 2 * old.num_blocks if old is not None else 0, 16)
+    heads, head_dim = like.kmin.shape[0], max(like.kmin.shape[2], like.kmean.shape[2], like.centres.shape[-1])
+    new = rm.BlockSummaries.empty(kind, heads, capacity, head_dim, like.kmin.dtype, like.kmin.device)
+    if old is not None:
+        new.assign(slice(0, old.num_blocks), old)
+    return new
+
+
+def num_slots(config: Any, num_blocks: int) -> int:
+    """Slots a request of `num_blocks` blocks holds at most (the budget of one selection outside
+    the windows plus `prefetch_blocks`)."""
+    c = config
+    keep = rm.num_blocks_to_keep(num_blocks, c.keep_ratio, c.init_blocks, c.local_blocks)
+    init, local = rm.fixed_window(num_blocks, c.init_blocks, c.local_blocks)
+    return max(0, keep - len(init) - len(local)) + int(c.prefetch_blocks)
