@@ -197,13 +197,15 @@ class UCMWorkerSide:
         """This step's plan (None once vLLM clears it, so a stray hook never replays a step)."""
         self._meta = meta
         self._finish_handled = False
+        if meta is not None and self.sparse is not None:
+            # here, not in start_load: vLLM 0.32 starts loads after launching the forward pass when
+            # none is synchronous, and sparse attention needs the step's metadata before layer 0
+            self.sparse.execute_begin(meta.sparse_meta)
 
     def start_load(self) -> None:
         meta = self._meta
         if meta is None or self.paged is None:
             return
-        if self.sparse is not None:
-            self.sparse.execute_begin(meta.sparse_meta)
         if not self.can_load:
             return
         for spec in meta.loads:

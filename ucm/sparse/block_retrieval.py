@@ -413,7 +413,7 @@ class BlockRetrievalSparse(UcmSparseBase):
             scores = None
             if state.needs_scores(nb):
                 q = query[qsl[row]].view(-1, query.shape[-1])
-                block_summaries = summaries.of(physical)
+                block_summaries = summaries.of_row(paged, physical, seq_lens[row])
                 if held is not None and offload is not None:
                     offload.overlay(held, layer_name, block_summaries)
                 scores = state.shared_scores(q, block_summaries, nb)

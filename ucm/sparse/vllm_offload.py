@@ -61,6 +61,7 @@ class OffloadUpdate:
     anchor: int  # physical block the decode token is written to this step: identifies the row
     offloaded: tuple[OffloadedBlock, ...] = ()
     new_slots: tuple[int, ...] = ()
+    first: bool = False  # the request's first offload (since it started or was preempted): fresh state
 
 
 @dataclasses.dataclass
@@ -130,6 +131,7 @@ class SchedulerOffload:
             candidates, need = [], 0  # no room for slots this step: keep the blocks resident
         if held is None and not candidates:
             return None
+        first = held is None
         held = self.held.setdefault(req_id, _Held())
         freed = [blocks[i] for i in candidates]
         for i in candidates:
@@ -143,6 +145,7 @@ class SchedulerOffload:
             anchor=blocks[nb - 1].block_id,
             offloaded=tuple(OffloadedBlock(i, b.block_id, stored[i]) for i, b in zip(candidates, freed, strict=True)),
             new_slots=tuple(b.block_id for b in slots),
+            first=first,
         )
 
     def release(self, req_id: str) -> None:
@@ -185,7 +188,9 @@ class WorkerOffload:
             self.requests.pop(req_id, None)
         self.by_anchor = {}
         for update in updates:
-            req = self.requests.setdefault(update.req_id, _Offloaded())
+            if update.first or update.req_id not in self.requests:
+                self.requests[update.req_id] = _Offloaded()
+            req = self.requests[update.req_id]
             req.slots.extend(update.new_slots)
             self.by_anchor[update.anchor] = req
             if not update.offloaded:
@@ -198,7 +203,7 @@ class WorkerOffload:
                 store = req.summaries.get(layer)
                 size = max(logical) + 1
                 if store is None or store.num_blocks < size:
-                    store = _grown(store, self.kind, size, paged.data)
+                    store = _grown(store, self.kind, size, paged)
                     req.summaries[layer] = store
                 store.assign(torch.tensor(logical), paged.data.take(physical.to(paged.data.kmin.device)))
             req.hashes.update((b.logical, b.block_hash) for b in update.offloaded)
@@ -270,11 +275,10 @@ class WorkerOffload:
         return out
 
 
-def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: rm.BlockSummaries) -> rm.BlockSummaries:
+def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: PagedSummaries) -> rm.BlockSummaries:
     """Logical-block summaries with room for at least `size` blocks (doubling), `old` copied in."""
     capacity = max(size, 2 * old.num_blocks if old is not None else 0, 16)
-    heads, head_dim = like.kmin.shape[0], max(like.kmin.shape[2], like.kmean.shape[2], like.centres.shape[-1])
-    new = rm.BlockSummaries.empty(kind, heads, capacity, head_dim, like.kmin.dtype, like.kmin.device)
+    new = rm.BlockSummaries.empty(kind, like.heads, capacity, like.head_dim, like.dtype, like.device)
     if old is not None:
         new.assign(slice(0, old.num_blocks), old)
     return new
