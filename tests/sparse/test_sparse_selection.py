@@ -73,7 +73,7 @@ def test_bounds_find_a_single_needle_token_that_the_mean_misses() -> None:
     bounds = rm.select_blocks(query, s, keep_ratio=4 / nb, init_blocks=1, local_blocks=2, kind="bounds")
     assert 17 in bounds[0].tolist()
     assert int(rm.score_blocks(query, s, "bounds")[0, 1:-2].argmax()) + 1 == 17
-    # the farthest-key start of the 2-means puts a centre on the needle: "mass" finds it too
+    # the farthest-key start of the k-means puts a centre on the needle: "mass" finds it too
     mass = rm.select_blocks(query, rm.build_block_summaries(kb, n, "mass"), keep_ratio=4 / nb, init_blocks=1,
                             local_blocks=2, kind="mass")
     assert 17 in mass[0].tolist()
@@ -158,9 +158,11 @@ def test_shared_selection_keeps_each_query_heads_best_block() -> None:
     blocks would take all four slots in a plain sum of shares; the flatter head's own best block
     (7) still gets one, and the confident head keeps the other three."""
     nb, d = 12, 4
+    centres = torch.zeros(2, nb, rm.CENTRES, d)
+    centres[0, 1:5, :, 0] = 10.0  # KV head 0: blocks 1-4 match strongly
+    centres[1, 7, :, 1] = 1.0  # KV head 1: block 7 matches mildly
     summaries = rm.BlockSummaries.empty("mass", 2, nb, d, torch.float32, "cpu")
-    summaries.centres[0, 1:5, :, 0] = 10.0  # KV head 0: blocks 1-4 match strongly
-    summaries.centres[1, 7, :, 1] = 1.0  # KV head 1: block 7 matches mildly
+    summaries.codes, summaries.scales = rm.encode_centres(centres)
     query = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0]])  # one query head per KV head
     init_end, local_start, count = 1, nb - 2, 4
     plain = rm.score_blocks(query, summaries, "mass").sum(dim=0, keepdim=True)
@@ -168,3 +170,45 @@ def test_shared_selection_keeps_each_query_heads_best_block() -> None:
     shared = rm.shared_block_scores(query, summaries, "mass", init_end, local_start, count)
     chosen = sorted(rm.rank_middle(shared, init_end, local_start, count)[0].tolist())
     assert 7 in chosen and len(set(chosen) & {1, 2, 3, 4}) == 3
+
+
+def test_mass_summary_stores_int8_centres_that_recover_distinct_key_groups() -> None:
+    """Four groups of keys in one block, each along its own axis: the farthest-first start gives each
+    a centre, the int8 codes decode to within half a code step of it, and a scoring pass reads
+    CENTRES*D bytes of codes plus a scale and a radius per centre, per block and KV head."""
+    torch.manual_seed(5)
+    keys = torch.zeros(2 * BS, 1, D)
+    for g in range(4):
+        keys[BS + 4 * g : BS + 4 * g + 4, 0, g] = 3.0 + g  # block 1: 4 keys of group g along axis g
+    keys += 0.01 * torch.randn_like(keys)
+    kb, n = rm.to_block_major(keys, BS)
+    s = rm.build_block_summaries(kb, n, "mass")
+    assert s.codes.dtype == torch.int8 and s.scales.dtype == torch.float32
+    centres = s.centres[0, 1]  # [CENTRES, D]
+    assert sorted(int(c.abs().argmax()) for c in centres) == [0, 1, 2, 3]
+    assert float(s.radii[0, 1].max()) < 0.1  # each centre sits on its group
+    exact = torch.stack([keys[BS + 4 * g : BS + 4 * g + 4, 0].mean(0) for g in range(4)])
+    exact = exact[centres.abs().argmax(dim=1).argsort()]
+    step = s.scales[0, 1, :, None] / rm.CODE_MAX
+    assert bool(((centres - exact).abs() <= step / 2 + 1e-4).all())
+    per_block_head = rm.CENTRES * D * 1 + 2 * rm.CENTRES * 4
+    assert s.nbytes("mass") == 2 * per_block_head  # 2 blocks, 1 KV head, float32 scales and radii
+    assert rm.BlockSummaries.empty("mass", 3, 5, D, torch.bfloat16, "cpu").nbytes("mass") == 15 * (
+        rm.CENTRES * D + 2 * rm.CENTRES * 2)
+
+
+def test_shared_selection_ignores_unwritten_slots_of_the_rows_last_block() -> None:
+    """A paged summary covers every slot of its block; the tail's unwritten slots can hold another
+    request's keys. They must not change any other block's score (the tail is kept anyway)."""
+    torch.manual_seed(6)
+    nb = 20
+    keys = torch.randn(nb * BS, H, D)
+    query = torch.randn(HQ, D)
+    kb, _ = rm.to_block_major(keys, BS)
+    clean = rm.build_block_summaries(kb, nb * BS, "mass")
+    stale_kb = kb.clone()
+    stale_kb[:, -1, 3:] = 5.0 * query.view(H, 2, D)[:, :1]  # slots 3.. of the tail: stale, matching keys
+    stale = rm.build_block_summaries(stale_kb, nb * BS, "mass")
+    assert not torch.equal(stale.codes[:, -1], clean.codes[:, -1])
+    scores = [rm.shared_block_scores(query, s, "mass", 1, nb - 2, 6)[0, : nb - 1] for s in (clean, stale)]
+    assert torch.equal(scores[0], scores[1])
