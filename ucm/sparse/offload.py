@@ -58,7 +58,7 @@ def head_block_layout(block_size: int, head_dim: int, dtype: torch.dtype) -> Blo
     return BlockLayout(str(dtype).removeprefix("torch."), (2, block_size, head_dim), itemsize)
 
 
-def _bytes_view(t: torch.Tensor) -> memoryview:
+def bytes_view(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, for the store's buffer protocol (works for bf16)."""
     array: Any = t.view(torch.uint8).numpy()
     return memoryview(array).cast("B")
@@ -118,7 +118,7 @@ class ResidentBlocks:
         payload = kv.detach().to("cpu").transpose(0, 1).contiguous()  # [H, 2, bs, D]
         keys = [self.key((h, block)) for h in range(self.num_kv_heads)]
         self.stats.dumped_blocks += len(keys)
-        return self.store.dump(keys, [_bytes_view(payload[h]) for h in range(self.num_kv_heads)], self.layout)
+        return self.store.dump(keys, [bytes_view(payload[h]) for h in range(self.num_kv_heads)], self.layout)
 
     # ------------------------------------------------------------------ residency
     def is_resident(self, pair: Pair) -> bool:
@@ -147,7 +147,7 @@ class ResidentBlocks:
 
     def _start_loads(self, pairs: Sequence[Pair]) -> tuple[Task, list[int]]:
         slots = [self._take_slot() for _ in pairs]
-        buffers = [_bytes_view(self._staging[s]) for s in slots]
+        buffers = [bytes_view(self._staging[s]) for s in slots]
         task = self.store.load([self.key(p) for p in pairs], buffers, self.layout)
         return task, slots
 

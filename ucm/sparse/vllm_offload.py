@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ from ucm.sparse.base import BlockReader, SparseConfigError, StoredBlocks
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, PagedSummaries
 from ucm.store.base import StoreError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,11 @@ class SchedulerOffload:
         self.pool.free_blocks(reversed(freed))  # later blocks first in eviction order, as vLLM frees
         slots = self.pool.get_new_blocks(need) if need > 0 else []
         held.slots.extend(slots)
+        if first:
+            logger.info(
+                "UCM sparse offload: request %s: %d of its %d blocks left the GPU (in the store); it holds %d "
+                "slots for the selected ones", req_id, len(candidates), nb, len(held.slots),
+            )
         return OffloadUpdate(
             req_id,
             anchor=blocks[nb - 1].block_id,

@@ -1,0 +1,29 @@
+"""`ucm bench sparse`'s vLLM-path offload replay: real FileStore, the worker half's hooks over every
+layer; offloaded GPU blocks are poisoned with NaN, so equal outputs prove none was read."""
+
+from __future__ import annotations
+
+import torch
+
+from ucm.sparse.bench_data import LayerQKV
+from ucm.sparse.bench_vllm_offload import bench_vllm_offload
+from ucm.sparse.block_retrieval import BlockRetrievalConfig
+from ucm.sparse.vllm_offload import num_slots
+
+
+def test_offload_replay_equals_resident_and_holds_fewer_blocks() -> None:
+    gen = torch.Generator().manual_seed(3)
+    t, heads, group, d, bs = 40 * 8, 2, 2, 8, 8
+    layers = [LayerQKV(i, torch.randn(t, heads * group, d, generator=gen), torch.randn(t, heads, d, generator=gen),
+                       torch.randn(t, heads, d, generator=gen)) for i in range(3)]
+    config = BlockRetrievalConfig.from_dict({"keep_ratio": 0.25, "min_blocks": 4, "offload": True,
+                                             "host_cache_blocks": 8})
+    result = bench_vllm_offload(config, layers, bs, decode_steps=12)
+    nb = t // bs
+    assert result["max_abs_diff_vs_resident"] == 0.0
+    assert result["gpu_blocks_resident"] == nb
+    slots = num_slots(config, nb)
+    # init 1 + local 2 blocks stay, the middle leaves, the slots join
+    assert result["slots"] == slots and result["gpu_blocks_offload"] == 3 + slots < nb
+    assert result["first_step_store_reads"] > 0 and result["placements_per_step_per_layer"] > 0
+    assert 0 <= result["slot_hit_ratio"] <= 1

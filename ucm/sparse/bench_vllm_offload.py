@@ -1,0 +1,175 @@
+"""The vLLM-path offload measurement: GPU blocks held and store reads per decode step.
+
+`BlockRetrievalSparse` with `offload` keeps a long request's windows and a few slots on the GPU and
+reads selected blocks back from the store (`vllm_offload`). Its scheduler side is tested with vLLM's
+real Scheduler and block pool (tests/sparse/test_sparse_vllm_offload.py); what that cannot show is
+how often a trained model's selections need a block that is not in a slot, which decides the
+store traffic. This replays one window of trained-model decode steps through the worker half
+exactly as vLLM drives it — every layer's attention hook in turn over vLLM 0.32's paged layout, a
+real FileStore holding every block once (all layers, as the connector stores them), the scheduler's
+offload update at the first decode step — and measures, in the same run:
+
+* outputs against the same selection without offload (equal: the offloaded blocks' GPU copies are
+  overwritten with NaN once freed, so reading one would show);
+* GPU blocks held by the request with and without offload;
+* per decode step: blocks placed into slots (host -> device copies of one layer), whole blocks read
+  from the store, and bytes read from the store against the KV bytes dense attention reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import xxhash
+
+from ucm.sparse import retrieval_math as rm
+from ucm.sparse.base import SparseRole
+from ucm.sparse.bench_data import LayerQKV
+from ucm.sparse.bench_paged import DecodeMetadata
+from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
+from ucm.sparse.offload import bytes_view
+from ucm.sparse.paged import LayerKV, paged_reference_attention
+from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots
+from ucm.store import FileStore
+from ucm.store.base import BlockLayout, StoreError
+from ucm.transfer.paged import CacheLayout
+
+
+class FileStoreReader:
+    """The connector's `read_blocks` contract over a FileStore holding [layers, H, bs, 2, D] blocks."""
+
+    def __init__(self, store: FileStore, layout: BlockLayout, shape: tuple[int, ...], layer_names: Sequence[str]):
+        self.store, self.layout, self.shape = store, layout, shape
+        self.index = {name: i for i, name in enumerate(layer_names)}
+
+    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
+        out = torch.empty(len(block_hashes), *self.shape)
+        buffers = [bytes_view(out[i]) for i in range(len(block_hashes))]
+        found = self.store.load(list(block_hashes), buffers, self.layout).wait()
+        if not all(found):
+            raise StoreError(f"block {block_hashes[found.index(False)].hex()} is missing")
+        return out
+
+    def layer_of(self, layer_name: str) -> int:
+        return self.index[layer_name]
+
+
+def bench_vllm_offload(
+    config: BlockRetrievalConfig, layers: list[LayerQKV], block_size: int, decode_steps: int, seed: int = 0
+) -> dict[str, Any]:
+    """Decode the window's last `decode_steps` positions through every layer's hook, with offload
+    and without; the store lives in a temporary directory."""
+    t, heads, d = layers[0].key.shape
+    nb_all = math.ceil(t / block_size)
+    slots = num_slots(config, nb_all)
+    total = nb_all + slots
+    physical = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    rows, slot_ids = physical[:nb_all], physical[nb_all:].tolist()
+    names = [f"model.layers.{lq.layer}.self_attn.attn" for lq in layers]
+    caches: dict[str, torch.Tensor] = {}
+    blocks = torch.zeros(nb_all, len(layers), heads, block_size, 2, d)  # the store's block layout
+    for i, (name, lq) in enumerate(zip(names, layers, strict=True)):
+        kb, _ = rm.to_block_major(lq.key, block_size)  # [H, NB, bs, D]
+        vb, _ = rm.to_block_major(lq.value, block_size)
+        caches[name] = torch.zeros(total, heads, block_size, 2 * d)
+        caches[name][rows] = torch.cat([kb, vb], dim=-1).transpose(0, 1)
+        blocks[:, i] = torch.stack([kb, vb], dim=-2).transpose(0, 1)
+    resident = {name: c.clone() for name, c in caches.items()}  # the run without offload
+    hashes = [xxhash.xxh3_128_digest(f"bench-block-{seed}-{b}".encode()) for b in range(nb_all)]
+    layout = BlockLayout("float32", tuple(blocks.shape[1:]), 4)
+    with tempfile.TemporaryDirectory(prefix="ucm-sparse-offload-") as tmp:
+        store = FileStore(tmp, salt=b"\x5b" * 16, io_threads=4)
+        try:
+            if not all(store.dump(hashes, [bytes_view(blocks[b]) for b in range(nb_all)], layout).wait()):
+                raise RuntimeError("offload bench: a block could not be written to the store")
+            reader = FileStoreReader(store, layout, tuple(blocks.shape[1:]), names)
+            return _replay(config, layers, names, caches, resident, rows, slot_ids, hashes, reader, block_size,
+                           decode_steps)
+        finally:
+            store.index_ready.wait(timeout=60)  # the shard directories are made on a background thread
+            store.close()
+
+
+def _replay(
+    config: BlockRetrievalConfig, layers: list[LayerQKV], names: list[str], caches: dict[str, torch.Tensor],
+    resident: dict[str, torch.Tensor], rows: torch.Tensor, slot_ids: list[int], hashes: list[bytes],
+    reader: FileStoreReader, block_size: int, decode_steps: int,
+) -> dict[str, Any]:
+    t, heads, d = layers[0].key.shape
+    offload_sparse = BlockRetrievalSparse(config, SparseRole.WORKER)
+    offload_sparse.register_block_reader(reader)
+    plain = BlockRetrievalSparse(dataclasses.replace(config, offload=False), SparseRole.WORKER)
+    assert offload_sparse.worker_offload is not None
+    counters = offload_sparse.worker_offload.counters
+    itemsize = caches[names[0]].element_size()
+    per_step: list[dict[str, int]] = []
+    max_diff, gpu_blocks, step_s, plain_s = 0.0, 0, [], []
+    first = t - decode_steps
+    for pos in range(first - 1, t):  # one step before: the prefill that passes every block through attention
+        seq_len = pos + 1
+        nb = math.ceil(seq_len / block_size)
+        slot = int(rows[pos // block_size]) * block_size + pos % block_size
+        before = dataclasses.asdict(counters)
+        meta = BlockRetrievalMeta(tuple(rows.tolist())) if pos == first - 1 else BlockRetrievalMeta()
+        offload_meta = meta
+        if pos >= first:
+            init, local = rm.fixed_window(nb, config.init_blocks, config.local_blocks)
+            freed = range(init.stop, local.start) if pos == first else range(0)
+            offload_meta = BlockRetrievalMeta(meta.fresh_blocks, (OffloadUpdate(
+                "r", anchor=int(rows[nb - 1]), first=pos == first,
+                offloaded=tuple(OffloadedBlock(b, int(rows[b]), hashes[b]) for b in freed),
+                new_slots=tuple(slot_ids) if pos == first else ()),))
+        plain.execute_begin(meta)
+        offload_sparse.execute_begin(offload_meta)
+        if pos == first:  # freed: whatever the GPU blocks hold from now on must never be read
+            offloaded = rows[init.stop : local.start]
+            for cache in caches.values():
+                cache[offloaded] = math.nan
+            gpu_blocks = nb - len(offloaded) + len(slot_ids)
+        for lq, name in zip(layers, names, strict=True):
+            md = DecodeMetadata(1, torch.tensor([0, 1]), torch.tensor([seq_len]), seq_len, rows[None].clone(),
+                                torch.tensor([slot]))
+            query = lq.query[pos : pos + 1]
+            t0 = time.perf_counter()
+            compacted = offload_sparse.attention_begin(name, query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), md)
+            out = paged_reference_attention(query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), compacted, d**-0.5)
+            t1 = time.perf_counter()
+            plain_md = plain.attention_begin(name, query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), md)
+            expected = paged_reference_attention(query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), plain_md, d**-0.5)
+            t2 = time.perf_counter()
+            if pos >= first:
+                step_s.append(t1 - t0)
+                plain_s.append(t2 - t1)
+                diff = float((out - expected).abs().max())
+                max_diff = max(max_diff, math.inf if math.isnan(diff) else diff)  # max() would drop a NaN
+        offload_sparse.execute_finished()
+        plain.execute_finished()
+        if pos >= first:
+            after = dataclasses.asdict(counters)
+            per_step.append({k: after[k] - before[k] for k in after})
+    later = per_step[1:]  # the first offloading step fills the slots from nothing
+    block_bytes = len(layers) * heads * block_size * 2 * d * itemsize
+    dense_step_bytes = 2 * t * heads * d * itemsize * len(layers)
+    return {
+        "tokens": t, "blocks": math.ceil(t / block_size), "layers": len(layers), "decode_steps": decode_steps,
+        "max_abs_diff_vs_resident": max_diff,
+        "gpu_blocks_resident": math.ceil(t / block_size), "gpu_blocks_offload": gpu_blocks,
+        "slots": len(slot_ids),
+        "first_step_store_reads": per_step[0]["store_reads"],
+        "placements_per_step_per_layer": round(statistics.fmean(s["fetched_blocks"] for s in later) / len(layers), 2),
+        "slot_hit_ratio": round(sum(s["slot_hits"] for s in later)
+                                / max(1, sum(s["slot_hits"] + s["fetched_blocks"] for s in later)), 3),
+        "store_reads_per_step": round(statistics.fmean(s["store_reads"] for s in later), 2),
+        "host_hits_per_step": round(statistics.fmean(s["host_hits"] for s in later), 2),
+        "store_bytes_per_step": round(statistics.fmean(s["store_reads"] for s in later) * block_bytes),
+        "dense_kv_bytes_per_step": dense_step_bytes,
+        "hook_ms_per_step_offload": round(1e3 * sum(step_s) / decode_steps, 2),
+        "hook_ms_per_step_resident": round(1e3 * sum(plain_s) / decode_steps, 2),
+    }
