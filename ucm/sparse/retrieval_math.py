@@ -187,7 +187,9 @@ def query_head_scores(
     if kind == "bounds":
         ub = torch.einsum("hgd,hnd->hgn", q.clamp(min=0), summaries.kmax.float())
         return ub + torch.einsum("hgd,hnd->hgn", q.clamp(max=0), summaries.kmin.float())
-    near = torch.einsum("hgd,hnrd->hgnr", q, summaries.centres)
+    # q.c from the codes, scaled afterwards: one pass over the codes, none over decoded centres
+    near = torch.einsum("hgd,hnrd->hgnr", q, summaries.codes.float())
+    near *= (summaries.scales.float() / CODE_MAX)[:, None]
     near += RADIUS_WEIGHT * q.norm(dim=-1)[:, :, None, None] * summaries.radii.float()[:, None]
     return (near.amax(dim=-1) * (head_dim**-0.5 if scale is None else scale)).softmax(dim=-1)
 
