@@ -199,10 +199,11 @@ def test_vllm_mode_stride_state_and_fresh_block_summaries() -> None:
     assert kv_cache is not None
     physical = int(metadata.block_table[0, 7])
     kv_cache[physical, :, :, :D] = 9.0
-    centres = sparse._summaries[LAYER].data.centres  # "mass": 2-means centres of each block's keys
+    centres = sparse._summaries[LAYER].data.centres  # "mass": k-means centres of each block's keys (decoded)
     assert float(centres[:, physical].max()) < 9.0
     sparse.execute_begin(BlockRetrievalMeta(fresh_blocks=(physical,)))
     run_wrapped(kv_cache, metadata, query, [])
+    centres = sparse._summaries[LAYER].data.centres  # decoded anew from the refreshed int8 codes
     assert float(centres[:, physical].min()) == 9.0 == float(centres[:, physical].max())
 
 

@@ -80,6 +80,35 @@ class _PendingDump:
     finished_reqs: tuple[str, ...] = ()  # finish saves: reported as finished sending once done
 
 
+class _SparseBlockRead:
+    """Whole blocks read for sparse offload: [n, layers, local heads, block_size, states, head]."""
+
+    def __init__(self, hashes: list[bytes], group_keys: list[tuple[int, int]], task: Task, payload: HostPayload):
+        self.hashes, self.group_keys, self.task, self.payload = hashes, group_keys, task, payload
+        self.result: torch.Tensor | StoreError | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self.result is None:
+            n = len(self.hashes)
+            try:
+                found = self.task.wait()
+                missing = found.index(False) if not all(found) else -1
+                if missing >= 0:
+                    start, count = self.group_keys[missing // n]
+                    self.result = StoreError(
+                        f"block {self.hashes[missing % n].hex()} (heads {start}..{start + count - 1}) is missing "
+                        f"or damaged in the store"
+                    )
+                else:  # [groups, n, layers, group heads, ...] -> [n, layers, local heads, ...]
+                    blocks = self.payload.tensor.movedim(0, 2)
+                    self.result = blocks.reshape(n, blocks.shape[1], -1, *blocks.shape[4:]).clone()
+            finally:
+                self.payload.release()
+        if isinstance(self.result, StoreError):
+            raise self.result
+        return self.result
+
+
 class UCMWorkerSide:
     def __init__(
         self,
@@ -158,29 +187,19 @@ class UCMWorkerSide:
             self.sparse.register_block_reader(self)
 
     def layer_of(self, layer_name: str) -> int:
-        """Index of a layer in `read_blocks`' layer dimension (sparse offload's `BlockReader`)."""
+        """Index of a layer in the read blocks' layer dimension (sparse offload's `BlockReader`)."""
         return self.layer_index[layer_name]
 
-    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
-        """Whole stored blocks of this rank's heads, [n, layers, heads, block_size, states, head]
-        on the CPU (sparse offload's `BlockReader`); `StoreError` names a block that is missing."""
-        assert self.layout is not None and self.paged is not None
-        n = len(block_hashes)
-        payload = self._payload(n)
+    def start_read(self, block_hashes: Sequence[bytes]) -> _SparseBlockRead:
+        """Start reading whole stored blocks of this rank's heads (sparse offload's `BlockReader`)."""
+        assert self.layout is not None
+        payload = self._payload(len(block_hashes))
         try:
-            found = self.store.load(self._keys(block_hashes), payload.block_buffers(), self.layout).wait()
-            for i, ok in enumerate(found):
-                if not ok:
-                    start, count = self._group_keys[i // n]
-                    raise StoreError(
-                        f"block {block_hashes[i % n].hex()} (heads {start}..{start + count - 1}) is missing "
-                        f"or damaged in the store"
-                    )
-            # [groups, n, layers, group heads, ...] -> [n, layers, local heads, ...]
-            blocks = payload.tensor.movedim(0, 2)
-            return blocks.reshape(n, blocks.shape[1], -1, *blocks.shape[4:]).clone()
-        finally:
+            task = self.store.load(self._keys(block_hashes), payload.block_buffers(), self.layout)
+        except BaseException:
             payload.release()
+            raise
+        return _SparseBlockRead(list(block_hashes), self._group_keys, task, payload)
 
     def _keys(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""

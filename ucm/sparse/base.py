@@ -43,16 +43,24 @@ class StoredBlocks(Protocol):
         ...
 
 
+class PendingBlocks(Protocol):
+    """A read of whole stored blocks in flight."""
+
+    def wait(self) -> torch.Tensor:
+        """[n, layers, kv heads of this rank, block_size, 2 (K, V), head_dim] on the CPU (the same
+        tensor on every call); raises `ucm.store.base.StoreError` naming a block the store lacks."""
+        ...
+
+
 class BlockReader(Protocol):
     """The connector's worker side, as sparse offload sees it: whole stored blocks, all layers."""
 
-    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
-        """[n, layers, kv heads of this rank, block_size, 2 (K, V), head_dim] on the CPU; raises
-        `ucm.store.base.StoreError` naming a block the store does not hold."""
+    def start_read(self, block_hashes: Sequence[bytes]) -> PendingBlocks:
+        """Start reading the blocks (the store's I/O threads do it meanwhile)."""
         ...
 
     def layer_of(self, layer_name: str) -> int:
-        """Index of `layer_name` in `read_blocks`' layer dimension."""
+        """Index of `layer_name` in the read blocks' layer dimension."""
         ...
 
 

@@ -13,7 +13,9 @@ offload update at the first decode step — and measures, in the same run:
   overwritten with NaN once freed, so reading one would show);
 * GPU blocks held by the request with and without offload;
 * per decode step: blocks placed into slots (host -> device copies of one layer), whole blocks read
-  from the store, and bytes read from the store against the KV bytes dense attention reads.
+  from the store on demand (the layer waits) and ahead of need (prefetch of the scoring's runners-up
+  and rising blocks), and bytes read from the store against the KV bytes dense attention reads —
+  with prefetch and without, over the same store.
 """
 
 from __future__ import annotations
@@ -38,24 +40,37 @@ from ucm.sparse.offload import bytes_view
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots
 from ucm.store import FileStore
-from ucm.store.base import BlockLayout, StoreError
+from ucm.store.base import BlockLayout, StoreError, Task
 from ucm.transfer.paged import CacheLayout
+
+# what differs between the runs with and without prefetch (the rest is reported once)
+PER_RUN = ("max_abs_diff_vs_resident", "first_step_store_reads", "placements_per_step_per_layer", "slot_hit_ratio",
+           "store_reads_per_step", "host_hits_per_step", "prefetched_per_step", "prefetch_hits_per_step",
+           "store_bytes_per_step", "hook_ms_per_step_offload", "hook_ms_per_step_resident")
+
+
+class FileStoreRead:
+    def __init__(self, hashes: Sequence[bytes], out: torch.Tensor, task: Task) -> None:
+        self.hashes, self.out, self.task = hashes, out, task
+
+    def wait(self) -> torch.Tensor:
+        found = self.task.wait()
+        if not all(found):
+            raise StoreError(f"block {self.hashes[found.index(False)].hex()} is missing")
+        return self.out
 
 
 class FileStoreReader:
-    """The connector's `read_blocks` contract over a FileStore holding [layers, H, bs, 2, D] blocks."""
+    """The connector's `BlockReader` contract over a FileStore holding [layers, H, bs, 2, D] blocks."""
 
     def __init__(self, store: FileStore, layout: BlockLayout, shape: tuple[int, ...], layer_names: Sequence[str]):
         self.store, self.layout, self.shape = store, layout, shape
         self.index = {name: i for i, name in enumerate(layer_names)}
 
-    def read_blocks(self, block_hashes: Sequence[bytes]) -> torch.Tensor:
+    def start_read(self, block_hashes: Sequence[bytes]) -> FileStoreRead:
         out = torch.empty(len(block_hashes), *self.shape)
-        buffers = [bytes_view(out[i]) for i in range(len(block_hashes))]
-        found = self.store.load(list(block_hashes), buffers, self.layout).wait()
-        if not all(found):
-            raise StoreError(f"block {block_hashes[found.index(False)].hex()} is missing")
-        return out
+        task = self.store.load(list(block_hashes), [bytes_view(out[i]) for i in range(len(block_hashes))], self.layout)
+        return FileStoreRead(block_hashes, out, task)
 
     def layer_of(self, layer_name: str) -> int:
         return self.index[layer_name]
@@ -90,8 +105,13 @@ def bench_vllm_offload(
             if not all(store.dump(hashes, [bytes_view(blocks[b]) for b in range(nb_all)], layout).wait()):
                 raise RuntimeError("offload bench: a block could not be written to the store")
             reader = FileStoreReader(store, layout, tuple(blocks.shape[1:]), names)
-            return _replay(config, layers, names, caches, resident, rows, slot_ids, hashes, reader, block_size,
-                           decode_steps)
+            runs = {
+                label: _replay(config, layers, names, {n: c.clone() for n, c in caches.items()}, resident, rows,
+                               slot_ids, hashes, reader, block_size, decode_steps, prefetch)
+                for label, prefetch in (("prefetch", True), ("no_prefetch", False))
+            }
+            return {**{k: v for k, v in runs["prefetch"].items() if k not in PER_RUN}, **{
+                label: {k: v for k, v in run.items() if k in PER_RUN} for label, run in runs.items()}}
         finally:
             store.index_ready.wait(timeout=60)  # the shard directories are made on a background thread
             store.close()
@@ -100,13 +120,14 @@ def bench_vllm_offload(
 def _replay(
     config: BlockRetrievalConfig, layers: list[LayerQKV], names: list[str], caches: dict[str, torch.Tensor],
     resident: dict[str, torch.Tensor], rows: torch.Tensor, slot_ids: list[int], hashes: list[bytes],
-    reader: FileStoreReader, block_size: int, decode_steps: int,
+    reader: FileStoreReader, block_size: int, decode_steps: int, prefetch: bool,
 ) -> dict[str, Any]:
     t, heads, d = layers[0].key.shape
     offload_sparse = BlockRetrievalSparse(config, SparseRole.WORKER)
     offload_sparse.register_block_reader(reader)
     plain = BlockRetrievalSparse(dataclasses.replace(config, offload=False), SparseRole.WORKER)
     assert offload_sparse.worker_offload is not None
+    offload_sparse.worker_offload.prefetch_enabled = prefetch
     counters = offload_sparse.worker_offload.counters
     itemsize = caches[names[0]].element_size()
     per_step: list[dict[str, int]] = []
@@ -154,6 +175,7 @@ def _replay(
         if pos >= first:
             after = dataclasses.asdict(counters)
             per_step.append({k: after[k] - before[k] for k in after})
+    offload_sparse.close()
     later = per_step[1:]  # the first offloading step fills the slots from nothing
     block_bytes = len(layers) * heads * block_size * 2 * d * itemsize
     dense_step_bytes = 2 * t * heads * d * itemsize * len(layers)
@@ -168,7 +190,9 @@ def _replay(
                                 / max(1, sum(s["slot_hits"] + s["fetched_blocks"] for s in later)), 3),
         "store_reads_per_step": round(statistics.fmean(s["store_reads"] for s in later), 2),
         "host_hits_per_step": round(statistics.fmean(s["host_hits"] for s in later), 2),
-        "store_bytes_per_step": round(statistics.fmean(s["store_reads"] for s in later) * block_bytes),
+        "prefetched_per_step": round(statistics.fmean(s["prefetched"] for s in later), 2),
+        "prefetch_hits_per_step": round(statistics.fmean(s["prefetch_hits"] for s in later), 2),
+        "store_bytes_per_step": round(statistics.fmean(s["store_reads"] + s["prefetched"] for s in later) * block_bytes),
         "dense_kv_bytes_per_step": dense_step_bytes,
         "hook_ms_per_step_offload": round(1e3 * sum(step_s) / decode_steps, 2),
         "hook_ms_per_step_resident": round(1e3 * sum(plain_s) / decode_steps, 2),

@@ -46,9 +46,10 @@ class BlockRetrievalConfig:
     init_blocks: int = 1  # always-kept leading blocks (attention sinks)
     local_blocks: int = 2  # always-kept most recent blocks
     # re-select every N decode steps: 1 by default, since the query changes every token (tiny causal
-    # models, 25% keep: cosine 0.992-0.996 at 1, 0.970-0.979 at 2, 0.958-0.968 at 4)
+    # models, 25% keep, measured with the earlier two-centre summary: cosine 0.992-0.996 at 1,
+    # 0.970-0.979 at 2, 0.958-0.968 at 4)
     retrieval_stride: int = 1
-    # "mass" (estimated attention share from two key centres and their radii; see retrieval_math),
+    # "mass" (estimated attention share from four int8 key centres and their radii; see retrieval_math),
     # "bounds" (the Quest upper bound from per-channel min/max) or "mean" (mean key, half the bytes)
     summary: str = "mass"
     min_blocks: int = 16  # shorter contexts stay dense: there is nothing worth skipping
@@ -318,7 +319,10 @@ class BlockRetrievalSparse(UcmSparseBase):
         self.steps = 0
         self.live: dict[str, Any] = {}  # scheduler: vLLM requests by id (offload plans from their progress)
         self.scheduler_offload: SchedulerOffload | None = None
-        self.worker_offload = WorkerOffload(config.summary, config.host_cache_blocks) if config.offload else None
+        self.worker_offload = (
+            WorkerOffload(config.summary, config.host_cache_blocks, prefetch=config.prefetch_blocks > 0)
+            if config.offload else None
+        )
 
     # ---------------------------------------------------------------- scheduler side
     def request_begin(self, request: Any) -> None:
@@ -413,19 +417,24 @@ class BlockRetrievalSparse(UcmSparseBase):
             scores = None
             if state.needs_scores(nb):
                 q = query[qsl[row]].view(-1, query.shape[-1])
-                block_summaries = summaries.of_row(paged, physical, seq_lens[row])
+                block_summaries = summaries.of(physical)
                 if held is not None and offload is not None:
                     offload.overlay(held, layer_name, block_summaries)
                 scores = state.shared_scores(q, block_summaries, nb)
             selections[row] = state.select(scores, nb, 1, physical.device)[0]
             if held is not None and offload is not None:
                 placed[row] = offload.place(held, layer_name, selections[row], physical, paged)
+                offload.prefetch(held, layer_name, [b for _, b in state.prefetch_candidates()])
         if anchors:  # an offloading request whose row is not a decode row would read freed blocks
             raise OffloadError(
                 f"sparse offload: {len(anchors)} offloading request(s) are not single-token decode rows "
                 "in this batch (speculative decoding is not supported with offload)"
             )
         return compact_decode_rows(attn_metadata, selections, bs, placed)
+
+    def close(self) -> None:
+        if self.worker_offload is not None:
+            self.worker_offload.close()
 
     def execute_finished(self) -> None:
         """Forget stride state of rows not decoded in this step (finished or moved to a new block)."""

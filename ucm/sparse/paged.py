@@ -73,16 +73,11 @@ class PagedSummaries:
         k = paged.key_cache.index_select(0, blocks).permute(2, 0, 1, 3)  # [H, n, bs, D]
         self.data.assign(blocks, rm.build_block_summaries(k, k.shape[1] * k.shape[2], self.kind))
 
-    def of_row(self, paged: LayerKV, physical: torch.Tensor, seq_len: int) -> rm.BlockSummaries:
-        """Summaries of a decode row's blocks (`physical`, by logical block), the partial last
-        block's over its valid tokens only: its slots past `seq_len` hold whatever the block held
-        before, and although the block is never ranked (local window) it enters every query head's
-        softmax over blocks, so stale keys there would shift the shares of the ranked blocks."""
-        summaries = self.data.take(physical)  # a copy: the per-physical-block summaries stay as they are
-        last = physical.numel() - 1
-        keys = paged.key_cache.index_select(0, physical[last:]).permute(2, 0, 1, 3)  # [H, 1, bs, D]
-        summaries.assign(slice(last, last + 1), rm.build_block_summaries(keys, seq_len - last * paged.block_size, self.kind))
-        return summaries
+    def of(self, physical: torch.Tensor) -> rm.BlockSummaries:
+        """A copy of the summaries of `physical` blocks (a row's, by logical block); the row's
+        partial last block is left out of scoring (`rm.shared_block_scores`): its unwritten slots
+        hold whatever the block held before."""
+        return self.data.take(physical)
 
 
 def written_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:

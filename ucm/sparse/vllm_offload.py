@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.base import BlockReader, SparseConfigError, StoredBlocks
+from ucm.sparse.base import BlockReader, PendingBlocks, SparseConfigError, StoredBlocks
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, PagedSummaries
 from ucm.store.base import StoreError
@@ -74,8 +74,10 @@ class OffloadCounters:
     offloaded_blocks: int = 0
     fetched_blocks: int = 0  # (layer, block) placements into a slot
     slot_hits: int = 0  # selected offloaded (layer, block) already in a slot
-    store_reads: int = 0  # whole blocks read from the store
-    host_hits: int = 0  # whole blocks found in the host cache
+    store_reads: int = 0  # whole blocks read from the store on demand (the layer waits for them)
+    host_hits: int = 0  # whole blocks found in the host cache (read earlier, or prefetched and arrived)
+    prefetched: int = 0  # whole blocks whose read started ahead of need
+    prefetch_hits: int = 0  # ... of those, the ones a later placement used
 
 
 @dataclasses.dataclass
@@ -180,14 +182,16 @@ class _Offloaded:
 class WorkerOffload:
     """Slots, offloaded summaries and store reads of the worker's offloading requests."""
 
-    def __init__(self, kind: str, host_cache_blocks: int) -> None:
+    def __init__(self, kind: str, host_cache_blocks: int, prefetch: bool = True) -> None:
         self.kind = kind
         self.host_cache_blocks = host_cache_blocks
+        self.prefetch_enabled = prefetch
         self.reader: BlockReader | None = None
         self.requests: dict[str, _Offloaded] = {}
         self.by_anchor: dict[int, _Offloaded] = {}
         self.counters = OffloadCounters()
         self._host: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        self._inflight: dict[bytes, tuple[PendingBlocks, list[bytes]]] = {}  # hash -> its read, all its hashes
 
     def apply(self, updates: Sequence[OffloadUpdate], dropped: Sequence[str], summaries: Mapping[str, PagedSummaries]) -> None:
         """Take in a step's updates before any layer runs: copy the offloaded blocks' summaries of
@@ -261,14 +265,46 @@ class WorkerOffload:
             out[block] = where[block]
         return out
 
+    def prefetch(self, req: _Offloaded, layer: str, blocks: Sequence[int]) -> None:
+        """Start reading offloaded `blocks` this layer may select next (its scoring's runners-up and
+        rising blocks) that are neither in one of its slots, in host memory nor on their way, so the
+        store read overlaps the rest of the step; at most `host_cache_blocks` reads in flight."""
+        if not self.prefetch_enabled or self.reader is None:
+            return
+        held = set(req.placed.get(layer, {}).values())
+        wanted = [req.hashes[b] for b in dict.fromkeys(blocks) if b in req.hashes and b not in held]
+        wanted = [h for h in wanted if h not in self._host and h not in self._inflight]
+        wanted = wanted[: max(0, self.host_cache_blocks - len(self._inflight))]
+        if wanted:
+            read = self.reader.start_read(wanted)
+            for h in wanted:
+                self._inflight[h] = (read, wanted)
+            self.counters.prefetched += len(wanted)
+
+    def _arrive(self, block_hash: bytes) -> None:
+        """Wait for the prefetch bringing `block_hash`; its blocks join the host cache."""
+        read, hashes = self._inflight[block_hash]
+        for h in hashes:
+            self._inflight.pop(h, None)
+        try:
+            for h, payload in zip(hashes, read.wait(), strict=True):
+                self._host[h] = payload
+        except StoreError:
+            return  # a demand read of the block reports what is missing
+
     def _read(self, block_hashes: list[bytes]) -> list[torch.Tensor]:
-        """Whole blocks by hash, from the host cache or (one store read for the rest) the store."""
+        """Whole blocks by hash, from the host cache (prefetches that arrived included) or, in one
+        store read for the rest, the store."""
+        for h in dict.fromkeys(block_hashes):
+            if h in self._inflight and h not in self._host:
+                self._arrive(h)
+                self.counters.prefetch_hits += h in self._host
         absent = [h for h in dict.fromkeys(block_hashes) if h not in self._host]
         self.counters.host_hits += len(block_hashes) - len(absent)
         if absent:
             assert self.reader is not None
             try:
-                loaded = self.reader.read_blocks(absent)
+                loaded = self.reader.start_read(absent).wait()
             except StoreError as exc:
                 raise OffloadError(f"sparse offload: an offloaded block cannot be read back: {exc}") from exc
             self.counters.store_reads += len(absent)
@@ -281,6 +317,11 @@ class WorkerOffload:
         while len(self._host) > max(self.host_cache_blocks, len(block_hashes)):
             self._host.popitem(last=False)
         return out
+
+    def close(self) -> None:
+        """Wait for the reads in flight (they hold host staging buffers)."""
+        while self._inflight:
+            self._arrive(next(iter(self._inflight)))
 
 
 def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: PagedSummaries) -> rm.BlockSummaries:
