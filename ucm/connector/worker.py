@@ -461,7 +461,10 @@ class UCMWorkerSide:
         self._poll_dumps(block=True)
 
     def shutdown(self) -> None:
-        """Finish every dump in flight so a clean shutdown loses no saved KV."""
+        """Finish every dump in flight so a clean shutdown loses no saved KV (and the sparse
+        algorithm's reads, which hold host staging buffers)."""
+        if self.sparse is not None:
+            self.sparse.close()
         for pending in self._async.values():
             pending.task.wait()
             pending.payload.release()

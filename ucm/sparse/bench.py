@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          "local_blocks": 2, "block_size": args.block_size,
                                          "minilm_block_size": args.minilm_block_size}}
     from ucm.sparse.bench_paged import bench_trained_paged
+    from ucm.sparse.bench_vllm_offload import bench_vllm_offload_windows
 
     if not args.skip_tiny_lm:
         # the first seed is the model reported as `tiny_lm`; every further seed is another training
@@ -261,6 +262,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if i == 0:
                 result["tiny_lm_model"], result["tiny_lm"], result["tiny_lm_vllm_path"] = (
                     run_["model"], run_["per_head"], run_["vllm_path"])
+                # offload inside vLLM (worker half): GPU blocks held and store reads per step
+                offload_config = BlockRetrievalConfig.from_dict(
+                    {"keep_ratio": 0.25, "init_blocks": 1, "local_blocks": 2, "retrieval_stride": args.stride,
+                     "summary": args.summary, "min_blocks": 4, "offload": True,
+                     "host_cache_blocks": args.offload_host_blocks})
+                result["tiny_lm_vllm_offload"] = bench_vllm_offload_windows(
+                    offload_config, windows, args.lm_block_size, args.lm_decode_steps)
             else:
                 result["tiny_lm_seeds"][str(seed)] = run_
     if not args.skip_minilm:
@@ -301,6 +309,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         goal["other_seeds_oracle_cosine_mean_at_25"] = {seed: v["oracle_cosine_mean"] for seed, v in others.items()}
         goal["met"] = all(v["cosine_mean"] >= GOAL_COSINE and v["bytes_reduction"] >= GOAL_BYTES_REDUCTION
                           for v in [at25, *others.values()])  # on every seed
+        # the same goal for what runs inside vLLM (one selection per request row)
+        vllm = [result["tiny_lm_vllm_path"]["keep_0.25"],
+                *(r["vllm_path"]["keep_0.25"] for r in result["tiny_lm_seeds"].values())]
+        goal["vllm_path_cosine_mean_at_25_every_seed"] = [v["cosine_mean"] for v in vllm]
+        goal["vllm_path_met"] = all(v["cosine_mean"] >= GOAL_COSINE and v["bytes_reduction"] >= GOAL_BYTES_REDUCTION
+                                    for v in vllm)
     if "minilm" in result:
         goal["minilm_cosine_mean_at_25"] = result["minilm"]["keep_0.25"]["cosine_mean"]
         goal["minilm_oracle_cosine_mean_at_25"] = result["minilm"]["keep_0.25"]["oracle_cosine_mean"]
@@ -333,6 +347,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"{v['attn_ms_per_step']:>9.3f}{v['dense_attn_ms_per_step']:>9.3f}")
     if "offload" in result:
         print("offload:", {k: v for k, v in result["offload"].items()})
+    if "tiny_lm_vllm_offload" in result:
+        print("tiny_lm vLLM-path offload:", result["tiny_lm_vllm_offload"])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -359,6 +375,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graded-needles", type=int, default=256,
                         help="needles of graded strength in the second planted variant (0 disables it)")
     parser.add_argument("--offload-tokens", type=int, default=32768, help="0 disables the offload run")
+    parser.add_argument("--offload-host-blocks", type=int, default=BlockRetrievalConfig.host_cache_blocks,
+                        help="host_cache_blocks of the vLLM-path offload run (tiny_lm)")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-tiny-lm", action="store_true",
                         help="skip the causal models trained here (the first run trains each seed for ~5 minutes)")

@@ -197,3 +197,24 @@ def _replay(
         "hook_ms_per_step_offload": round(1e3 * sum(step_s) / decode_steps, 2),
         "hook_ms_per_step_resident": round(1e3 * sum(plain_s) / decode_steps, 2),
     }
+
+
+def bench_vllm_offload_windows(
+    config: BlockRetrievalConfig, windows: list[list[LayerQKV]], block_size: int, decode_steps: int
+) -> dict[str, Any]:
+    """`bench_vllm_offload` over every window: means, except the worst output difference."""
+    runs = [bench_vllm_offload(config, layers, block_size, decode_steps, seed=i) for i, layers in enumerate(windows)]
+
+    def merge(items: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items[0].items():
+            if isinstance(value, dict):
+                out[key] = merge([item[key] for item in items])
+            elif key == "max_abs_diff_vs_resident":
+                out[key] = max(item[key] for item in items)
+            else:
+                out[key] = round(statistics.fmean(item[key] for item in items), 3)
+        return out
+
+    return {"windows": len(runs), "config": {"keep_ratio": config.keep_ratio, "prefetch_blocks": config.prefetch_blocks,
+                                             "host_cache_blocks": config.host_cache_blocks}, **merge(runs)}
