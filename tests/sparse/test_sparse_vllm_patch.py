@@ -235,3 +235,20 @@ def test_position_dependent_attention_stays_dense(impl_attrs: dict[str, Any]) ->
         setattr(impl, name, value)
     wrapper(impl, SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, torch.zeros_like(query))
     assert seen[-1] is metadata  # ALiBi / sliding window: dense
+
+
+def test_position_dependent_attention_is_refused_while_blocks_are_offloaded() -> None:
+    """Dense attention in an ALiBi or sliding-window layer would read GPU blocks that offload freed."""
+    from ucm.sparse.block_retrieval import BlockRetrievalSparse
+    from ucm.sparse.offload import OffloadError
+    from ucm.sparse.vllm_offload import OffloadUpdate
+
+    sparse = create_sparse({"name": "block_retrieval", "min_blocks": 4, "offload": True}, "worker")
+    assert isinstance(sparse, BlockRetrievalSparse) and sparse.worker_offload is not None
+    kv_cache, metadata, query = build_batch([40 * BS], [1])
+    wrapper = vllm_patch.make_attention_wrapper(lambda *a, **k: None)
+    impl = SimpleNamespace(head_size=D, sliding_window=(127, 0), alibi_slopes=None)
+    wrapper(impl, SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, torch.zeros_like(query))
+    sparse.worker_offload.apply([OffloadUpdate("r1", anchor=0, first=True)], [], {})  # r1 starts offloading
+    with pytest.raises(OffloadError, match=f"layer {LAYER} uses ALiBi or a sliding window; turn offload off"):
+        wrapper(impl, SimpleNamespace(layer_name=LAYER), query, None, None, kv_cache, metadata, torch.zeros_like(query))

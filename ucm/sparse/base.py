@@ -168,6 +168,11 @@ class UcmSparseBase:
     def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:
         """Just after attention; undo anything attention_begin changed for this layer."""
 
+    @property
+    def offloading(self) -> bool:
+        """Whether some request's KV has left the GPU, so attention must not fall back to dense."""
+        return False
+
     def close(self) -> None:
         """Release threads, buffers and store handles."""
 

@@ -432,6 +432,10 @@ class BlockRetrievalSparse(UcmSparseBase):
             )
         return compact_decode_rows(attn_metadata, selections, bs, placed)
 
+    @property
+    def offloading(self) -> bool:
+        return self.worker_offload is not None and bool(self.worker_offload.requests)
+
     def close(self) -> None:
         if self.worker_offload is not None:
             self.worker_offload.close()

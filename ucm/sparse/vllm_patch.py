@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ucm.sparse.base import SparseRole
+from ucm.sparse.offload import OffloadError
 from ucm.sparse.registry import get_active_sparse
 
 SUPPORTED_VLLM = "0.32.0"
@@ -84,8 +85,14 @@ def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             # a captured CUDA graph would freeze this step's compacted block table into every
             # replay; inside capture stay dense (replays of full graphs then run dense attention)
             or (kv_cache.is_cuda and torch.cuda.is_current_stream_capturing())
-            or uses_token_distances(self)
         ):
+            return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        if uses_token_distances(self):
+            if sparse.offloading:  # dense attention here would read blocks that left the GPU
+                raise OffloadError(
+                    f"ucm sparse offload needs block-sparse attention in every layer, but layer "
+                    f"{getattr(layer, 'layer_name', '?')} uses ALiBi or a sliding window; turn offload off"
+                )
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         layer_name = str(getattr(layer, "layer_name", ""))
         paged = LayerKV.from_layer_cache(kv_cache, CacheLayout.BHNC, int(self.head_size))
