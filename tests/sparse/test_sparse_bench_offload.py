@@ -31,3 +31,11 @@ def test_offload_replay_equals_resident_and_holds_fewer_blocks() -> None:
     # the same selections either way; prefetch only moves store reads off the critical path
     assert with_["placements_per_step_per_layer"] == without["placements_per_step_per_layer"]
     assert without["prefetched_per_step"] == 0 < with_["prefetched_per_step"]
+
+
+def test_gpu_check_offload_logic_on_cpu() -> None:
+    """`make gpu-check` runs this on CUDA; on CPU tensors it must pass the same criteria."""
+    from ucm.sparse.gpu_check import check_vllm_offload
+
+    result = check_vllm_offload(device="cpu", tokens=1024, layers=2)
+    assert result["ok"] and result["prefetch"]["max_abs_diff_vs_resident"] == 0.0

@@ -24,7 +24,6 @@ import dataclasses
 import math
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from ucm.sparse.base import SparseRole
 from ucm.sparse.bench_data import LayerQKV
 from ucm.sparse.bench_paged import DecodeMetadata
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
+from ucm.sparse.gpu_check import synchronized_time
 from ucm.sparse.offload import bytes_view
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots
@@ -77,10 +77,12 @@ class FileStoreReader:
 
 
 def bench_vllm_offload(
-    config: BlockRetrievalConfig, layers: list[LayerQKV], block_size: int, decode_steps: int, seed: int = 0
+    config: BlockRetrievalConfig, layers: list[LayerQKV], block_size: int, decode_steps: int, seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Decode the window's last `decode_steps` positions through every layer's hook, with offload
-    and without; the store lives in a temporary directory."""
+    and without; the paged caches live on `device`, the store in a temporary directory."""
+    dev = torch.device(device)
     t, heads, d = layers[0].key.shape
     nb_all = math.ceil(t / block_size)
     slots = num_slots(config, nb_all)
@@ -93,8 +95,8 @@ def bench_vllm_offload(
     for i, (name, lq) in enumerate(zip(names, layers, strict=True)):
         kb, _ = rm.to_block_major(lq.key, block_size)  # [H, NB, bs, D]
         vb, _ = rm.to_block_major(lq.value, block_size)
-        caches[name] = torch.zeros(total, heads, block_size, 2 * d)
-        caches[name][rows] = torch.cat([kb, vb], dim=-1).transpose(0, 1)
+        caches[name] = torch.zeros(total, heads, block_size, 2 * d, device=dev)
+        caches[name][rows.to(dev)] = torch.cat([kb, vb], dim=-1).transpose(0, 1).to(dev)
         blocks[:, i] = torch.stack([kb, vb], dim=-2).transpose(0, 1)
     resident = {name: c.clone() for name, c in caches.items()}  # the run without offload
     hashes = [xxhash.xxh3_128_digest(f"bench-block-{seed}-{b}".encode()) for b in range(nb_all)]
@@ -107,7 +109,7 @@ def bench_vllm_offload(
             reader = FileStoreReader(store, layout, tuple(blocks.shape[1:]), names)
             runs = {
                 label: _replay(config, layers, names, {n: c.clone() for n, c in caches.items()}, resident, rows,
-                               slot_ids, hashes, reader, block_size, decode_steps, prefetch)
+                               slot_ids, hashes, reader, block_size, decode_steps, prefetch, dev)
                 for label, prefetch in (("prefetch", True), ("no_prefetch", False))
             }
             return {**{k: v for k, v in runs["prefetch"].items() if k not in PER_RUN}, **{
@@ -120,7 +122,7 @@ def bench_vllm_offload(
 def _replay(
     config: BlockRetrievalConfig, layers: list[LayerQKV], names: list[str], caches: dict[str, torch.Tensor],
     resident: dict[str, torch.Tensor], rows: torch.Tensor, slot_ids: list[int], hashes: list[bytes],
-    reader: FileStoreReader, block_size: int, decode_steps: int, prefetch: bool,
+    reader: FileStoreReader, block_size: int, decode_steps: int, prefetch: bool, dev: torch.device,
 ) -> dict[str, Any]:
     t, heads, d = layers[0].key.shape
     offload_sparse = BlockRetrievalSparse(config, SparseRole.WORKER)
@@ -150,21 +152,21 @@ def _replay(
         plain.execute_begin(meta)
         offload_sparse.execute_begin(offload_meta)
         if pos == first:  # freed: whatever the GPU blocks hold from now on must never be read
-            offloaded = rows[init.stop : local.start]
+            offloaded = rows[init.stop : local.start].to(dev)
             for cache in caches.values():
                 cache[offloaded] = math.nan
             gpu_blocks = nb - len(offloaded) + len(slot_ids)
         for lq, name in zip(layers, names, strict=True):
-            md = DecodeMetadata(1, torch.tensor([0, 1]), torch.tensor([seq_len]), seq_len, rows[None].clone(),
-                                torch.tensor([slot]))
-            query = lq.query[pos : pos + 1]
-            t0 = time.perf_counter()
+            md = DecodeMetadata(1, torch.tensor([0, 1], device=dev), torch.tensor([seq_len], device=dev), seq_len,
+                                rows[None].to(dev), torch.tensor([slot], device=dev))
+            query = lq.query[pos : pos + 1].to(dev)
+            t0 = synchronized_time(dev)
             compacted = offload_sparse.attention_begin(name, query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), md)
             out = paged_reference_attention(query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), compacted, d**-0.5)
-            t1 = time.perf_counter()
+            t1 = synchronized_time(dev)
             plain_md = plain.attention_begin(name, query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), md)
             expected = paged_reference_attention(query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), plain_md, d**-0.5)
-            t2 = time.perf_counter()
+            t2 = synchronized_time(dev)
             if pos >= first:
                 step_s.append(t1 - t0)
                 plain_s.append(t2 - t1)

@@ -8,7 +8,12 @@
    GQA 4): keep_ratio 1.0 must equal dense (max abs err < 2e-2), 25% must keep cosine >= 0.95;
    bytes read and synchronized time per step are printed next to dense's.
 
-Both run on CPU tensors too (`device="cpu"`), which is how the tests check the logic on machines
+3. The vLLM path with offload on CUDA (`bench_vllm_offload`): every layer's attention hook over
+   paged caches on the GPU, selected blocks read back from a FileStore into slots, freed blocks
+   overwritten with NaN; outputs must equal the same selection without offload (< 1e-5) and the
+   request must hold fewer GPU blocks.
+
+All run on CPU tensors too (`device="cpu"`), which is how the tests check the logic on machines
 without a GPU. Exits 2 when CUDA is unavailable, 1 when a check fails.
 """
 
@@ -29,7 +34,7 @@ MIN_SELECTION_AGREEMENT = 0.99
 MAX_DEVICE_DIFF = 1e-3
 
 
-def _now(dev: torch.device) -> float:
+def synchronized_time(dev: torch.device) -> float:
     """Wall time after the device finished queued work (CUDA kernels are asynchronous)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -50,11 +55,11 @@ def _decode(
     outs, sels, cos = [], [], []
     err, sparse_s, dense_s, sparse_b, dense_b = 0.0, 0.0, 0.0, 0, 0
     for query in ctx.queries.to(dev, dtype):
-        t0 = _now(dev)
+        t0 = synchronized_time(dev)
         out, report = layer.step(query)
-        t1 = _now(dev)
+        t1 = synchronized_time(dev)
         dense = rm.dense_decode_attention(query, layer.keys, layer.values, n, scale)
-        t2 = _now(dev)
+        t2 = synchronized_time(dev)
         sparse_s, dense_s = sparse_s + t1 - t0, dense_s + t2 - t1
         outs.append(out.float().cpu())
         sels.append(report.selection.cpu())
@@ -107,6 +112,23 @@ def run_cuda_check(tokens: int = 131072, dtype: torch.dtype = torch.bfloat16, de
     return report
 
 
+def check_vllm_offload(device: str = "cuda", tokens: int = 4096, layers: int = 4) -> dict[str, Any]:
+    """The vLLM-path hook with offload on `device` (random Q/K/V: the check is about equality)."""
+    from ucm.sparse.bench_data import LayerQKV
+    from ucm.sparse.bench_vllm_offload import bench_vllm_offload
+
+    gen = torch.Generator().manual_seed(4)
+    kv_heads, group, head_dim = 4, 4, 64
+    qkv = [LayerQKV(i, torch.randn(tokens, kv_heads * group, head_dim, generator=gen),
+                    torch.randn(tokens, kv_heads, head_dim, generator=gen),
+                    torch.randn(tokens, kv_heads, head_dim, generator=gen)) for i in range(layers)]
+    config = BlockRetrievalConfig.from_dict({"keep_ratio": 0.25, "offload": True})
+    result = bench_vllm_offload(config, qkv, 16, decode_steps=16, device=device)
+    diffs = [result[run]["max_abs_diff_vs_resident"] for run in ("prefetch", "no_prefetch")]
+    result["ok"] = max(diffs) < 1e-5 and result["gpu_blocks_offload"] < result["gpu_blocks_resident"]
+    return result
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sparse gpu-check: CUDA is not available (torch.cuda.is_available() is False; torch "
@@ -119,7 +141,11 @@ def main() -> int:
     print("== sparse block retrieval vs dense on CUDA (bfloat16, 128K tokens)", flush=True)
     dense = run_cuda_check()
     print(json.dumps(dense, sort_keys=True), flush=True)
-    failed = [name for name, r in (("cuda-vs-cpu", devices), ("vs-dense", dense)) if not r["ok"]]
+    print("== sparse vLLM-path hook with offload on CUDA (slots filled from a FileStore)", flush=True)
+    offload = check_vllm_offload()
+    print(json.dumps(offload, sort_keys=True), flush=True)
+    failed = [name for name, r in (("cuda-vs-cpu", devices), ("vs-dense", dense), ("vllm-offload", offload))
+              if not r["ok"]]
     print(f"sparse gpu-check: {'FAILED ' + ', '.join(failed) if failed else 'passed'} "
           f"in {time.perf_counter() - started:.0f}s")
     return 1 if failed else 0
