@@ -145,6 +145,8 @@ def run(
             seen["r1_gpu_blocks"].append(sparse.scheduler_offload.gpu_blocks("r1"))
     else:
         raise AssertionError("requests did not finish")
+    meta = engine.step().kv_connector_metadata.sparse_meta  # the step that reports the last finish
+    seen["dropped"] += meta.dropped
     seen["free_blocks"] = engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     seen["worker"] = get_active_sparse("worker")
     return engine, attention, seen
@@ -177,10 +179,11 @@ def test_offloaded_decode_equals_resident_decode_and_frees_gpu_blocks(
     bound = 1 + 2 + num_slots(config, nb) + math.ceil(48 / BS) + 1
     assert max(seen["r1_gpu_blocks"]) <= bound < nb
     assert seen["free_blocks"] == 64 - 1  # every block and slot back in the pool (one is vLLM's null block)
+    assert worker.worker_offload.requests == {}  # the workers forgot every finished request
     if preempt_at is None:
-        assert seen["dropped"] == [] and seen["r1_first"] == 1
+        assert seen["dropped"] == ["r2", "r1"] and seen["r1_first"] == 1
     else:  # the preemption returned r1's slots; once resumed and decoding, r1 offloaded afresh
-        assert seen["dropped"] == ["r1"] and seen["r1_first"] == 2
+        assert sorted(seen["dropped"]) == ["r1", "r1", "r2"] and seen["r1_first"] == 2
 
 
 def test_an_offloaded_block_missing_from_the_store_is_a_clear_error(tmp_path: pathlib.Path) -> None:

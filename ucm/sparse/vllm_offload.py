@@ -102,13 +102,18 @@ class SchedulerOffload:
         self.pool = kv_cache_manager.block_pool
         self.stored = stored
         self.held: dict[str, _Held] = {}
+        self.told: set[str] = set()  # requests the workers hold offload state for
 
     def plan(self, scheduler_output: Any, requests: Mapping[str, Any]) -> tuple[list[OffloadUpdate], list[str]]:
-        """This step's updates, and the requests whose offload ended (preempted: vLLM freed their
-        blocks and will recompute or reload them; the worker forgets them)."""
-        dropped = [r for r in (getattr(scheduler_output, "preempted_req_ids", None) or ()) if r in self.held]
+        """This step's updates, and the requests whose offload ended, for the workers to forget:
+        finished (slots already released by `release`) or preempted (vLLM freed their blocks and
+        will recompute or reload them)."""
+        ended = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        ended |= set(getattr(scheduler_output, "finished_req_ids", None) or ())
+        dropped = sorted(ended & self.told)
         for req_id in dropped:
             self.release(req_id)
+            self.told.discard(req_id)
         updates = []
         for req_id, count in scheduler_output.num_scheduled_tokens.items():
             request = requests.get(req_id)
@@ -138,6 +143,7 @@ class SchedulerOffload:
             return None
         first = held is None
         held = self.held.setdefault(req_id, _Held())
+        self.told.add(req_id)
         freed = [blocks[i] for i in candidates]
         for i in candidates:
             blocks[i] = self.pool.null_block
