@@ -107,19 +107,23 @@ class Attention:
                 self.outputs[(r, seq_lens[row] - 1, layer)] = output[int(qsl[row])].clone()
 
 
+R1_PROMPT = [(7 * i) % 200 for i in range(40 * BS)]
+
+
 def run(
-    tmp: pathlib.Path, *, offload: bool, num_blocks: int, preempt_at: int | None = None
+    tmp: pathlib.Path, *, offload: bool, num_blocks: int, preempt_at: int | None = None, role: str = "kv_both",
+    store: pathlib.Path | None = None,
 ) -> tuple[Engine, Attention, dict[str, Any]]:
     """r1 (40 prompt blocks) decodes 48 tokens; r2 (30 prompt blocks) arrives once r1 is decoding;
     `preempt_at`: vLLM preempts r1 before that step (its own `_preempt_request`, as when a running
     request needs a block the pool lacks), then resumes it from the prefix cache and the store."""
     attention = Attention()
     engine = Engine(
-        write_model_dir(tmp / "model"), tmp / f"store-{offload}", num_blocks=num_blocks, attention=attention,
-        extra={"ucm_sparse_config": {**SPARSE, "offload": offload}},
+        write_model_dir(tmp / "model"), store or tmp / f"store-{offload}", num_blocks=num_blocks, role=role,
+        attention=attention, extra={"ucm_sparse_config": {**SPARSE, "offload": offload}},
     )
     sparse = engine.scheduler.connector.scheduler_side.sparse  # type: ignore[union-attr]
-    engine.add("r1", [(7 * i) % 200 for i in range(40 * BS)], max_tokens=48)
+    engine.add("r1", R1_PROMPT, max_tokens=48)
     seen: dict[str, Any] = {"r1_gpu_blocks": [], "r1_offloaded": set(), "r2_blocks": set(), "dropped": [],
                             "r1_first": 0}
     for step in range(200):
@@ -185,6 +189,27 @@ def test_offloaded_decode_equals_resident_decode_and_frees_gpu_blocks(
     else:  # the preemption returned r1's slots; once resumed and decoding, r1 offloaded afresh
         assert sorted(seen["dropped"]) == ["r1", "r1", "r2"] and seen["r1_first"] == 2
 
+
+
+def test_pd_decode_side_offloads_the_blocks_it_loaded(tmp_path: pathlib.Path) -> None:
+    """A kv_consumer (PD decode pod) never saves: what it may offload is what it loaded from the
+    producer's dump. Outputs equal the consumer's without offload."""
+    store = tmp_path / "shared-store"
+    producer = Engine(write_model_dir(tmp_path / "model"), store, role="kv_producer")
+    producer.add("r1", R1_PROMPT, max_tokens=1)
+    producer.run_until_idle()
+    producer.flush()
+    _, dense, _ = run(tmp_path, offload=False, num_blocks=128, role="kv_consumer", store=store)
+    shutdown_sparse()
+    engine, offloaded, seen = run(tmp_path, offload=True, num_blocks=64, role="kv_consumer", store=store)
+    assert engine.metas[0].loads and engine.metas[0].loads[0].req_id == "r1"  # the prompt came from the store
+    assert dense.outputs.keys() == offloaded.outputs.keys() and len(offloaded.outputs) >= 2 * 48
+    for key, out in offloaded.outputs.items():
+        torch.testing.assert_close(out, dense.outputs[key], rtol=0, atol=0, msg=str(key))
+    # blocks 0..38 were loaded (never the whole prompt: the last block is computed); at the first
+    # decode step the windows are block 0 and blocks 39-40, so blocks 1..38 left the GPU
+    assert seen["r1_first"] == 1 and len(seen["r1_offloaded"]) == 38
+    assert seen["free_blocks"] == 64 - 1
 
 def test_an_offloaded_block_missing_from_the_store_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     """`ucm store gc` (or a lost volume) removed blocks a decoding request had offloaded: the read
