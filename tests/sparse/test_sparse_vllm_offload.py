@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "connector"
 from ucm_connector_harness import HEAD, Engine, write_model_dir
 from vllm.v1.attention.backends import triton_attn
 
-from ucm.sparse import SparseConfigError, shutdown_sparse, vllm_patch
+from ucm.sparse import SparseConfigError, SparseRole, shutdown_sparse, vllm_patch
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, paged_reference_attention
@@ -239,3 +239,7 @@ def test_offload_config_is_validated() -> None:
         BlockRetrievalConfig.from_dict({"offload": "yes"})
     with pytest.raises(SparseConfigError, match=r"ucm_sparse_config\.host_cache_blocks: expected int >= 1"):
         BlockRetrievalConfig.from_dict({"offload": True, "host_cache_blocks": 0})
+    spec_decode = SimpleNamespace(speculative_config=object(), cache_config=SimpleNamespace(block_size=16))
+    with pytest.raises(SparseConfigError, match=r"ucm_sparse_config\.offload: speculative decoding is configured"):
+        BlockRetrievalSparse(BlockRetrievalConfig(offload=True), SparseRole.SCHEDULER, spec_decode)
+    BlockRetrievalSparse(BlockRetrievalConfig(offload=False), SparseRole.SCHEDULER, spec_decode)  # fine without

@@ -319,6 +319,11 @@ class BlockRetrievalSparse(UcmSparseBase):
         self.steps = 0
         self.live: dict[str, Any] = {}  # scheduler: vLLM requests by id (offload plans from their progress)
         self.scheduler_offload: SchedulerOffload | None = None
+        if config.offload and getattr(vllm_config, "speculative_config", None) is not None:
+            raise SparseConfigError(
+                "ucm_sparse_config.offload: speculative decoding is configured, but offload needs every "
+                "decode row to be one token (a verified draft reads the blocks that left the GPU)"
+            )
         self.worker_offload = (
             WorkerOffload(config.summary, config.host_cache_blocks, prefetch=config.prefetch_blocks > 0)
             if config.offload else None

@@ -257,10 +257,12 @@ class WorkerOffload:
                 )
             payloads = self._read([req.hashes[b] for b in missing])
             index = self.reader.layer_of(layer) if self.reader is not None else 0
-            for block, slot, payload in zip(missing, free, payloads, strict=False):
-                kv = payload[index].to(paged.key_cache.device)  # [heads, bs, 2, head_dim]
-                paged.key_cache[slot].copy_(kv[:, :, 0].transpose(0, 1))
-                paged.value_cache[slot].copy_(kv[:, :, 1].transpose(0, 1))
+            # this layer of every missing block in one host -> device copy: [m, bs, heads, 2, head_dim]
+            kv = torch.stack([p[index] for p in payloads]).transpose(1, 2).to(paged.key_cache.device)
+            targets = torch.tensor(free[: len(missing)], device=paged.key_cache.device)
+            paged.key_cache[targets] = kv[..., 0, :]
+            paged.value_cache[targets] = kv[..., 1, :]
+            for block, slot in zip(missing, free, strict=False):
                 placed.pop(slot, None)
                 placed[slot] = block
                 where[block] = slot
