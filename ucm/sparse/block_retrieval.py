@@ -428,7 +428,7 @@ class BlockRetrievalSparse(UcmSparseBase):
                 scores = state.shared_scores(q, block_summaries, nb)
             selections[row] = state.select(scores, nb, 1, physical.device)[0]
             if held is not None and offload is not None:
-                placed[row] = offload.place(held, layer_name, selections[row], physical, paged)
+                placed[row], selections[row] = offload.place(held, layer_name, selections[row], physical, paged)
                 offload.prefetch(held, layer_name, [b for _, b in state.prefetch_candidates()])
         if anchors:  # an offloading request whose row is not a decode row would read freed blocks
             raise OffloadError(

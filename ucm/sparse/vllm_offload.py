@@ -78,6 +78,7 @@ class OffloadCounters:
     host_hits: int = 0  # whole blocks found in the host cache (read earlier, or prefetched and arrived)
     prefetched: int = 0  # whole blocks whose read started ahead of need
     prefetch_hits: int = 0  # ... of those, the ones a later placement used
+    slot_shortfall: int = 0  # selected offloaded (layer, block) left out for want of a slot
 
 
 @dataclasses.dataclass
@@ -135,10 +136,15 @@ class SchedulerOffload:
         stored = self.stored.stored_block_hashes(req_id)
         candidates = [i for i in range(init.stop, min(local.start, len(stored))) if not blocks[i].is_null]
         num_offloaded = (len(held.offloaded) if held else 0) + len(candidates)
-        need = min(num_slots(c, nb), num_offloaded) - (len(held.slots) if held else 0)
+        have = len(held.slots) if held else 0
+        need = min(num_slots(c, nb), num_offloaded) - have  # a selection's worth + prefetch_blocks
+        required = min(num_slots(c, nb) - c.prefetch_blocks, num_offloaded) - have  # a selection's worth
         returned = sum(1 for i in candidates if blocks[i].ref_cnt == 1)  # shared prefix blocks stay in use
-        if need > self.pool.get_num_free_blocks() + returned:
-            candidates, need = [], 0  # no room for slots this step: keep the blocks resident
+        room = self.pool.get_num_free_blocks() + returned
+        if need > room:  # the pool is short: take only what one selection needs
+            need = required
+        if need > room:
+            candidates, need = [], 0  # no room for the slots they need: keep the blocks resident
         if held is None and not candidates:
             return None
         first = held is None
@@ -239,9 +245,12 @@ class WorkerOffload:
 
     def place(
         self, req: _Offloaded, layer: str, selection: torch.Tensor, physical: torch.Tensor, paged: LayerKV
-    ) -> torch.Tensor:
-        """`physical` (a row's block ids by logical block) with every selected offloaded block
-        pointing at a slot of this layer that holds it; loads the missing ones into slots."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`physical`, a row's block ids by logical block, with every selected offloaded block
+        pointing at a slot of this layer that holds it; the selection attended). Loads the missing
+        blocks into slots. Should the slots not suffice (the scheduler could not take more from a
+        full pool while the selection grew), the last missing blocks are left out of this step's
+        selection rather than failing the forward pass (`slot_shortfall` counts them)."""
         placed = req.placed.setdefault(layer, collections.OrderedDict())
         where = {block: slot for slot, block in placed.items()}
         wanted = [b for b in selection.tolist() if b in req.hashes]
@@ -251,10 +260,11 @@ class WorkerOffload:
             busy = {where[b] for b in wanted if b in where}
             free = [s for s in req.slots if s not in placed] + [s for s in placed if s not in busy]
             if len(missing) > len(free):
-                raise OffloadError(
-                    f"sparse offload: {len(missing)} selected blocks need slots but only {len(free)} of "
-                    f"{len(req.slots)} are free in layer {layer}"
-                )
+                left_out = set(missing[len(free) :])
+                self.counters.slot_shortfall += len(left_out)
+                missing, wanted = missing[: len(free)], [b for b in wanted if b not in left_out]
+                selection = selection[[b not in left_out for b in selection.tolist()]]
+        if missing:
             payloads = self._read([req.hashes[b] for b in missing])
             index = self.reader.layer_of(layer) if self.reader is not None else 0
             # this layer of every missing block in one host -> device copy: [m, bs, heads, 2, head_dim]
@@ -271,7 +281,7 @@ class WorkerOffload:
         for block in wanted:
             placed.move_to_end(where[block])  # most recently used last
             out[block] = where[block]
-        return out
+        return out, selection
 
     def prefetch(self, req: _Offloaded, layer: str, blocks: Sequence[int]) -> None:
         """Start reading offloaded `blocks` this layer may select next (its scoring's runners-up and
