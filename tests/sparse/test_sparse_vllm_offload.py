@@ -11,7 +11,6 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("vllm")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "connector"))
 
+from paged_metadata import triton_metadata
 from ucm_connector_harness import HEAD, Engine, write_model_dir
-from vllm.v1.attention.backends import triton_attn
 
 from ucm.sparse import SparseConfigError, SparseRole, shutdown_sparse, vllm_patch
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
@@ -39,12 +38,7 @@ SPARSE = {"name": "block_retrieval", "keep_ratio": 0.25, "min_blocks": 8, "init_
           "prefetch_blocks": 1, "host_cache_blocks": 4}
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    shutdown_sparse()
-    yield
-    shutdown_sparse()
-    vllm_patch.uninstall_attention_hooks()
+pytestmark = pytest.mark.usefixtures("clean_sparse")
 
 
 class Attention:
@@ -74,24 +68,10 @@ class Attention:
         req_ids = list(so.num_scheduled_tokens)
         seq_lens = [engine.requests[r].num_computed_tokens for r in req_ids]
         query_lens = [so.num_scheduled_tokens[r] for r in req_ids]
-        width = max(len(self.tables[r]) for r in req_ids)
-        table = torch.zeros(len(req_ids), width, dtype=torch.int32)
-        slots = []
-        for row, r in enumerate(req_ids):
-            table[row, : len(self.tables[r])] = torch.tensor(self.tables[r], dtype=torch.int32)
-            for pos in range(seq_lens[row] - query_lens[row], seq_lens[row]):
-                slots.append(self.tables[r][pos // BS] * BS + pos % BS)
-        qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-        n = int(qsl[-1])
-        metadata = triton_attn.TritonAttentionMetadata(
-            num_actual_tokens=n, max_query_len=max(query_lens), query_start_loc=qsl, max_seq_len=max(seq_lens),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=table,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64), seq_threshold_3D=0, num_par_softmax_segments=0,
-            softmax_segm_output=torch.empty(0), softmax_segm_max=torch.empty(0),
-            softmax_segm_expsum=torch.empty(0), causal=True,
-        )
+        metadata = triton_metadata([self.tables[r] for r in req_ids], seq_lens, query_lens, BS)
+        qsl = metadata.query_start_loc
         gen = torch.Generator().manual_seed(1000 * self.step + layer)
-        query = torch.randn(n, HQ, HEAD, generator=gen)
+        query = torch.randn(metadata.num_actual_tokens, HQ, HEAD, generator=gen)
 
         def kernel(impl: Any, lay: Any, q: Any, k: Any, v: Any, cache: Any, md: Any, output: Any, **_: Any) -> Any:
             paged = LayerKV.from_layer_cache(cache, CacheLayout.BHNC, HEAD)

@@ -4,14 +4,14 @@ fires, and the wrapper hands the kernel compacted metadata that computes the rig
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from paged_metadata import triton_metadata
 
-from ucm.sparse import UcmSparseBase, create_sparse, register_sparse, shutdown_sparse, vllm_patch
+from ucm.sparse import UcmSparseBase, create_sparse, register_sparse, vllm_patch
 from ucm.sparse import retrieval_math as rm
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 
@@ -21,12 +21,7 @@ H, HQ, D, BS = 2, 4, 16, 16
 LAYER = "model.layers.0.self_attn.attn"
 
 
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    shutdown_sparse()
-    yield
-    shutdown_sparse()
-    vllm_patch.uninstall_attention_hooks()
+pytestmark = pytest.mark.usefixtures("clean_sparse")
 
 
 def test_patch_applies_to_real_vllm_classes_and_restores() -> None:
@@ -67,25 +62,10 @@ def build_batch(seq_lens: list[int], query_lens: list[int]) -> tuple[torch.Tenso
     num_physical = sum(blocks_per_row) + 3
     perm = torch.randperm(num_physical)
     kv_cache = torch.randn(num_physical, H, BS, 2 * D)
-    width = max(blocks_per_row)
-    block_table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
-    slots: list[int] = []
-    used = 0
-    for row, nb in enumerate(blocks_per_row):
-        block_table[row, :nb] = perm[used : used + nb].to(torch.int32)
-        used += nb
-        for pos in range(seq_lens[row] - query_lens[row], seq_lens[row]):
-            slots.append(int(block_table[row, pos // BS]) * BS + pos % BS)
-    qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-    n = int(qsl[-1])
-    metadata = triton_attn.TritonAttentionMetadata(
-        num_actual_tokens=n, max_query_len=max(query_lens), query_start_loc=qsl, max_seq_len=max(seq_lens),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table,
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), seq_threshold_3D=0, num_par_softmax_segments=0,
-        softmax_segm_output=torch.empty(0), softmax_segm_max=torch.empty(0), softmax_segm_expsum=torch.empty(0),
-        causal=True,
-    )
-    return kv_cache, metadata, torch.randn(n, HQ, D)
+    starts = [0, *torch.tensor(blocks_per_row).cumsum(0).tolist()]
+    tables = [perm[starts[i] : starts[i + 1]].tolist() for i in range(len(seq_lens))]
+    metadata = triton_metadata(tables, seq_lens, query_lens, BS)
+    return kv_cache, metadata, torch.randn(metadata.num_actual_tokens, HQ, D)
 
 
 def run_wrapped(kv_cache: torch.Tensor, metadata: Any, query: torch.Tensor, seen: list[Any]) -> torch.Tensor:
