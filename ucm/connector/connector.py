@@ -126,7 +126,6 @@ class UCMConnector(KVConnectorBase_V1):
                 )
         self.identity = build_identity(vllm_config, self.config)
         self.store = open_configured_store(self.config, self.identity)
-        self.can_save = bool(ktc.is_kv_producer)
         self.can_load = bool(ktc.is_kv_consumer)
         sparse = None
         if self.config.ucm_sparse_config is not None:
@@ -137,6 +136,10 @@ class UCMConnector(KVConnectorBase_V1):
                 "scheduler" if role == KVConnectorRole.SCHEDULER else "worker",
                 vllm_config,
             )
+        # Sparse offload frees GPU blocks the store holds, so with it every role saves, generated
+        # tokens' blocks included (a PD decode pod then writes the blocks it computes).
+        offload = sparse is not None and sparse.offloads_to_store
+        self.can_save = bool(ktc.is_kv_producer) or offload
         geo = self.identity.geometry
         logger.info(
             "UCM connector (%s, %s): store %s, identity %s", role.name, ktc.kv_role, self.config.store_path,
@@ -156,6 +159,7 @@ class UCMConnector(KVConnectorBase_V1):
                 can_load=self.can_load,
                 can_save=self.can_save,
                 produces_for_remote=ktc.kv_role == "kv_producer",
+                save_generated=offload,
                 load_async=self.config.load_mode == "async",
                 sparse=sparse,
             )

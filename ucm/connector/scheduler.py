@@ -5,7 +5,8 @@ its blocks are known to be in the store, and a pending load plan between
 `get_num_new_matched_tokens` and `update_state_after_alloc`. Each step `build_meta` turns plans into
 `LoadSpec`s and, for producers, `SaveSpec`s for the prompt blocks that become full in that step
 (chunked prefill saves chunk by chunk; a resumed request reloads what was saved before it was
-preempted).
+preempted). With sparse offload (`save_generated`) generated tokens' blocks are saved as they fill
+too, in every role: only blocks the store holds may leave the GPU.
 
 Multi-turn reuse: a chat's next turn sends the previous answer back as prompt, so when a request
 finishes, the full blocks holding its generated tokens are saved too (`request_finished` returns
@@ -90,6 +91,7 @@ class UCMSchedulerSide:
         can_save: bool,
         produces_for_remote: bool,
         load_async: bool,
+        save_generated: bool = False,
         remote_wait_s: float = 10.0,
         sparse: Any = None,
     ) -> None:
@@ -101,6 +103,7 @@ class UCMSchedulerSide:
         self.can_load = can_load
         self.can_save = can_save
         self.produces_for_remote = produces_for_remote
+        self.save_generated = save_generated  # also save generated tokens' blocks as they fill (offload)
         self.load_async = load_async
         self.remote_wait_s = remote_wait_s
         self.sparse = sparse
@@ -239,7 +242,10 @@ class UCMSchedulerSide:
         if state is None or self.kv_cache_manager is None or not _cacheable(state.request):
             return None
         request = state.request
-        end = min(num_computed + num_scheduled, request.num_prompt_tokens)
+        # tokens this step computes, as far as their ids are known (async scheduling may still be
+        # sampling the last ones)
+        known = request.num_tokens if self.save_generated else request.num_prompt_tokens
+        end = min(num_computed + num_scheduled, known)
         full_end = end // self.block_size
         first = max(state.saved_blocks, num_computed // self.block_size)
         if full_end <= first:

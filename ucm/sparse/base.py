@@ -169,6 +169,12 @@ class UcmSparseBase:
         """Just after attention; undo anything attention_begin changed for this layer."""
 
     @property
+    def offloads_to_store(self) -> bool:
+        """Whether the algorithm frees GPU blocks the store holds: the connector then saves every
+        block as it fills, generated tokens' blocks included, in every role."""
+        return False
+
+    @property
     def offloading(self) -> bool:
         """Whether some request's KV has left the GPU, so attention must not fall back to dense."""
         return False

@@ -438,6 +438,10 @@ class BlockRetrievalSparse(UcmSparseBase):
         return compact_decode_rows(attn_metadata, selections, bs, placed)
 
     @property
+    def offloads_to_store(self) -> bool:
+        return self.config.offload
+
+    @property
     def offloading(self) -> bool:
         return self.worker_offload is not None and bool(self.worker_offload.requests)
 
