@@ -72,8 +72,9 @@ def max_tp_size(spec: ClusterSpec) -> int:
 
 def connector_extra_config(spec: ClusterSpec) -> JSON:
     """The UCM connector's kv_connector_extra_config (keys per docs/interfaces: store_path,
-    model_id, model_revision, durability, max_tp_size, capacity_bytes). Identical for every pool: it is what
-    makes their block hashes and store keys agree."""
+    model_id, model_revision, durability, max_tp_size, capacity_bytes, ucm_sparse_config). Identical
+    for every pool: it is what makes their block hashes and store keys agree (and a decode pod's
+    sparse attention reads what any prefill pod wrote)."""
     store = spec.store
     config: JSON = {
         "store_path": store.mount_path,
@@ -86,6 +87,8 @@ def connector_extra_config(spec: ClusterSpec) -> JSON:
     }
     if store.capacity is not None:
         config["capacity_bytes"] = parse_bytes(store.capacity)
+    if spec.sparse is not None:
+        config["ucm_sparse_config"] = {"name": spec.sparse.algorithm, **dict(spec.sparse.settings)}
     return config
 
 

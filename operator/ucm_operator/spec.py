@@ -83,6 +83,29 @@ class EngineSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparseSpec:
+    """`spec.sparse`: the connector's `ucm_sparse_config`. Only the fields the user set are passed
+    on (as `settings`, in the connector's key names), so the algorithm's own defaults apply."""
+
+    algorithm: str = "block_retrieval"
+    settings: tuple[tuple[str, object], ...] = ()
+
+
+# spec.sparse field -> (ucm_sparse_config key, type); the bounds are the CRD's
+SPARSE_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "keepRatio": ("keep_ratio", (int, float)),
+    "initBlocks": ("init_blocks", int),
+    "localBlocks": ("local_blocks", int),
+    "retrievalStride": ("retrieval_stride", int),
+    "summary": ("summary", str),
+    "minBlocks": ("min_blocks", int),
+    "offload": ("offload", bool),
+    "prefetchBlocks": ("prefetch_blocks", int),
+    "hostCacheBlocks": ("host_cache_blocks", int),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class StoreSpec:
     kind: StoreKind
     pvc_storage_class: str | None = None
@@ -148,6 +171,7 @@ class ClusterSpec:
     prefill: tuple[PoolSpec, ...]
     decode: tuple[PoolSpec, ...]
     router: RouterSpec
+    sparse: SparseSpec | None = None
 
     @property
     def pools(self) -> tuple[PoolSpec, ...]:
@@ -219,6 +243,23 @@ def _parse_engine(raw: Mapping[str, Any]) -> EngineSpec:
         dtype=_get(raw, "dtype", str, path, "auto"),
         max_model_len=_get(raw, "maxModelLen", int, path),
     )
+
+
+def _parse_sparse(raw: Mapping[str, Any] | None) -> SparseSpec | None:
+    if raw is None:
+        return None
+    path = "spec.sparse"
+    unknown = sorted(set(raw) - {"algorithm", *SPARSE_FIELDS})
+    if unknown:
+        raise SpecError(f"{path}.{unknown[0]}", f"unknown field; expected one of algorithm, {', '.join(SPARSE_FIELDS)}")
+    settings = []
+    for field, (key, kind) in SPARSE_FIELDS.items():
+        value = _get(raw, field, kind, path)
+        if isinstance(value, bool) and kind is not bool:
+            raise SpecError(f"{path}.{field}", f"expected a number, got {value!r}")
+        if value is not None:
+            settings.append((key, value))
+    return SparseSpec(algorithm=_get(raw, "algorithm", str, path, "block_retrieval"), settings=tuple(settings))
 
 
 def _parse_store(raw: Mapping[str, Any]) -> StoreSpec:
@@ -308,4 +349,5 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
         prefill=pools["prefill"],
         decode=pools["decode"],
         router=_parse_router(_get(spec, "router", dict, "spec", {})),
+        sparse=_parse_sparse(_get(spec, "sparse", dict, "spec")),
     )

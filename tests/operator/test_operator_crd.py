@@ -32,6 +32,9 @@ def to_jsonschema(node: Any) -> Any:
     out = {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
     if node.get("x-kubernetes-int-or-string"):
         out.pop("pattern", None)
+    for bound in ("Minimum", "Maximum"):  # OpenAPI 3.0's boolean form -> draft 7's number form
+        if node.get(f"exclusive{bound}") is True:
+            out[f"exclusive{bound}"] = out.pop(bound.lower())
     if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
         out.setdefault("additionalProperties", False)
     return out
@@ -62,6 +65,9 @@ def test_examples_match_the_schema() -> None:
     (lambda s: s["prefill"][0].update(tensorParallelSize=3), "prefill/0/tensorParallelSize"),
     (lambda s: s["decode"][0].update(name="L40S_pool"), "decode/0/name"),
     (lambda s: s["router"].update(policy="random"), "router/policy"),
+    (lambda s: s.update(sparse={"keepRatio": 0}), "sparse/keepRatio"),            # keeps nothing
+    (lambda s: s.update(sparse={"keepRatio": 1.5}), "sparse/keepRatio"),
+    (lambda s: s.update(sparse={"summary": "max"}), "sparse/summary"),
 ])
 def test_schema_rejects(mutate: Any, where: str) -> None:
     body = yaml.safe_load((EXAMPLES / "ucmcluster-heterogeneous.yaml").read_text())

@@ -100,3 +100,31 @@ def test_quantities(text: str | int, value: int) -> None:
 def test_bad_quantities(text: str) -> None:
     with pytest.raises(QuantityError):
         parse_bytes(text)
+
+
+def test_sparse_settings_reach_every_pools_connector_config(hetero: dict[str, Any]) -> None:
+    from ucm_operator.meta import connector_extra_config, revision
+
+    plain = parse_cluster(hetero)
+    hetero["spec"]["sparse"] = {"keepRatio": 0.2, "offload": True, "retrievalStride": 2}
+    spec = parse_cluster(hetero)
+    extra = connector_extra_config(spec)
+    # only what the user set, in the connector's key names: the algorithm's own defaults apply
+    assert extra["ucm_sparse_config"] == {"name": "block_retrieval", "keep_ratio": 0.2, "offload": True,
+                                          "retrieval_stride": 2}
+    assert "ucm_sparse_config" not in connector_extra_config(plain)
+    assert revision(spec) != revision(plain)  # turning it on rolls every pool
+
+
+@pytest.mark.parametrize(("sparse", "field"), [
+    ({"keepRatio": "a quarter"}, "spec.sparse.keepRatio"),
+    ({"keepRatio": True}, "spec.sparse.keepRatio"),
+    ({"offload": 1}, "spec.sparse.offload"),
+    ({"minBlocks": 2.5}, "spec.sparse.minBlocks"),
+    ({"keepRatoi": 0.25}, "spec.sparse.keepRatoi"),
+])
+def test_sparse_errors_name_the_field(hetero: dict[str, Any], sparse: dict[str, Any], field: str) -> None:
+    hetero["spec"]["sparse"] = sparse
+    with pytest.raises(SpecError) as err:
+        parse_cluster(hetero)
+    assert err.value.field == field
