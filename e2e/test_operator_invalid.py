@@ -19,6 +19,7 @@ from ucm_operator.kube import Kube
 
 from e2e.access import ClusterAccess
 from e2e.operator_support import (
+    EXAMPLES,
     apply_cluster,
     condition,
     get_cluster,
@@ -60,6 +61,13 @@ def test_api_server_rejects_with_the_field_named(cluster: ClusterAccess, namespa
             failures.append(f"{path.name}: rc={result.returncode} stderr={result.stderr.strip()!r}")
     assert failures == []
     assert cluster.kubectl("get", "ucmc", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_api_server_accepts_every_example(cluster: ClusterAccess, namespace: str, crd: None) -> None:
+    """The counterpart: what examples/ shows users (spec.sparse included) passes the same checks."""
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+        assert result.returncode == 0, f"{path.name}: {result.stderr.strip()}"
 
 
 def test_operator_reports_valid_false_and_creates_nothing(cluster: ClusterAccess, namespace: str, kube: Kube,
