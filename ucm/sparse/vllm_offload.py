@@ -10,8 +10,10 @@ that the store is known to hold (the connector's lookup of what it saved, or on 
 what it loaded) are freed the way vLLM frees blocks that leave a sliding window: the request's
 block list gets vLLM's null block there and the blocks return to the pool. The request instead
 holds *slot* blocks from the same pool, as many as one selection can pick outside the windows
-(plus `prefetch_blocks` kept for reuse), never more than it has offloaded. Only blocks whose KV is
-final can be in the store (full prompt blocks), so generated tokens' blocks stay resident.
+(plus `prefetch_blocks` kept for reuse), never more than it has offloaded. Only full blocks can be
+in the store; with offload on the connector saves every block as it fills (generated tokens'
+included, in every role), so a long request holds its windows, its slots and at most the block it
+just filled.
 
 Worker side (`WorkerOffload`): the step's metadata names, per request, the block its decode token
 is written to (the `anchor`, which finds the request's row in the attention metadata, whose block
@@ -22,10 +24,11 @@ those summaries; selected offloaded blocks are placed in slots (per layer: a slo
 some block of layer L; least recently used first), missing ones read from the store as whole
 blocks (all layers; kept in a small host cache, so other layers selecting the same block do not
 read it again), and the compacted block table points at the slots. A freed id never reaches the
-kernel: an offloaded block is attended only through a slot.
+kernel: an offloaded block is attended only through a slot. Each layer's runners-up and rising
+blocks are read ahead into the host cache, so those store reads overlap the rest of the step.
 
-Not done: prefetching ahead of the selection (fetches are on the critical path of the layer);
-speculative decoding (a row with several query tokens) with offload is refused.
+Limits: a block not in host memory is read on its layer's critical path; speculative decoding (a
+row with several query tokens) is refused at start-up.
 """
 
 from __future__ import annotations
