@@ -133,6 +133,8 @@ def run(
     meta = engine.step().kv_connector_metadata.sparse_meta  # the step that reports the last finish
     seen["dropped"] += meta.dropped
     seen["free_blocks"] = engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    seen["stats"] = {k: sum(s.get(k, 0) for s in engine.stats) for k in ("sparse_offloaded_blocks",
+                     "sparse_slot_loads", "sparse_store_reads", "sparse_prefetched", "sparse_slot_shortfall")}
     seen["worker"] = get_active_sparse("worker")
     return engine, attention, seen
 
@@ -158,6 +160,10 @@ def test_offloaded_decode_equals_resident_decode_and_frees_gpu_blocks(
     assert isinstance(worker, BlockRetrievalSparse) and worker.worker_offload is not None
     counters = worker.worker_offload.counters
     assert counters.fetched_blocks > 0 and counters.store_reads > 0 and counters.slot_hits > 0
+    # the workers' counters reach vLLM's connector stats (logged, and exported as vllm:ucm_sparse_*)
+    assert seen["stats"] == {"sparse_offloaded_blocks": counters.offloaded_blocks,
+                             "sparse_slot_loads": counters.fetched_blocks, "sparse_store_reads": counters.store_reads,
+                             "sparse_prefetched": counters.prefetched, "sparse_slot_shortfall": 0}
     # r1 holds its windows, bounded slots and at most the block just filled (saved at the end of the
     # step that fills it, looked up the next), not 41-43 blocks: generated tokens' blocks leave too
     nb = 43

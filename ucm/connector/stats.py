@@ -30,6 +30,12 @@ COUNTERS = (
     "saved_blocks",
     "saved_bytes",
     "save_seconds",  # wall time from gather start to the dump being handed to the store
+    # sparse offload (ucm.sparse: UcmSparseBase.take_counters), per worker
+    "sparse_offloaded_blocks",  # blocks whose GPU copy was freed, their KV left in the store
+    "sparse_slot_loads",  # (layer, block) placed into a slot for attention
+    "sparse_store_reads",  # whole blocks read back from the store on a layer's critical path
+    "sparse_prefetched",  # whole blocks read ahead of need
+    "sparse_slot_shortfall",  # selected (layer, block) left out for want of a slot
 )
 
 

@@ -342,6 +342,8 @@ class UCMWorkerSide:
         self._poll_dumps(block=False)
         if self.sparse is not None:
             self.sparse.execute_finished()
+            for name, value in self.sparse.take_counters().items():
+                self.stats.add(name, value)
 
     def _drop_save(self, exc: Exception) -> None:
         """Host staging ran out (dumps still in flight hold it): skip this step's save, never stall."""

@@ -168,6 +168,11 @@ class UcmSparseBase:
     def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:
         """Just after attention; undo anything attention_begin changed for this layer."""
 
+    def take_counters(self) -> dict[str, int]:
+        """Counters since the last call, by the connector's stat names (`ucm.connector.stats`:
+        logged by vLLM and exported as vllm:ucm_<name>); empty when there is nothing to report."""
+        return {}
+
     @property
     def offloads_to_store(self) -> bool:
         """Whether the algorithm frees GPU blocks the store holds: the connector then saves every

@@ -441,6 +441,9 @@ class BlockRetrievalSparse(UcmSparseBase):
     def offloads_to_store(self) -> bool:
         return self.config.offload
 
+    def take_counters(self) -> dict[str, int]:
+        return self.worker_offload.take_counters() if self.worker_offload is not None else {}
+
     @property
     def offloading(self) -> bool:
         return self.worker_offload is not None and bool(self.worker_offload.requests)

@@ -84,6 +84,16 @@ class OffloadCounters:
     slot_shortfall: int = 0  # selected offloaded (layer, block) left out for want of a slot
 
 
+# OffloadCounters field -> the connector's stat name (ucm.connector.stats.COUNTERS)
+STAT_NAMES = {
+    "offloaded_blocks": "sparse_offloaded_blocks",
+    "fetched_blocks": "sparse_slot_loads",
+    "store_reads": "sparse_store_reads",
+    "prefetched": "sparse_prefetched",
+    "slot_shortfall": "sparse_slot_shortfall",
+}
+
+
 @dataclasses.dataclass
 class _Held:
     slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
@@ -207,6 +217,7 @@ class WorkerOffload:
         self.counters = OffloadCounters()
         self._host: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self._inflight: dict[bytes, tuple[PendingBlocks, list[bytes]]] = {}  # hash -> its read, all its hashes
+        self._reported: dict[str, int] = {}  # counters at the last take_counters
 
     def apply(self, updates: Sequence[OffloadUpdate], dropped: Sequence[str], summaries: Mapping[str, PagedSummaries]) -> None:
         """Take in a step's updates before any layer runs: copy the offloaded blocks' summaries of
@@ -285,6 +296,13 @@ class WorkerOffload:
             placed.move_to_end(where[block])  # most recently used last
             out[block] = where[block]
         return out, selection
+
+    def take_counters(self) -> dict[str, int]:
+        """What changed since the last call, by the connector's stat names."""
+        now = dataclasses.asdict(self.counters)
+        since = {name: now[field] - self._reported.get(field, 0) for field, name in STAT_NAMES.items()}
+        self._reported = now
+        return {name: value for name, value in since.items() if value}
 
     def prefetch(self, req: _Offloaded, layer: str, blocks: Sequence[int]) -> None:
         """Start reading offloaded `blocks` this layer may select next (its scoring's runners-up and
