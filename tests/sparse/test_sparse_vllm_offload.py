@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "connector"))
 
 from paged_metadata import triton_metadata
-from ucm_connector_harness import HEAD, Engine, write_model_dir
+from ucm_connector_harness import HEAD, LAYERS, Engine, write_model_dir
 
 from ucm.sparse import SparseConfigError, SparseRole, shutdown_sparse, vllm_patch
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
@@ -32,6 +32,7 @@ from ucm.sparse.vllm_offload import num_slots
 from ucm.transfer.paged import CacheLayout
 
 BS = 16
+LAYER0 = LAYERS[0]
 HQ = 4  # the harness model's query heads (2 KV heads)
 SPARSE = {"name": "block_retrieval", "keep_ratio": 0.25, "min_blocks": 8, "init_blocks": 1, "local_blocks": 2,
           "prefetch_blocks": 1, "host_cache_blocks": 4}
@@ -233,3 +234,38 @@ def test_offload_config_is_validated() -> None:
     with pytest.raises(SparseConfigError, match=r"ucm_sparse_config\.offload: speculative decoding is configured"):
         BlockRetrievalSparse(BlockRetrievalConfig(offload=True), SparseRole.SCHEDULER, spec_decode)
     BlockRetrievalSparse(BlockRetrievalConfig(offload=False), SparseRole.SCHEDULER, spec_decode)  # fine without
+
+
+def test_a_prefetch_without_host_staging_is_skipped_not_waited_for(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads ahead of need take host staging only if it is free at once; a demand read waits for it
+    (up to the pool's timeout) and then fails naming the setting."""
+    from ucm.connector.connector import STAGING_ENV
+    from ucm.store.base import StoreError
+
+    monkeypatch.setenv(STAGING_ENV, str(1 << 20))
+    engine = Engine(write_model_dir(tmp_path / "model"), tmp_path / "store", num_blocks=64, attention=Attention(),
+                    extra={"ucm_sparse_config": {**SPARSE, "offload": True}})
+    engine.add("r1", R1_PROMPT, max_tokens=4)
+    worker = get_active_sparse("worker")
+    assert isinstance(worker, BlockRetrievalSparse) and worker.worker_offload is not None
+    while "r1" not in worker.worker_offload.requests:
+        engine.flush()
+        engine.step()
+    side = engine.worker.worker_side
+    worker.worker_offload.close()  # reads ahead in flight hold staging too: let them land first
+    held = side.pool.acquire(side.pool.capacity_bytes, timeout=0.0)  # another transfer holds all of it
+    try:
+        req = worker.worker_offload.requests["r1"]
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="no host staging for 2 blocks"):
+            side.start_read([req.hashes[1], req.hashes[2]], ahead=True)
+        assert time.monotonic() - t0 < 0.5  # at once, not after the pool's timeout
+        before = worker.worker_offload.counters.prefetched
+        worker.worker_offload.prefetch(req, LAYER0, [1, 2, 3])
+        assert worker.worker_offload.counters.prefetched == before
+        with pytest.raises(OffloadError, match=r"cannot be read back: no host staging .*UCM_HOST_STAGING_BYTES"):
+            worker.worker_offload._read([req.hashes[4]])
+    finally:
+        side.pool.release(held)

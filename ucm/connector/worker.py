@@ -190,10 +190,15 @@ class UCMWorkerSide:
         """Index of a layer in the read blocks' layer dimension (sparse offload's `BlockReader`)."""
         return self.layer_index[layer_name]
 
-    def start_read(self, block_hashes: Sequence[bytes]) -> _SparseBlockRead:
-        """Start reading whole stored blocks of this rank's heads (sparse offload's `BlockReader`)."""
+    def start_read(self, block_hashes: Sequence[bytes], ahead: bool = False) -> _SparseBlockRead:
+        """Start reading whole stored blocks of this rank's heads (sparse offload's `BlockReader`).
+        A read `ahead` of need does not wait for host staging; either kind that cannot get it is a
+        `StoreError` (the caller skips a prefetch, and reports a demand read)."""
         assert self.layout is not None
-        payload = self._payload(len(block_hashes))
+        try:
+            payload = self._payload(len(block_hashes), 0.0 if ahead else "default")
+        except (PoolExhausted, ValueError) as exc:
+            raise StoreError(f"no host staging for {len(block_hashes)} blocks: {exc} (raise {STAGING_HINT})") from exc
         try:
             task = self.store.load(self._keys(block_hashes), payload.block_buffers(), self.layout)
         except BaseException:
@@ -205,10 +210,10 @@ class UCMWorkerSide:
         """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""
         return [block_key(h, start, count) for start, count in self._group_keys for h in hashes]
 
-    def _payload(self, n: int) -> HostPayload:
+    def _payload(self, n: int, timeout: float | str | None = "default") -> HostPayload:
         assert self.paged is not None
         shape = self.paged.payload_shape(self.heads.group_size)
-        return HostPayload(self.pool, len(self._groups), n, shape, self.paged.dtype)
+        return HostPayload(self.pool, len(self._groups), n, shape, self.paged.dtype, timeout)
 
     # ---- per step ------------------------------------------------------------------------------
 

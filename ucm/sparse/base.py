@@ -55,8 +55,9 @@ class PendingBlocks(Protocol):
 class BlockReader(Protocol):
     """The connector's worker side, as sparse offload sees it: whole stored blocks, all layers."""
 
-    def start_read(self, block_hashes: Sequence[bytes]) -> PendingBlocks:
-        """Start reading the blocks (the store's I/O threads do it meanwhile)."""
+    def start_read(self, block_hashes: Sequence[bytes], ahead: bool = False) -> PendingBlocks:
+        """Start reading the blocks (the store's I/O threads do it meanwhile); a read `ahead` of
+        need gives up at once rather than wait for buffers. `StoreError` when it cannot start."""
         ...
 
     def layer_of(self, layer_name: str) -> int:

@@ -67,7 +67,7 @@ class FileStoreReader:
         self.store, self.layout, self.shape = store, layout, shape
         self.index = {name: i for i, name in enumerate(layer_names)}
 
-    def start_read(self, block_hashes: Sequence[bytes]) -> FileStoreRead:
+    def start_read(self, block_hashes: Sequence[bytes], ahead: bool = False) -> FileStoreRead:
         out = torch.empty(len(block_hashes), *self.shape)
         task = self.store.load(list(block_hashes), [bytes_view(out[i]) for i in range(len(block_hashes))], self.layout)
         return FileStoreRead(block_hashes, out, task)

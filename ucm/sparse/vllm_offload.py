@@ -315,7 +315,10 @@ class WorkerOffload:
         wanted = [h for h in wanted if h not in self._host and h not in self._inflight]
         wanted = wanted[: max(0, self.host_cache_blocks - len(self._inflight))]
         if wanted:
-            read = self.reader.start_read(wanted)
+            try:
+                read = self.reader.start_read(wanted, ahead=True)
+            except StoreError:
+                return  # no buffers to spare now: a prefetch is only an optimisation
             for h in wanted:
                 self._inflight[h] = (read, wanted)
             self.counters.prefetched += len(wanted)
@@ -344,7 +347,7 @@ class WorkerOffload:
             assert self.reader is not None
             try:
                 loaded = self.reader.start_read(absent).wait()
-            except StoreError as exc:
+            except StoreError as exc:  # missing, damaged, or no staging to read it into
                 raise OffloadError(f"sparse offload: an offloaded block cannot be read back: {exc}") from exc
             self.counters.store_reads += len(absent)
             for h, payload in zip(absent, loaded, strict=True):

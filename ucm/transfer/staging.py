@@ -49,11 +49,12 @@ class HostPayload:
     """Host payloads of a batch: `tensor[g, i]` is block i's canonical payload for head group g."""
 
     def __init__(
-        self, pool: HostBufferPool, groups: int, n: int, shape: tuple[int, ...], dtype: torch.dtype
+        self, pool: HostBufferPool, groups: int, n: int, shape: tuple[int, ...], dtype: torch.dtype,
+        timeout: float | str | None = "default",
     ) -> None:
         self.pool = pool
         per_block = dtype.itemsize * int(np.prod(shape))
-        self.raw = pool.acquire(groups * n * per_block)
+        self.raw = pool.acquire(groups * n * per_block, timeout)
         self.tensor = self.raw.view(dtype).view(groups, n, *shape)
         self._bytes = self.raw.view(groups * n, per_block)
 
