@@ -255,9 +255,10 @@ class UCMSchedulerSide:
         state.saved_blocks = full_end
         return SaveSpec(req_id=req_id, block_ids=list(block_ids[first:full_end]), block_hashes=hashes[first:full_end])
 
-    def stored_block_hashes(self, request_id: str) -> list[bytes]:
-        """Hashes of the request's leading blocks that a store lookup found (sparse offload frees
-        only those GPU blocks): blocks being saved are looked up again at later steps."""
+    def stored_block_hashes(self, request_id: str, start: int = 0) -> list[bytes]:
+        """Hashes of the request's leading blocks that a store lookup found, from block `start` on
+        (sparse offload frees only those GPU blocks): blocks being saved are looked up again at
+        later steps."""
         state = self._states.get(request_id)
         if state is None:
             return []
@@ -265,7 +266,7 @@ class UCMSchedulerSide:
         if state.confirmed_blocks < state.saved_blocks:
             pending = state.hashes[state.confirmed_blocks : state.saved_blocks]
             state.confirmed_blocks += self._present_prefix(pending)
-        return state.hashes[: state.confirmed_blocks]
+        return state.hashes[start : state.confirmed_blocks]
 
     def blocks_failed(self, invalid_block_ids: set[int]) -> None:
         """Loads of these blocks failed (vLLM recomputes them): save them again once recomputed, so

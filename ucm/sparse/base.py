@@ -37,9 +37,10 @@ class SparseConfigError(ValueError):
 class StoredBlocks(Protocol):
     """The connector's scheduler side, as sparse offload sees it."""
 
-    def stored_block_hashes(self, request_id: str) -> Sequence[bytes]:
+    def stored_block_hashes(self, request_id: str, start: int = 0) -> Sequence[bytes]:
         """Block hashes of the request's leading blocks that the store is known to hold (looked up,
-        not merely being written): KV that can leave the GPU and be read back."""
+        not merely being written), from block `start` on: KV that can leave the GPU and be read
+        back. (From `start`, so a caller asking every step pays for the new blocks only.)"""
         ...
 
 

@@ -97,7 +97,8 @@ STAT_NAMES = {
 @dataclasses.dataclass
 class _Held:
     slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
-    offloaded: set[int] = dataclasses.field(default_factory=set)
+    # blocks [init_blocks, frontier) have left the GPU: they leave in order, as they are stored
+    frontier: int = 0
 
 
 class SchedulerOffload:
@@ -146,9 +147,11 @@ class SchedulerOffload:
             return None
         held = self.held.get(req_id)
         init, local = rm.fixed_window(nb, c.init_blocks, c.local_blocks)
-        stored = self.stored.stored_block_hashes(req_id)
-        candidates = [i for i in range(init.stop, min(local.start, len(stored))) if not blocks[i].is_null]
-        num_offloaded = (len(held.offloaded) if held else 0) + len(candidates)
+        # only the blocks past the frontier are looked at: per step, work for the new blocks only
+        start = max(init.stop, held.frontier if held else 0)
+        stored = self.stored.stored_block_hashes(req_id, start)
+        candidates = [i for i in range(start, min(local.start, start + len(stored))) if not blocks[i].is_null]
+        num_offloaded = (held.frontier - init.stop if held else 0) + len(candidates)
         have = len(held.slots) if held else 0
         need = min(num_slots(c, nb), num_offloaded) - have  # a selection's worth + prefetch_blocks
         required = min(num_slots(c, nb) - c.prefetch_blocks, num_offloaded) - have  # a selection's worth
@@ -166,7 +169,8 @@ class SchedulerOffload:
         freed = [blocks[i] for i in candidates]
         for i in candidates:
             blocks[i] = self.pool.null_block
-        held.offloaded.update(candidates)
+        if candidates:
+            held.frontier = candidates[-1] + 1
         self.pool.free_blocks(reversed(freed))  # later blocks first in eviction order, as vLLM frees
         slots = self.pool.get_new_blocks(need) if need > 0 else []
         held.slots.extend(slots)
@@ -178,7 +182,8 @@ class SchedulerOffload:
         return OffloadUpdate(
             req_id,
             anchor=blocks[nb - 1].block_id,
-            offloaded=tuple(OffloadedBlock(i, b.block_id, stored[i]) for i, b in zip(candidates, freed, strict=True)),
+            offloaded=tuple(OffloadedBlock(i, b.block_id, stored[i - start])
+                            for i, b in zip(candidates, freed, strict=True)),
             new_slots=tuple(b.block_id for b in slots),
             first=first,
         )
@@ -202,6 +207,7 @@ class _Offloaded:
     slots: list[int] = dataclasses.field(default_factory=list)
     summaries: dict[str, rm.BlockSummaries] = dataclasses.field(default_factory=dict)  # by layer, logical
     placed: dict[str, collections.OrderedDict[int, int]] = dataclasses.field(default_factory=dict)  # slot->block
+    index: torch.Tensor | None = None  # sorted offloaded blocks, rebuilt only when they change
 
 
 class WorkerOffload:
@@ -245,6 +251,7 @@ class WorkerOffload:
                     req.summaries[layer] = store
                 store.assign(torch.tensor(logical), paged.data.take(physical.to(paged.data.kmin.device)))
             req.hashes.update((b.logical, b.block_hash) for b in update.offloaded)
+            req.index = None
             self.counters.offloaded_blocks += len(logical)
 
     def overlay(self, req: _Offloaded, layer: str, block_summaries: rm.BlockSummaries) -> None:
@@ -254,8 +261,9 @@ class WorkerOffload:
             return
         if layer not in req.summaries:  # its summaries did not exist when the blocks left the GPU
             raise OffloadError(f"sparse offload: layer {layer} has no summaries of the offloaded blocks")
-        logical = torch.tensor(sorted(req.hashes), device=block_summaries.kmin.device)
-        block_summaries.assign(logical, req.summaries[layer].take(logical))
+        if req.index is None or req.index.device != block_summaries.kmin.device:
+            req.index = torch.tensor(sorted(req.hashes), device=block_summaries.kmin.device)
+        block_summaries.assign(req.index, req.summaries[layer].take(req.index))
 
     def place(
         self, req: _Offloaded, layer: str, selection: torch.Tensor, physical: torch.Tensor, paged: LayerKV
