@@ -1,7 +1,7 @@
 """The operator against the real control plane: the heterogeneous example reaches Serving with pods
 on the right GPU products; scaling, an engine change (rolls both pools, new revision), adding and
 removing a pool, drift repair, a write-free resync; deletion garbage-collects everything and the
-store claim follows its reclaim policy.
+store claim follows its reclaim policy; a pass that races its namespace's deletion stops quietly.
 
 The operator runs as a subprocess (`ucm-operator run --namespace NS`) with a ServiceAccount token
 bound to exactly the rules in charts/ucm/files/operator-rbac.yaml.
@@ -9,12 +9,14 @@ bound to exactly the rules in charts/ucm/files/operator-rbac.yaml.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ucm_operator.kube import Kube
+from ucm_operator.kube import Kube, KubeError
+from ucm_operator.reconcile import Reconciler
 
 from e2e.access import ClusterAccess
 from e2e.operator_support import (
@@ -212,3 +214,50 @@ def test_unschedulable_pool_is_reported(cluster: ClusterAccess, namespace: str, 
         assert condition(found, "Serving")["status"] == "False"
         assert condition(found, "PrefillReady")["status"] == "True"
         assert condition(found, "DecodeReady")["status"] == "False"
+
+
+class _SnapshotKube(Kube):
+    """The operator's Kube, except that reading the UCMCluster returns the body read before its
+    namespace began terminating: the pass then runs exactly as in the race (read just before the
+    delete, apply just after), with every write answered by the real API server."""
+
+    def __init__(self, kube: Kube, snapshot: dict[str, Any]) -> None:
+        super().__init__(kube.api)
+        self.snapshot = snapshot
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        if (api_version, kind) == (API, "UCMCluster"):
+            return self.snapshot
+        return super().get(api_version, kind, namespace, name)
+
+
+def test_pass_over_a_terminating_namespace_stops_without_error(cluster: ClusterAccess, kube: Kube, crd: None) -> None:
+    """The API answers creates in a terminating namespace with 403 Forbidden (cause
+    NamespaceTerminating). That is no RBAC denial and nothing to retry: the pass stops quietly,
+    without a Warning event or an error, and the namespace controller deletes the cluster."""
+    ns = f"e2e-terminating-{uuid.uuid4().hex[:6]}"
+    kube.request("POST", "/api/v1/namespaces",
+                 body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"ucm.dev/e2e": "true"}}})
+    # A finalizer nobody removes until the end keeps the namespace in Terminating.
+    hold = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "hold", "namespace": ns,
+                                                                  "finalizers": ["ucm.dev/e2e-hold"]}}
+    try:
+        wait_for(lambda: kube.get("v1", "ServiceAccount", ns, "default"), f"ServiceAccount {ns}/default", timeout_s=30)
+        kube.request("POST", f"/api/v1/namespaces/{ns}/configmaps", body=hold)
+        apply_cluster(cluster, ns, load_example("ucmcluster-heterogeneous.yaml", name="late", namespace=ns))
+        snapshot = get_cluster(kube, ns, "late")
+        assert snapshot is not None
+        kube.request("DELETE", f"/api/v1/namespaces/{ns}")
+        wait_for(lambda: get_cluster(kube, ns, "late") is None or None,
+                 "the namespace controller to delete the UCMCluster", timeout_s=60)
+
+        with pytest.raises(KubeError) as refused:
+            kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "new", "namespace": ns}})
+        assert refused.value.status == 403 and refused.value.namespace_terminating
+
+        outcome = Reconciler(_SnapshotKube(kube, snapshot)).reconcile(ns, "late")
+        assert outcome.namespace_terminating
+        assert outcome.errors == [] and outcome.writes == 0 and outcome.events == 0
+    finally:
+        kube.request("PATCH", f"/api/v1/namespaces/{ns}/configmaps/hold", body={"metadata": {"finalizers": None}},
+                     content_type="application/merge-patch+json")

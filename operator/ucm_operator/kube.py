@@ -48,13 +48,22 @@ FAULT_ENV = "UCM_OPERATOR_FAULT_EXIT_AFTER_WRITES"
 
 
 class KubeError(Exception):
-    """A failed API call: HTTP status, the API's reason (e.g. Invalid, Conflict) and its message."""
+    """A failed API call: HTTP status, the API's reason (e.g. Invalid, Conflict), its message and
+    the reasons of its `details.causes` (e.g. NamespaceTerminating)."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, causes: Sequence[str] = ()) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.causes = tuple(causes)
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """The namespace is being deleted, so nothing new may be created in it. Not an RBAC
+        denial, although the API answers 403 Forbidden: the namespace controller is about to
+        delete the cluster too, so there is nothing to retry."""
+        return self.status == 403 and "NamespaceTerminating" in self.causes
 
 
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
@@ -123,8 +132,10 @@ class Kube:
         except ValueError:
             payload = {"message": data.decode(errors="replace")}
         if not 200 <= response.status < 300:
+            details = payload.get("details") if isinstance(payload, dict) else None
+            causes = [str(c.get("reason", "")) for c in (details or {}).get("causes") or [] if isinstance(c, dict)]
             raise KubeError(response.status, str(payload.get("reason") or response.reason),
-                            str(payload.get("message") or payload))
+                            str(payload.get("message") or payload), causes)
         return payload if isinstance(payload, dict) else {"items": payload}
 
     def _count_write(self, method: str, path: str) -> None:

@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Outcome:
     """What one pass did: objects written (applied or pruned), whether the status was patched,
-    and errors (the runtime retries with backoff when there are any)."""
+    and errors (the runtime retries with backoff when there are any). `namespace_terminating`:
+    the pass stopped because the namespace is being deleted (no error: nothing to retry)."""
 
     found: bool = True
+    namespace_terminating: bool = False
     applied: int = 0
     pruned: int = 0
     status_written: bool = False
@@ -156,6 +158,11 @@ class Reconciler:
         outcome = Outcome()
         if not problems:
             self._apply(spec.uid, build_children(spec), live, outcome)
+        if outcome.namespace_terminating:
+            # The namespace controller deletes this cluster next; a status or a Warning event
+            # for a 403 that is no fault of the spec or of RBAC would only mislead.
+            log.info("%s/%s: namespace %s is being deleted; nothing more to apply", namespace, name, namespace)
+            return outcome
         observed = Observed(spec=spec, generation=spec.generation, revision=revision(spec), problems=problems,
                             deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
                             claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
@@ -199,6 +206,9 @@ class Reconciler:
             try:
                 result = self.kube.apply(manifest)
             except KubeError as exc:
+                if exc.namespace_terminating:
+                    outcome.namespace_terminating = True
+                    return
                 outcome.errors.append(f"{manifest['kind']} {manifest['metadata']['name']}: {exc.message}")
                 continue
             self._remember(result, str(_hash(manifest)))
@@ -235,7 +245,8 @@ class Reconciler:
                 self.kube.event(body, type_="Warning", reason=reason, message=cond["message"], when=now())
                 outcome.events += 1
             except KubeError as exc:
-                log.warning("could not post event for %s: %s", body["metadata"]["name"], exc)
+                log.log(logging.DEBUG if exc.namespace_terminating else logging.WARNING,
+                        "could not post event for %s: %s", body["metadata"]["name"], exc)
         if status != previous:
             log.debug("%s/%s status changes: %s", body["metadata"]["namespace"], body["metadata"]["name"],
                       _status_diff(previous, status))
