@@ -10,7 +10,7 @@ import numpy as np
 from store_helpers import LAYOUT, payload_for, random_keys
 
 from ucm.store import FileStore
-from ucm.store.format import HEADER_SIZE
+from ucm.store.format import HEADER_SIZE, object_path
 from ucm.store.scan import scan_objects
 
 MakeStore = Callable[..., FileStore]
@@ -71,3 +71,24 @@ def test_block_larger_than_capacity_is_refused(make_store: MakeStore) -> None:
     key = random_keys(1)
     assert store.dump(key, [payload_for(key[0])], LAYOUT).wait(10) == [False]
     assert store.stats().dump_failures == 1 and _on_disk(store) == 0
+
+
+def test_touch_keeps_objects_nobody_reads_from_eviction(make_store: MakeStore) -> None:
+    """`touch` (sparse offload's keep-alive) makes objects the most recently used without reading
+    them, counts only those that exist, and drops a vanished one from the index."""
+    store = make_store(capacity_bytes=5 * OBJECT)
+    keys = random_keys(5)
+    _dump_one_by_one(store, keys)
+    never_stored = random_keys(1)[0]
+    time.sleep(0.003)
+    assert store.touch([*keys[:2], never_stored]) == 2
+    assert store.touch([]) == 0
+    newcomer = random_keys(1)
+    _dump_one_by_one(store, newcomer)
+    present = dict(zip(keys + newcomer, store.lookup(keys + newcomer), strict=True))
+    assert present[keys[0]] and present[keys[1]] and present[newcomer[0]]
+    assert not present[keys[2]] and not present[keys[3]]
+    # an object another host removed: touch finds it gone and the index forgets it
+    os.unlink(object_path(os.path.join(store.root, "objects"), keys[0]))
+    assert store.touch([keys[0], keys[1]]) == 1
+    assert store.lookup([keys[0]]) == [False]

@@ -87,6 +87,7 @@ def test_remove_and_prefix(make_store: MakeStore) -> None:
     assert tier.remove(keys[1:2]) == 1
     assert tier.lookup_prefix(keys) == 1
     assert tier.memory_stats()["blocks"] == 2
+    assert tier.touch(keys) == 2  # the backing store's objects: its eviction clock is the shared one
 
 
 def test_open_store(store_dir: os.PathLike[str]) -> None:

@@ -126,6 +126,13 @@ class Store(abc.ABC):
         """Remove the keys that exist; returns how many were removed."""
 
     @abc.abstractmethod
+    def touch(self, keys: Sequence[Key]) -> int:
+        """Mark the keys that exist as just used, so eviction and `ucm store gc` (least recently
+        used first) take other objects before them; returns how many exist. For KV that must stay
+        readable although nobody reads it for a while (sparse offload's blocks of a request that
+        is still decoding)."""
+
+    @abc.abstractmethod
     def stats(self) -> StoreStats:
         """A snapshot of the counters."""
 

@@ -574,6 +574,33 @@ class FileStore(Store):
             self._unindexed(key)
         return removed
 
+    def touch(self, keys: Sequence[Key]) -> int:
+        """Sets each object's mtime (the LRU clock) to now: one metadata write per object, spread
+        over the I/O threads (each is an RPC on NFS). A store that cannot write (read-only) only
+        counts what exists; an object found gone leaves the index."""
+        check_keys(keys)
+        if not keys:
+            return 0
+        chunk = -(-len(keys) // self._io_threads)
+        parts = [list(keys[i : i + chunk]) for i in range(0, len(keys), chunk)]
+        return sum(self._pool.map(self._touch_many, parts))
+
+    def _touch_many(self, keys: list[bytes]) -> int:
+        if self._stats.read_only_reason is not None:
+            return sum(map(self._stat_present, keys))
+        present = 0
+        for key in keys:
+            path = object_path(self._objects, key)
+            try:
+                os.utime(path)
+                present += 1
+            except FileNotFoundError:
+                self._unindexed(key)
+            except OSError as exc:
+                self._log_once(exc, path, "touch")
+                present += self._stat_present(key)
+        return present
+
     def stats(self) -> StoreStats:
         with self._lock:
             snapshot = StoreStats(**self._stats.as_dict())  # type: ignore[arg-type]

@@ -146,6 +146,10 @@ class HostTierStore(Store):
                     self._bytes -= len(entry[1])
         return self.backing.remove(keys)
 
+    def touch(self, keys: Sequence[Key]) -> int:
+        """The backing store's eviction clock is the one that matters: host memory is per process."""
+        return self.backing.touch(keys)
+
     def stats(self) -> StoreStats:
         """The backing store's footprint and write counters; lookups and loads as seen through
         this tier (memory hits included). `memory_stats()` has the tier's own numbers."""
