@@ -33,6 +33,8 @@ def test_offload_replay_equals_resident_and_holds_fewer_blocks() -> None:
     # the same selections either way; prefetch only moves store reads off the critical path
     assert with_["placements_per_step_per_layer"] == without["placements_per_step_per_layer"]
     assert without["prefetched_per_step"] == 0 < with_["prefetched_per_step"]
+    keepalive = result["keepalive"]
+    assert keepalive["blocks"] == nb and keepalive["touch_us_per_block"] > 0 and keepalive["read_us_per_block"] > 0
 
 
 def test_gpu_check_offload_logic_on_cpu() -> None:

@@ -225,6 +225,58 @@ def test_an_offloaded_block_missing_from_the_store_is_a_clear_error(tmp_path: pa
             engine.step()
 
 
+def test_offloaded_blocks_outlive_store_eviction_while_their_request_decodes(tmp_path: pathlib.Path) -> None:
+    """An unselected offloaded block is read by nobody, yet its request needs it until it finishes.
+    The worker touches the objects of every offloaded block (every KEEPALIVE_S; here every step), so
+    when they are as old as another request's blocks, `ucm store gc` down to the recently used
+    objects removes the other request's and none of theirs, and decoding goes on reading them."""
+    from ucm.cli import main as ucm_main
+    from ucm.store.format import object_path
+
+    engine = Engine(write_model_dir(tmp_path / "model"), tmp_path / "store", num_blocks=64, attention=Attention(),
+                    extra={"ucm_sparse_config": {**SPARSE, "offload": True}})
+    engine.add("r0", [(5 * i + 1) % 200 for i in range(8 * BS)], max_tokens=1)  # other data in the store
+    engine.run_until_idle()
+    engine.add("r1", R1_PROMPT, max_tokens=48)
+    worker = get_active_sparse("worker")
+    assert isinstance(worker, BlockRetrievalSparse) and worker.worker_offload is not None
+    offload, side = worker.worker_offload, engine.worker.worker_side
+    offload.keepalive_s = 0.0
+    while "r1" not in offload.requests:
+        engine.flush()
+        engine.step()
+    engine.flush()
+    offload.close()  # the touch in flight lands
+    objects = side.store._objects
+
+    def sizes() -> dict[str, int]:
+        return {e.path: e.stat().st_size for d in os.scandir(objects) if d.is_dir() for e in os.scandir(d.path)}
+
+    # Everything is an hour old but r1's blocks still on the GPU (just written, as in real life).
+    offloaded = set(offload.requests["r1"].hashes.values())
+    stored = engine.scheduler.connector.scheduler_side.stored_block_hashes("r1")  # type: ignore[union-attr]
+    resident = {object_path(objects, k) for k in side._keys([h for h in stored if h not in offloaded])}
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for path in sizes().keys() - resident:
+        os.utime(path, ns=(hour_ago, hour_ago))
+    engine.step()  # touches every offloaded block's objects (those it offloads now too)
+    offload.close()
+    kept = {object_path(objects, k) for k in side._keys(list(offload.requests["r1"].hashes.values()))}
+    assert offload.counters.missing_stored == 0 and offload.counters.kept_stored > 0 and kept
+    before = sizes()
+    fresh = {p for p in before if os.stat(p).st_mtime_ns > hour_ago}
+    assert kept <= fresh and len(before) > len(fresh)
+    assert ucm_main(["store", "gc", "--path", side.store.root,
+                     "--max-bytes", str(sum(before[p] for p in fresh))]) == 0
+    after = sizes()
+    assert kept <= after.keys() and after.keys() == fresh  # the aged objects (r0's) went, no kept one
+    offload._host.clear()  # reads must come from the store
+    while engine.scheduler.has_unfinished_requests():
+        engine.flush()
+        engine.step()
+    assert offload.counters.store_reads > 0 and offload.counters.missing_stored == 0
+
+
 def test_offload_config_is_validated() -> None:
     with pytest.raises(SparseConfigError, match=r"ucm_sparse_config\.offload: expected true or false, got 'yes'"):
         BlockRetrievalConfig.from_dict({"offload": "yes"})

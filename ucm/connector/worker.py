@@ -206,6 +206,11 @@ class UCMWorkerSide:
             raise
         return _SparseBlockRead(list(block_hashes), self._group_keys, task, payload)
 
+    def keep_stored(self, block_hashes: Sequence[bytes]) -> int:
+        """Touch the blocks' objects of this rank's heads (sparse offload's `BlockReader`)."""
+        keys = self._keys(block_hashes)
+        return len(keys) - self.store.touch(keys)
+
     def _keys(self, hashes: Sequence[bytes]) -> list[bytes]:
         """Keys group-major: all blocks of group 0, then group 1, ... (matching payload order)."""
         return [block_key(h, start, count) for start, count in self._group_keys for h in hashes]

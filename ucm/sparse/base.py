@@ -65,6 +65,11 @@ class BlockReader(Protocol):
         """Index of `layer_name` in the read blocks' layer dimension."""
         ...
 
+    def keep_stored(self, block_hashes: Sequence[bytes]) -> int:
+        """Mark the blocks' stored objects (this rank's) just used, so the store's LRU eviction
+        and `ucm store gc` take others first; returns how many objects are missing. Blocking."""
+        ...
+
 
 class SparseRole(enum.Enum):
     """Which side of vLLM an instance serves; scheduler and worker are separate instances."""

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,6 +76,9 @@ class FileStoreReader:
     def layer_of(self, layer_name: str) -> int:
         return self.index[layer_name]
 
+    def keep_stored(self, block_hashes: Sequence[bytes]) -> int:
+        return len(block_hashes) - self.store.touch(list(block_hashes))
+
 
 def bench_vllm_offload(
     config: BlockRetrievalConfig, layers: list[LayerQKV], block_size: int, decode_steps: int, seed: int = 0,
@@ -113,10 +117,25 @@ def bench_vllm_offload(
                 for label, prefetch in (("prefetch", True), ("no_prefetch", False))
             }
             return {**{k: v for k, v in runs["prefetch"].items() if k not in PER_RUN}, **{
-                label: {k: v for k, v in run.items() if k in PER_RUN} for label, run in runs.items()}}
+                label: {k: v for k, v in run.items() if k in PER_RUN} for label, run in runs.items()},
+                "keepalive": _keepalive_cost(reader, hashes)}
         finally:
             store.index_ready.wait(timeout=60)  # the shard directories are made on a background thread
             store.close()
+
+
+def _keepalive_cost(reader: FileStoreReader, hashes: list[bytes]) -> dict[str, Any]:
+    """What the worker's keep-alive (touching every offloaded block's object, see
+    `vllm_offload.KEEPALIVE_S`) costs per block, next to reading the same blocks from the store."""
+    t0 = time.perf_counter()
+    missing = reader.keep_stored(hashes)
+    t1 = time.perf_counter()
+    reader.start_read(hashes).wait()
+    t2 = time.perf_counter()
+    if missing:
+        raise RuntimeError(f"offload bench: {missing} stored blocks vanished")
+    return {"blocks": len(hashes), "touch_us_per_block": round((t1 - t0) / len(hashes) * 1e6, 1),
+            "read_us_per_block": round((t2 - t1) / len(hashes) * 1e6, 1)}
 
 
 def _replay(

@@ -27,6 +27,12 @@ read it again), and the compacted block table points at the slots. A freed id ne
 kernel: an offloaded block is attended only through a slot. Each layer's runners-up and rising
 blocks are read ahead into the host cache, so those store reads overlap the rest of the step.
 
+An offloaded block exists only in the store while its request decodes, yet nobody reads it while it
+goes unselected, and the store evicts (and `ucm store gc` removes) least recently used objects
+first. So every `KEEPALIVE_S` the worker touches the objects of every block it has offloaded, in
+the background: they stay among the most recently used, and one that is gone anyway is logged
+before a selection needs it.
+
 Limits: a block not in host memory is read on its layer's critical path; speculative decoding (a
 row with several query tokens) is refused at start-up.
 """
@@ -34,8 +40,10 @@ row with several query tokens) is refused at start-up.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +56,11 @@ from ucm.sparse.paged import LayerKV, PagedSummaries
 from ucm.store.base import StoreError
 
 logger = logging.getLogger(__name__)
+
+# Seconds between touches of the offloaded blocks' objects: they are then never more than this
+# much older than the newest objects, while a touch costs a metadata write per object (an NFS RPC),
+# about 270 per second for a 128K-token request of 16-token blocks.
+KEEPALIVE_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +95,8 @@ class OffloadCounters:
     prefetched: int = 0  # whole blocks whose read started ahead of need
     prefetch_hits: int = 0  # ... of those, the ones a later placement used
     slot_shortfall: int = 0  # selected offloaded (layer, block) left out for want of a slot
+    kept_stored: int = 0  # offloaded blocks whose stored objects were touched (see KEEPALIVE_S)
+    missing_stored: int = 0  # ... of those objects, the ones found gone from the store
 
 
 # OffloadCounters field -> the connector's stat name (ucm.connector.stats.COUNTERS)
@@ -213,10 +228,16 @@ class _Offloaded:
 class WorkerOffload:
     """Slots, offloaded summaries and store reads of the worker's offloading requests."""
 
-    def __init__(self, kind: str, host_cache_blocks: int, prefetch: bool = True) -> None:
+    def __init__(self, kind: str, host_cache_blocks: int, prefetch: bool = True,
+                 keepalive_s: float = KEEPALIVE_S) -> None:
         self.kind = kind
         self.host_cache_blocks = host_cache_blocks
         self.prefetch_enabled = prefetch
+        self.keepalive_s = keepalive_s
+        self._last_keepalive = time.monotonic()
+        self._keepalive: concurrent.futures.Future[int] | None = None
+        self._keepalive_blocks = 0
+        self._keeper: concurrent.futures.ThreadPoolExecutor | None = None
         self.reader: BlockReader | None = None
         self.requests: dict[str, _Offloaded] = {}
         self.by_anchor: dict[int, _Offloaded] = {}
@@ -253,6 +274,41 @@ class WorkerOffload:
             req.hashes.update((b.logical, b.block_hash) for b in update.offloaded)
             req.index = None
             self.counters.offloaded_blocks += len(logical)
+        self._keep_stored()
+
+    def _keep_stored(self) -> None:
+        """Every `keepalive_s`, touch the stored objects of all offloaded blocks, on a thread of
+        its own (the step does not wait); the previous touch's outcome is collected first."""
+        if self._keepalive is not None:
+            if not self._keepalive.done():
+                return
+            self._collect_keepalive(self._keepalive)
+        if self.reader is None or time.monotonic() - self._last_keepalive < self.keepalive_s:
+            return
+        hashes = [h for req in self.requests.values() for h in req.hashes.values()]
+        if not hashes:
+            return
+        self._last_keepalive = time.monotonic()
+        if self._keeper is None:
+            self._keeper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ucm-sparse-keepalive")
+        self._keepalive_blocks = len(hashes)
+        self._keepalive = self._keeper.submit(self.reader.keep_stored, hashes)
+
+    def _collect_keepalive(self, done: concurrent.futures.Future[int]) -> None:
+        self._keepalive = None
+        try:
+            missing = done.result()
+        except Exception:  # recency is best effort: a failed touch must not fail decoding
+            logger.warning("UCM sparse offload: touching the offloaded blocks in the store failed", exc_info=True)
+            return
+        self.counters.kept_stored += self._keepalive_blocks
+        self.counters.missing_stored += missing
+        if missing:
+            logger.warning(
+                "UCM sparse offload: %d stored objects of offloaded blocks are gone from the store (evicted, "
+                "or removed by `ucm store gc`); a step that selects one of them fails. Give the store more "
+                "capacity or gc less recently used data", missing,
+            )
 
     def overlay(self, req: _Offloaded, layer: str, block_summaries: rm.BlockSummaries) -> None:
         """Put the offloaded blocks' own summaries into a row's summaries (whose entries for them
@@ -369,9 +425,16 @@ class WorkerOffload:
         return out
 
     def close(self) -> None:
-        """Wait for the reads in flight (they hold host staging buffers)."""
+        """Wait for the reads in flight (they hold host staging buffers) and the touch in flight
+        (the connector closes the store next)."""
         while self._inflight:
             self._arrive(next(iter(self._inflight)))
+        if self._keepalive is not None:
+            concurrent.futures.wait([self._keepalive])
+            self._collect_keepalive(self._keepalive)
+        if self._keeper is not None:
+            self._keeper.shutdown(wait=True)
+            self._keeper = None
 
 
 def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: PagedSummaries) -> rm.BlockSummaries:
