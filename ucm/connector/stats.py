@@ -36,6 +36,7 @@ COUNTERS = (
     "sparse_store_reads",  # whole blocks read back from the store on a layer's critical path
     "sparse_prefetched",  # whole blocks read ahead of need
     "sparse_slot_shortfall",  # selected (layer, block) left out for want of a slot
+    "sparse_lost_blocks",  # offloaded blocks found gone from the store (attention leaves them out)
 )
 
 

@@ -35,7 +35,7 @@ from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.stats import UCMConnectorStats
 from ucm.hashing import block_key
-from ucm.store.base import BlockLayout, Store, StoreError, Task, WritableBuffer
+from ucm.store.base import BlockLayout, BlocksMissing, Store, StoreError, Task, WritableBuffer
 from ucm.transfer.buffers import HostBufferPool, PoolExhausted
 from ucm.transfer.paged import PagedKV
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
@@ -95,9 +95,10 @@ class _SparseBlockRead:
                 missing = found.index(False) if not all(found) else -1
                 if missing >= 0:
                     start, count = self.group_keys[missing // n]
-                    self.result = StoreError(
+                    gone = dict.fromkeys(self.hashes[i % n] for i, hit in enumerate(found) if not hit)
+                    self.result = BlocksMissing(
                         f"block {self.hashes[missing % n].hex()} (heads {start}..{start + count - 1}) is missing "
-                        f"or damaged in the store"
+                        f"or damaged in the store", list(gone),
                     )
                 else:  # [groups, n, layers, group heads, ...] -> [n, layers, local heads, ...]
                     blocks = self.payload.tensor.movedim(0, 2)

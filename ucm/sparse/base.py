@@ -49,7 +49,8 @@ class PendingBlocks(Protocol):
 
     def wait(self) -> torch.Tensor:
         """[n, layers, kv heads of this rank, block_size, 2 (K, V), head_dim] on the CPU (the same
-        tensor on every call); raises `ucm.store.base.StoreError` naming a block the store lacks."""
+        tensor on every call); raises `ucm.store.base.BlocksMissing` naming the blocks the store
+        lacks, `StoreError` for any other failure."""
         ...
 
 

@@ -41,7 +41,7 @@ from ucm.sparse.offload import bytes_view
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots
 from ucm.store import FileStore
-from ucm.store.base import BlockLayout, StoreError, Task
+from ucm.store.base import BlockLayout, BlocksMissing, Task
 from ucm.transfer.paged import CacheLayout
 
 # what differs between the runs with and without prefetch (the rest is reported once)
@@ -57,7 +57,8 @@ class FileStoreRead:
     def wait(self) -> torch.Tensor:
         found = self.task.wait()
         if not all(found):
-            raise StoreError(f"block {self.hashes[found.index(False)].hex()} is missing")
+            gone = [h for h, hit in zip(self.hashes, found, strict=True) if not hit]
+            raise BlocksMissing(f"block {gone[0].hex()} is missing", gone)
         return self.out
 
 

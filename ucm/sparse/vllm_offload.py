@@ -31,10 +31,11 @@ An offloaded block exists only in the store while its request decodes, yet nobod
 goes unselected, and the store evicts (and `ucm store gc` removes) least recently used objects
 first. So every `KEEPALIVE_S` the worker touches the objects of every block it has offloaded, in
 the background: they stay among the most recently used, and one that is gone anyway is logged
-before a selection needs it.
+before a selection needs it. A block a read finds gone is left out of that request's selections
+from then on (its KV exists nowhere; failing the step would stop the engine and every request).
 
 Limits: a block not in host memory is read on its layer's critical path; speculative decoding (a
-row with several query tokens) is refused at start-up.
+row with several query tokens) is refused at start-up; a lost block is not recomputed.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from ucm.sparse import retrieval_math as rm
 from ucm.sparse.base import BlockReader, PendingBlocks, SparseConfigError, StoredBlocks
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, PagedSummaries
-from ucm.store.base import StoreError
+from ucm.store.base import BlocksMissing, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class OffloadCounters:
     prefetched: int = 0  # whole blocks whose read started ahead of need
     prefetch_hits: int = 0  # ... of those, the ones a later placement used
     slot_shortfall: int = 0  # selected offloaded (layer, block) left out for want of a slot
+    lost_blocks: int = 0  # offloaded blocks a read found gone from the store: left out from then on
     kept_stored: int = 0  # offloaded blocks whose stored objects were touched (see KEEPALIVE_S)
     missing_stored: int = 0  # ... of those objects, the ones found gone from the store
 
@@ -106,6 +108,7 @@ STAT_NAMES = {
     "store_reads": "sparse_store_reads",
     "prefetched": "sparse_prefetched",
     "slot_shortfall": "sparse_slot_shortfall",
+    "lost_blocks": "sparse_lost_blocks",
 }
 
 
@@ -218,7 +221,9 @@ class SchedulerOffload:
 
 @dataclasses.dataclass
 class _Offloaded:
+    req_id: str
     hashes: dict[int, bytes] = dataclasses.field(default_factory=dict)  # logical block -> store hash
+    lost: set[int] = dataclasses.field(default_factory=set)  # offloaded blocks gone from the store
     slots: list[int] = dataclasses.field(default_factory=list)
     summaries: dict[str, rm.BlockSummaries] = dataclasses.field(default_factory=dict)  # by layer, logical
     placed: dict[str, collections.OrderedDict[int, int]] = dataclasses.field(default_factory=dict)  # slot->block
@@ -254,7 +259,7 @@ class WorkerOffload:
         self.by_anchor = {}
         for update in updates:
             if update.first or update.req_id not in self.requests:
-                self.requests[update.req_id] = _Offloaded()
+                self.requests[update.req_id] = _Offloaded(update.req_id)
             req = self.requests[update.req_id]
             req.slots.extend(update.new_slots)
             self.by_anchor[update.anchor] = req
@@ -306,8 +311,8 @@ class WorkerOffload:
         if missing:
             logger.warning(
                 "UCM sparse offload: %d stored objects of offloaded blocks are gone from the store (evicted, "
-                "or removed by `ucm store gc`); a step that selects one of them fails. Give the store more "
-                "capacity or gc less recently used data", missing,
+                "or removed by `ucm store gc`); their requests' attention will leave them out. Give the store "
+                "more capacity or gc less recently used data", missing,
             )
 
     def overlay(self, req: _Offloaded, layer: str, block_summaries: rm.BlockSummaries) -> None:
@@ -328,8 +333,11 @@ class WorkerOffload:
         pointing at a slot of this layer that holds it; the selection attended). Loads the missing
         blocks into slots. Should the slots not suffice (the scheduler could not take more from a
         full pool while the selection grew), the last missing blocks are left out of this step's
-        selection rather than failing the forward pass (`slot_shortfall` counts them)."""
+        selection rather than failing the forward pass (`slot_shortfall` counts them). A block the
+        store no longer has is left out of this and every later selection (see `_lose`)."""
         placed = req.placed.setdefault(layer, collections.OrderedDict())
+        if req.lost:
+            selection = selection[[b not in req.lost for b in selection.tolist()]]
         where = {block: slot for slot, block in placed.items()}
         wanted = [b for b in selection.tolist() if b in req.hashes]
         missing = [b for b in wanted if b not in where]
@@ -343,7 +351,14 @@ class WorkerOffload:
                 missing, wanted = missing[: len(free)], [b for b in wanted if b not in left_out]
                 selection = selection[[b not in left_out for b in selection.tolist()]]
         if missing:
-            payloads = self._read([req.hashes[b] for b in missing])
+            read = self._read([req.hashes[b] for b in missing])
+            if any(p is None for p in read):
+                self._lose(req, [b for b, p in zip(missing, read, strict=True) if p is None])
+                selection = selection[[b not in req.lost for b in selection.tolist()]]
+                wanted = [b for b in wanted if b not in req.lost]
+                missing = [b for b in missing if b not in req.lost]
+            payloads = [p for p in read if p is not None]
+        if missing:
             index = self.reader.layer_of(layer) if self.reader is not None else 0
             # this layer of every missing block in one host -> device copy: [m, bs, heads, 2, head_dim]
             kv = torch.stack([p[index] for p in payloads]).transpose(1, 2).to(paged.key_cache.device)
@@ -360,6 +375,22 @@ class WorkerOffload:
             placed.move_to_end(where[block])  # most recently used last
             out[block] = where[block]
         return out, selection
+
+    def _lose(self, req: _Offloaded, blocks: list[int]) -> None:
+        """Blocks gone from the store (evicted or removed by gc although the keep-alive touched
+        them, or a lost volume) cannot be attended again: their KV exists nowhere. Failing the
+        step would stop the engine and every request in it; the request instead goes on without
+        them, like without any other unselected block, and the loss is logged and counted
+        (`vllm:ucm_sparse_lost_blocks`)."""
+        new = sorted(set(blocks) - req.lost)
+        req.lost.update(new)
+        self.counters.lost_blocks += len(new)
+        if new:
+            logger.error(
+                "UCM sparse offload: request %s: offloaded blocks %s are gone from the store (evicted or removed by "
+                "gc); its attention leaves them out from now on. Give the store room for the blocks decoding "
+                "requests have offloaded", req.req_id, new,
+            )
 
     def take_counters(self) -> dict[str, int]:
         """What changed since the last call, by the connector's stat names."""
@@ -398,9 +429,9 @@ class WorkerOffload:
         except StoreError:
             return  # a demand read of the block reports what is missing
 
-    def _read(self, block_hashes: list[bytes]) -> list[torch.Tensor]:
+    def _read(self, block_hashes: list[bytes]) -> list[torch.Tensor | None]:
         """Whole blocks by hash, from the host cache (prefetches that arrived included) or, in one
-        store read for the rest, the store."""
+        store read for the rest, the store; None for a block the store lacks."""
         for h in dict.fromkeys(block_hashes):
             if h in self._inflight and h not in self._host:
                 self._arrive(h)
@@ -408,21 +439,31 @@ class WorkerOffload:
         absent = [h for h in dict.fromkeys(block_hashes) if h not in self._host]
         self.counters.host_hits += len(block_hashes) - len(absent)
         if absent:
-            assert self.reader is not None
-            try:
-                loaded = self.reader.start_read(absent).wait()
-            except StoreError as exc:  # missing, damaged, or no staging to read it into
-                raise OffloadError(f"sparse offload: an offloaded block cannot be read back: {exc}") from exc
-            self.counters.store_reads += len(absent)
-            for h, payload in zip(absent, loaded, strict=True):
+            present, loaded = self._read_store(absent)
+            self.counters.store_reads += len(present)
+            for h, payload in zip(present, loaded, strict=True):
                 self._host[h] = payload
-        out = []
+        out: list[torch.Tensor | None] = []
         for h in block_hashes:
-            self._host.move_to_end(h)
-            out.append(self._host[h])
+            if h in self._host:
+                self._host.move_to_end(h)
+            out.append(self._host.get(h))
         while len(self._host) > max(self.host_cache_blocks, len(block_hashes)):
             self._host.popitem(last=False)
         return out
+
+    def _read_store(self, block_hashes: list[bytes]) -> tuple[list[bytes], Sequence[torch.Tensor]]:
+        """(the blocks the store has, their payloads): a read that finds some missing is repeated
+        for the others. No staging to read into, or any other failure, is an `OffloadError`."""
+        assert self.reader is not None
+        try:
+            try:
+                return block_hashes, self.reader.start_read(block_hashes).wait().unbind(0)
+            except BlocksMissing as exc:
+                present = [h for h in block_hashes if h not in set(exc.block_hashes)]
+                return present, self.reader.start_read(present).wait().unbind(0) if present else ()
+        except StoreError as exc:
+            raise OffloadError(f"sparse offload: an offloaded block cannot be read back: {exc}") from exc
 
     def close(self) -> None:
         """Wait for the reads in flight (they hold host staging buffers) and the touch in flight

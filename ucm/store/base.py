@@ -32,6 +32,15 @@ class StoreError(Exception):
     """A store cannot be used as configured; the message names the path and the reason."""
 
 
+class BlocksMissing(StoreError):
+    """A read found blocks missing (or damaged) in the store; `block_hashes` names them, so a
+    caller can go on without exactly those."""
+
+    def __init__(self, message: str, block_hashes: Sequence[bytes]) -> None:
+        super().__init__(message)
+        self.block_hashes = tuple(block_hashes)
+
+
 class WritableBuffer(Protocol):
     """Anything exposing the buffer protocol (bytearray, memoryview, numpy array, CPU tensor via
     `.numpy()`); payloads are read from / written to its bytes in place."""
