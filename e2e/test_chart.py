@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from e2e.access import ClusterAccess
+from e2e.operator_support import assert_no_rbac_denials
 from e2e.ucm_demo.identity import service_account_user, write_service_account_kubeconfig
 from e2e.ucm_demo.view import is_serving
 
@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "ucm"
 RULES = yaml.safe_load((CHART / "files" / "operator-rbac.yaml").read_text())
 EXAMPLE = REPO / "examples" / "ucmcluster-heterogeneous.yaml"
-RBAC_DENIAL = re.compile(r'forbidden: User "[^"]+" cannot [^\n]*')
 RELEASE = "ucm"
 SA = "ucm-operator"  # <fullname>-operator for release "ucm"
 # What every authenticated identity may do (system:basic-user and friends): not the chart's doing.
@@ -192,11 +191,7 @@ def _operator_serves_example(cluster: Any, kubeconfig: Path, namespace: str, arg
         wait_for("the example UCMCluster to be Serving", serving, timeout=180, interval=1.0)
     finally:
         _stop(proc)
-    log = log_path.read_text(errors="replace")
-    # The authorizer's words for a denial. A 403 with no such words is a namespace some other
-    # test is deleting (NamespaceTerminating), which the all-namespaces operator may still see.
-    denials = RBAC_DENIAL.findall(log)
-    assert not denials, f"the operator hit RBAC denials: {denials}\n{log[-3000:]}"
+    assert_no_rbac_denials(log_path.read_text(errors="replace"))
 
 
 @pytest.mark.usefixtures("uninstall_after")
