@@ -218,3 +218,15 @@ def test_dump_rewrites_a_block_another_host_removed(make_store: MakeStore) -> No
     assert store.dump(keys, [payload_for(k) for k in keys], LAYOUT).wait(10) == [True, True]
     assert store.stats().dumps == 3 and store.stats().dump_skipped == 1
     assert make_store().lookup(keys) == [True, True]
+
+
+def test_many_keys_are_statted_and_touched_in_parallel_chunks_in_order(make_store: MakeStore) -> None:
+    """Beyond 256 keys the index-less stats (lookup) and the metadata writes (touch) run in chunks
+    on the I/O threads; each answer still belongs to its own key."""
+    writer = make_store()
+    keys = random_keys(600)
+    assert all(writer.dump(keys[::3], [payload_for(k) for k in keys[::3]], LAYOUT).wait(30))
+    reader = make_store(prepare_shards=False)
+    reader._index.clear()  # a store that has not scanned yet: every lookup is a stat
+    assert reader.lookup(keys) == [i % 3 == 0 for i in range(600)]
+    assert reader.touch(keys) == 200

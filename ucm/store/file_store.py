@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from ucm.store import fileio
@@ -223,6 +223,15 @@ class FileStore(Store):
     def _stat_many(self, keys: list[bytes]) -> list[bool]:
         return [self._stat_present(key) for key in keys]
 
+    def _in_chunks(self, per_key: Callable[[list[bytes]], list[bool]], keys: list[bytes]) -> list[bool]:
+        """`per_key(keys)`, in a few chunks on the I/O threads when there are many keys: each
+        stat or metadata write is an RPC on NFS."""
+        if len(keys) <= 256:
+            return per_key(keys)
+        chunk = -(-len(keys) // self._io_threads)
+        return [hit for part in self._pool.map(per_key, [keys[i : i + chunk] for i in range(0, len(keys), chunk)])
+                for hit in part]
+
     def _maybe_refresh(self) -> None:
         """Rescan in the background every `rescan_interval_s`, so objects evicted by other
         hosts leave the index (and usage) instead of lingering as hits until a load fails."""
@@ -240,16 +249,8 @@ class FileStore(Store):
         self._maybe_refresh()
         found = list(map(self._index.__contains__, keys))
         missing = [i for i, hit in enumerate(found) if not hit]
-        if len(missing) > 256:  # many stats: a few chunks in parallel (each stat is an RPC on NFS)
-            chunk = -(-len(missing) // self._io_threads)
-            parts = [missing[i : i + chunk] for i in range(0, len(missing), chunk)]
-            results = self._pool.map(self._stat_many, [[keys[i] for i in p] for p in parts])
-            for part, part_found in zip(parts, results, strict=True):
-                for i, hit in zip(part, part_found, strict=True):
-                    found[i] = hit
-        else:
-            for i in missing:
-                found[i] = self._stat_present(keys[i])
+        for i, hit in zip(missing, self._in_chunks(self._stat_many, [keys[i] for i in missing]), strict=True):
+            found[i] = hit
         hits = sum(found)
         with self._lock:
             self._stats.lookups += len(keys)
@@ -579,26 +580,23 @@ class FileStore(Store):
         over the I/O threads (each is an RPC on NFS). A store that cannot write (read-only) only
         counts what exists; an object found gone leaves the index."""
         check_keys(keys)
-        if not keys:
-            return 0
-        chunk = -(-len(keys) // self._io_threads)
-        parts = [list(keys[i : i + chunk]) for i in range(0, len(keys), chunk)]
-        return sum(self._pool.map(self._touch_many, parts))
+        return sum(self._in_chunks(self._touch_many, list(keys)))
 
-    def _touch_many(self, keys: list[bytes]) -> int:
+    def _touch_many(self, keys: list[bytes]) -> list[bool]:
         if self._stats.read_only_reason is not None:
-            return sum(map(self._stat_present, keys))
-        present = 0
+            return self._stat_many(keys)
+        present = []
         for key in keys:
             path = object_path(self._objects, key)
             try:
                 os.utime(path)
-                present += 1
+                present.append(True)
             except FileNotFoundError:
                 self._unindexed(key)
+                present.append(False)
             except OSError as exc:
                 self._log_once(exc, path, "touch")
-                present += self._stat_present(key)
+                present.append(self._stat_present(key))
         return present
 
     def stats(self) -> StoreStats:
