@@ -90,5 +90,7 @@ def test_touch_keeps_objects_nobody_reads_from_eviction(make_store: MakeStore) -
     assert not present[keys[2]] and not present[keys[3]]
     # an object another host removed: touch finds it gone and the index forgets it
     os.unlink(object_path(os.path.join(store.root, "objects"), keys[0]))
+    indexed = store.stats().blocks
     assert store.touch([keys[0], keys[1]]) == 1
+    assert store.stats().blocks == indexed - 1
     assert store.lookup([keys[0]]) == [False]
