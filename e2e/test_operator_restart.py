@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from ucm_operator.build import build_children
-from ucm_operator.kube import FAULT_ENV, Kube
+from ucm_operator.kube import FAULT_ENV, STALL_ENV, Kube
 from ucm_operator.spec import parse_cluster
 
 from e2e.access import ClusterAccess
@@ -86,3 +86,22 @@ def test_killed_mid_reconcile_then_restarted_converges(cluster: ClusterAccess, n
                     and condition(body, "Serving").get("status") == "True"
                     and condition(body, "Progressing").get("status") == "False")
         wait_for(converged, "convergence to the new revision", timeout_s=120)
+
+
+def test_sigterm_during_a_stuck_reconcile_exits_after_the_drain(cluster: ClusterAccess, namespace: str,
+                                                               crd: None, tmp_path: Path) -> None:
+    """A reconcile blocked in an API call that never returns must not hold the process past the
+    pod's grace period (30 s, the Deployment default): on SIGTERM the operator gives running
+    reconciles its drain time (10 s), names the one it abandons and exits 0 without joining it."""
+    kubeconfig = operator_kubeconfig(cluster, namespace, tmp_path / "operator.kubeconfig")
+    stuck = OperatorProcess(kubeconfig, namespace, tmp_path / "stuck.log", env={STALL_ENV: "2"}).start()
+    try:
+        apply_cluster(cluster, namespace, load_example("ucmcluster-heterogeneous.yaml", name="stuck",
+                                                       namespace=namespace))
+        wait_for(lambda: "fault injection: blocking forever before write #3" in stuck.log(),
+                 "the reconcile to block on its third write", timeout_s=60)
+    finally:
+        stopped = stuck.stop(grace_s=30)
+    log = stuck.log()
+    assert stopped.exit_code == 0 and not stopped.killed, f"{stopped.describe()}\n{log[-3000:]}"
+    assert f"abandoned the reconcile of {namespace}/stuck" in log, log[-3000:]

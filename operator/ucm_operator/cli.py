@@ -38,7 +38,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = Options(namespaces=namespaces, workers=args.workers, resync_seconds=args.resync_seconds,
                       debounce_seconds=args.debounce_seconds, liveness_endpoint=args.liveness)
     logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
-    Operator(options).run()
+    operator = Operator(options)
+    operator.run()
+    if operator.abandoned:
+        # The interpreter would join the stuck reconcile threads at exit, however long they take.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

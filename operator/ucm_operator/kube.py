@@ -45,6 +45,7 @@ RESOURCES: dict[tuple[str, str], str] = {
 CHILD_KINDS: tuple[tuple[str, str], ...] = tuple(k for k in RESOURCES if k[1] not in ("Pod", "Event", "UCMCluster"))
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FAULT_ENV = "UCM_OPERATOR_FAULT_EXIT_AFTER_WRITES"
+STALL_ENV = "UCM_OPERATOR_FAULT_STALL_AFTER_WRITES"
 
 
 class KubeError(Exception):
@@ -109,8 +110,11 @@ class Kube:
         self.writes: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         fault = os.environ.get(FAULT_ENV, "")
-        # Fault injection for the restart tests: exit abruptly, like SIGKILL, after N writes.
+        # Fault injection for the restart tests: exit abruptly, like SIGKILL, after N writes; or
+        # block forever, like an API call that never returns (the shutdown test).
         self._exit_after = int(fault) if fault.isdigit() else 0
+        stall = os.environ.get(STALL_ENV, "")
+        self._stall_after = int(stall) if stall.isdigit() else 0
 
     @property
     def total_writes(self) -> int:
@@ -145,6 +149,9 @@ class Kube:
         if self._exit_after and count > self._exit_after:
             log.error("fault injection: exiting before write #%d (%s %s)", count, method, path)
             os._exit(137)
+        if self._stall_after and count > self._stall_after:
+            log.error("fault injection: blocking forever before write #%d (%s %s)", count, method, path)
+            threading.Event().wait()
 
     # --- typed helpers -----------------------------------------------------------------------
 

@@ -108,6 +108,10 @@ class Options:
     resync_seconds: float = 300.0
     debounce_seconds: float = 0.5
     liveness_endpoint: str | None = None
+    # After a stop, how long reconciles already running get to finish. A reconcile blocked on an
+    # API call that never returns must not hold the process past the pod's grace period; what it
+    # left half-done the next operator's first pass repairs (every write is idempotent).
+    drain_seconds: float = 10.0
 
 
 class Operator:
@@ -125,6 +129,8 @@ class Operator:
         self._ready = threading.Event()
         self._queue: WorkQueue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight: dict[concurrent.futures.Future[Any], Key] = {}
+        self.abandoned: list[Key] = []   # clusters whose reconcile was still running when drain ended
         self.resyncs = 0
 
     # --- kopf wiring ---------------------------------------------------------------------------
@@ -178,11 +184,16 @@ class Operator:
 
     async def _worker(self, executor: concurrent.futures.Executor) -> None:
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
             key = await self._queue.get()
             try:
-                outcome = await loop.run_in_executor(executor, self.reconciler.reconcile, *key)
+                future = executor.submit(self.reconciler.reconcile, *key)
+                self._in_flight[future] = key
+                try:
+                    outcome = await asyncio.wrap_future(future)
+                finally:
+                    if future.done():  # a cancelled wait leaves the running thread to `_drain`
+                        del self._in_flight[future]
                 if outcome.writes:
                     # One line per pass that wrote anything: a quiet log is a no-op resync.
                     log.info("reconciled %s/%s: applied %d, pruned %d, status %s, events %d", key[0], key[1],
@@ -257,6 +268,19 @@ class Operator:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             executor.shutdown(wait=False, cancel_futures=True)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Give running reconciles `drain_seconds` to finish; name those that did not."""
+        running = [f for f in self._in_flight if not f.done()]
+        if running:
+            log.info("stopping: waiting up to %.0fs for %d running reconciles", self.options.drain_seconds,
+                     len(running))
+            await asyncio.wait([asyncio.wrap_future(f) for f in running], timeout=self.options.drain_seconds)
+        self.abandoned = sorted(self._in_flight[f] for f in running if not f.done())
+        for namespace, name in self.abandoned:
+            log.warning("stopping: abandoned the reconcile of %s/%s, still running after %.0fs "
+                        "(the next operator's first pass finishes it)", namespace, name, self.options.drain_seconds)
 
     async def _when_ready(self, ready: asyncio.Event) -> None:
         await ready.wait()
@@ -269,6 +293,8 @@ class Operator:
         self._ready.set()
 
     def run(self) -> None:
+        """Until stopped. Reconcile threads in `abandoned` are still running when this returns:
+        a process that wants to exit must not join them (`cmd_run` exits without waiting)."""
         asyncio.run(self.main())
 
     # --- in-process use (bench, tests) ----------------------------------------------------------
