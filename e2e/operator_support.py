@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import yaml
 from ucm_operator.kube import Kube
 
 from e2e.access import ClusterAccess
+from e2e.processes import Stopped, stop_group
 from e2e.wait import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,19 +89,13 @@ class OperatorProcess:
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> int:
+    def stop(self, grace_s: float = 20.0) -> Stopped:
+        """SIGTERM, as the kubelet sends it; the report goes into the log, which failures print."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-        return self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stopped = stop_group(self.proc, grace_s)
+        with self.log_path.open("a") as log:
+            log.write(f"--- stop {time.strftime('%H:%M:%S')}: {stopped.describe()}\n")
+        return stopped
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ucm.process
 
@@ -95,6 +96,58 @@ def terminate_groups(pids: Sequence[int], alive: Callable[[int], bool], grace_s:
     while any(alive(pid) for pid in remaining) and time.monotonic() < deadline:
         time.sleep(0.05)
     return remaining
+
+
+def thread_states(pid: int) -> str:
+    """What each thread of `pid` is doing, from /proc: name, state and kernel wait channel. Why a
+    process does not exit: `S futex_wait` is Python waiting on a lock or a thread join; `D` is
+    uninterruptible sleep in the kernel (I/O, page faults), where even SIGKILL waits."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
+        try:
+            stat = (task / "stat").read_text()
+            wchan = (task / "wchan").read_text().strip() or "-"
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        lines.append(f"{task.name} {name} {fields[0]} {wchan}")
+    return "; ".join(lines) or "(gone)"
+
+
+@dataclass
+class Stopped:
+    """How a child process group ended under `stop_group`."""
+
+    exit_code: int | None   # None: still running even after SIGKILL and kill_wait_s
+    seconds: float          # from SIGTERM to exit (or to giving up)
+    killed: bool            # the SIGTERM grace ran out and SIGKILL was sent
+    threads: str            # thread_states when the grace ran out ("" if it was not needed)
+
+    def describe(self) -> str:
+        if self.exit_code is None:
+            return f"still running {self.seconds:.0f}s after SIGTERM and SIGKILL; threads: {self.threads}"
+        if self.killed:
+            return f"killed (SIGKILL) {self.seconds:.1f}s after SIGTERM; threads at SIGKILL: {self.threads}"
+        return f"exited ({self.exit_code}) {self.seconds:.1f}s after SIGTERM"
+
+
+def stop_group(process: subprocess.Popen[Any], grace_s: float, kill_wait_s: float = 60.0) -> Stopped:
+    """SIGTERM the process group `process` leads, SIGKILL it after grace_s, and reap it. Never
+    raises on a slow exit: the report says what happened and what the threads were doing, so a
+    teardown can go on and a test can decide."""
+    t0 = time.monotonic()
+    if process.poll() is not None:
+        return Stopped(process.returncode, 0.0, False, "")
+    _signal_group(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+        return Stopped(process.returncode, time.monotonic() - t0, False, "")
+    threads = thread_states(process.pid)
+    _signal_group(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=kill_wait_s)
+    code = process.poll()
+    return Stopped(code, time.monotonic() - t0, True, threads if code is not None else thread_states(process.pid))
 
 
 def stop_components(components: Sequence[Component], grace_s: float = 5.0) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import yaml
 
 from e2e.access import ClusterAccess
 from e2e.operator_support import assert_no_rbac_denials
+from e2e.processes import stop_group
 from e2e.ucm_demo.identity import service_account_user, write_service_account_kubeconfig
 from e2e.ucm_demo.view import is_serving
 
@@ -140,16 +140,6 @@ def _file_rules() -> set[tuple[str, str, str]]:
             for v in rule["verbs"]}
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 def test_chart_rbac_is_enough_and_not_more(cluster: Any, namespace: str, tmp_path: Path) -> None:
     helm_install(cluster, namespace)
     kubeconfig = tmp_path / "operator.kubeconfig"
@@ -190,7 +180,7 @@ def _operator_serves_example(cluster: Any, kubeconfig: Path, namespace: str, arg
 
         wait_for("the example UCMCluster to be Serving", serving, timeout=180, interval=1.0)
     finally:
-        _stop(proc)
+        stop_group(proc, grace_s=20)
     assert_no_rbac_denials(log_path.read_text(errors="replace"))
 
 
