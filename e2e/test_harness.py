@@ -18,7 +18,7 @@ import e2e.cluster as cluster_module
 from e2e import binaries
 from e2e.cluster import KEPT_FILE, ClusterStartError, LocalCluster, sweep_orphaned_workdirs
 from e2e.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TAINT, H100, L40S, build_nodes
-from e2e.processes import pid_runs
+from e2e.processes import pid_runs, stop_group
 from e2e.wait import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,3 +144,19 @@ def test_a_port_taken_before_a_component_binds_it_is_retried(monkeypatch: pytest
         with LocalCluster() as cluster:
             assert cluster.ports["etcd-client"] != taken
             assert "Ready" in cluster.kubectl("get", "nodes", "cpu-0").stdout
+
+
+def test_stop_group_kills_what_ignores_sigterm_and_says_what_it_was_doing() -> None:
+    """The report a slow teardown prints: SIGKILL after the grace, then each thread's state."""
+    ignores = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                "time.sleep(120)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert ignores.stdout is not None and ignores.stdout.readline() == "ready\n"
+    stopped = stop_group(ignores, grace_s=0.5)
+    assert stopped.killed and stopped.exit_code == -signal.SIGKILL
+    assert " S " in stopped.threads, stopped.threads  # asleep, interruptibly: a Python-level wait
+    assert "killed (SIGKILL)" in stopped.describe()
+
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    stopped = stop_group(polite, grace_s=30)
+    assert not stopped.killed and stopped.exit_code == -signal.SIGTERM and stopped.threads == ""
