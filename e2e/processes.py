@@ -122,8 +122,11 @@ class Stopped:
     seconds: float          # from SIGTERM to exit (or to giving up)
     killed: bool            # the SIGTERM grace ran out and SIGKILL was sent
     threads: str            # thread_states when the grace ran out ("" if it was not needed)
+    signalled: bool = True  # False: it had exited on its own before stop_group was called
 
     def describe(self) -> str:
+        if not self.signalled:
+            return f"had already exited ({self.exit_code})"
         if self.exit_code is None:
             return f"still running {self.seconds:.0f}s after SIGTERM and SIGKILL; threads: {self.threads}"
         if self.killed:
@@ -137,7 +140,7 @@ def stop_group(process: subprocess.Popen[Any], grace_s: float, kill_wait_s: floa
     teardown can go on and a test can decide."""
     t0 = time.monotonic()
     if process.poll() is not None:
-        return Stopped(process.returncode, 0.0, False, "")
+        return Stopped(process.returncode, 0.0, False, "", signalled=False)
     _signal_group(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)

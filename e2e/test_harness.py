@@ -156,6 +156,8 @@ def test_stop_group_kills_what_ignores_sigterm_and_says_what_it_was_doing() -> N
     assert stopped.killed and stopped.exit_code == -signal.SIGKILL
     assert " S " in stopped.threads, stopped.threads  # asleep, interruptibly: a Python-level wait
     assert "killed (SIGKILL)" in stopped.describe()
+    ignores.stdout.close()
+    assert stop_group(ignores, grace_s=30).describe() == "had already exited (-9)"
 
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     stopped = stop_group(polite, grace_s=30)
