@@ -114,24 +114,64 @@ def thread_states(pid: int) -> str:
     return "; ".join(lines) or "(gone)"
 
 
+def process_status(pid: int) -> str:
+    """The /proc/PID/status lines that say why a parent cannot reap a child: its state (a zombie
+    has exited and holds no memory or files), its thread count, its parent and any tracer (a
+    traced zombie is reaped by its tracer first)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "(gone)"
+    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    return ", ".join(f"{key} {fields[key].strip()}" for key in ("State", "Threads", "PPid", "TracerPid") if key in fields)
+
+
+def _reap_directly(process: subprocess.Popen[Any]) -> bool:
+    """waitpid without Popen. `Popen.wait` reaps only while it holds Popen's private lock, so a
+    lock left held (an exception raised inside another wait or poll) would leave a dead child
+    unreaped for ever; this tells that apart from a child the kernel will not hand over yet (a
+    traced zombie). True if the child was reaped here; its exit code is then in returncode."""
+    try:
+        pid, status = os.waitpid(process.pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    if pid != process.pid:
+        return False
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return True
+
+
 @dataclass
 class Stopped:
     """How a child process group ended under `stop_group`."""
 
-    exit_code: int | None   # None: still running even after SIGKILL and kill_wait_s
+    exit_code: int | None   # None: not reaped even after SIGKILL and kill_wait_s
     seconds: float          # from SIGTERM to exit (or to giving up)
     killed: bool            # the SIGTERM grace ran out and SIGKILL was sent
     threads: str            # thread_states when the grace ran out ("" if it was not needed)
     signalled: bool = True  # False: it had exited on its own before stop_group was called
+    unreaped: str = ""      # process_status when Popen's wait did not reap it ("" if it did)
+    reaped_directly: bool = False  # Popen's wait did not reap it, a plain waitpid did
+
+    @property
+    def zombie(self) -> bool:
+        """Exited (nothing of it runs, it holds no memory or files) but not yet reaped."""
+        return self.exit_code is None and self.unreaped.startswith("State Z")
 
     def describe(self) -> str:
         if not self.signalled:
             return f"had already exited ({self.exit_code})"
+        how = (f"killed (SIGKILL) {self.seconds:.1f}s after SIGTERM; threads at SIGKILL: {self.threads}"
+               if self.killed else f"exited ({self.exit_code}) {self.seconds:.1f}s after SIGTERM")
+        if self.reaped_directly:
+            return f"{how}; Popen's wait never reaped it ({self.unreaped}), a plain waitpid did"
+        if self.zombie:
+            killed = f"; threads at SIGKILL: {self.threads}" if self.killed else ""
+            return f"exited but still not reaped {self.seconds:.0f}s after SIGTERM ({self.unreaped}){killed}"
         if self.exit_code is None:
-            return f"still running {self.seconds:.0f}s after SIGTERM and SIGKILL; threads: {self.threads}"
-        if self.killed:
-            return f"killed (SIGKILL) {self.seconds:.1f}s after SIGTERM; threads at SIGKILL: {self.threads}"
-        return f"exited ({self.exit_code}) {self.seconds:.1f}s after SIGTERM"
+            return (f"still running {self.seconds:.0f}s after SIGTERM and SIGKILL ({self.unreaped}); "
+                    f"threads at SIGKILL: {self.threads}")
+        return how
 
 
 def stop_group(process: subprocess.Popen[Any], grace_s: float, kill_wait_s: float = 60.0) -> Stopped:
@@ -145,12 +185,20 @@ def stop_group(process: subprocess.Popen[Any], grace_s: float, kill_wait_s: floa
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
         return Stopped(process.returncode, time.monotonic() - t0, False, "")
-    threads = thread_states(process.pid)
-    _signal_group(process.pid, signal.SIGKILL)
+    status = process_status(process.pid)
+    if _reap_directly(process):
+        return Stopped(process.returncode, time.monotonic() - t0, False, "", unreaped=status, reaped_directly=True)
+    # A zombie already did exit on SIGTERM: SIGKILL would change nothing, only reaping is left.
+    kill = not status.startswith("State Z")
+    threads = thread_states(process.pid) if kill else ""
+    if kill:
+        _signal_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=kill_wait_s)
-    code = process.poll()
-    return Stopped(code, time.monotonic() - t0, True, threads if code is not None else thread_states(process.pid))
+        return Stopped(process.returncode, time.monotonic() - t0, kill, threads)
+    unreaped = f"{process_status(process.pid)}; threads: {thread_states(process.pid)}"
+    reaped = _reap_directly(process)
+    return Stopped(process.returncode, time.monotonic() - t0, kill, threads, unreaped=unreaped, reaped_directly=reaped)
 
 
 def stop_components(components: Sequence[Component], grace_s: float = 5.0) -> None:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,6 +39,10 @@ def _check_output_and_cleanup(output: str) -> None:
         _check(output)
     except AssertionError as failure:
         raise AssertionError(f"{failure}\n--- demo output (tail) ---\n{output[-5000:]}") from None
+    # A teardown that went on despite a slow or odd exit passes, but says so in pytest's summary.
+    for line in output.splitlines():
+        if "WARNING:" in line:
+            warnings.warn(f"make demo printed: {line.strip()}", UserWarning, stacklevel=2)
 
 
 def _check(output: str) -> None:
@@ -105,7 +110,7 @@ def test_demo_runs_until_ctrl_c_then_tears_down() -> None:
     time.sleep(2)  # still running, nothing torn down yet
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
+    rest, _ = proc.communicate(timeout=240)
     output = "".join(lines) + rest
     assert proc.returncode == 0, output[-6000:]
     assert "Ctrl-C: tearing down" in output

@@ -18,7 +18,7 @@ import e2e.cluster as cluster_module
 from e2e import binaries
 from e2e.cluster import KEPT_FILE, ClusterStartError, LocalCluster, sweep_orphaned_workdirs
 from e2e.nodes import GPU_PRODUCT_LABEL, GPU_RESOURCE, GPU_TAINT, H100, L40S, build_nodes
-from e2e.processes import pid_runs, stop_group
+from e2e.processes import pid_runs, process_status, stop_group
 from e2e.wait import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,3 +162,59 @@ def test_stop_group_kills_what_ignores_sigterm_and_says_what_it_was_doing() -> N
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     stopped = stop_group(polite, grace_s=30)
     assert not stopped.killed and stopped.exit_code == -signal.SIGTERM and stopped.threads == ""
+
+
+def test_stop_group_reaps_a_child_whose_popen_wait_cannot() -> None:
+    """`Popen.wait` reaps only while it holds Popen's private lock; with that lock held (as an
+    exception raised inside an earlier poll can leave it), a child that exited on SIGTERM stays a
+    zombie. stop_group reaps it with a plain waitpid, without SIGKILL, and says so."""
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    lock = polite._waitpid_lock  # type: ignore[attr-defined]
+    assert lock.acquire(blocking=False)
+    try:
+        stopped = stop_group(polite, grace_s=1.0)
+    finally:
+        lock.release()
+    assert stopped.reaped_directly and not stopped.killed, stopped.describe()
+    assert stopped.exit_code == -signal.SIGTERM == polite.returncode
+    assert stopped.unreaped.startswith("State Z (zombie)"), stopped.unreaped
+    assert "exited (-15)" in stopped.describe() and "a plain waitpid did" in stopped.describe()
+    with pytest.raises(ChildProcessError):  # reaped: no such child any more
+        os.waitpid(polite.pid, os.WNOHANG)
+
+
+_TRACER = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_SEIZE = 0x4206
+if libc.ptrace(PTRACE_SEIZE, int(sys.argv[1]), None, None) != 0:
+    print("errno", ctypes.get_errno(), flush=True)
+    sys.exit(1)
+print("seized", flush=True)
+time.sleep(120)  # never waits for its tracee: the tracee's stops and its exit wait on this process
+"""
+
+
+def test_stop_group_reports_a_traced_child_as_a_zombie_it_cannot_reap() -> None:
+    """A child traced by another process (a debugger, a sandbox that traces everything) stops at
+    SIGTERM until its tracer lets it go, and after SIGKILL it is a zombie that only the tracer can
+    release. stop_group reports that (state, TracerPid) instead of calling it running."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    tracer = subprocess.Popen([sys.executable, "-c", _TRACER, str(child.pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout is not None
+        answer = tracer.stdout.readline().strip()
+        if answer != "seized":
+            pytest.skip(f"cannot ptrace a child here ({answer}; child: {process_status(child.pid)})")
+        stopped = stop_group(child, grace_s=1.0, kill_wait_s=2.0)
+        assert stopped.killed and stopped.exit_code is None and stopped.zombie, stopped.describe()
+        assert f"TracerPid {tracer.pid}" in stopped.unreaped
+        assert " t " in stopped.threads, stopped.threads  # stopped by its tracer at SIGTERM's delivery
+        assert stopped.describe().startswith("exited but still not reaped")
+    finally:
+        tracer.kill()
+        tracer.wait()
+        if tracer.stdout is not None:
+            tracer.stdout.close()
+        child.kill()
+    assert child.wait(timeout=10) == -signal.SIGKILL  # the tracer gone, the parent reaps it

@@ -157,10 +157,14 @@ class Demo:
         say(f"      stopping the operator (pid {proc.pid})")
         stopped = stop_group(proc, grace_s=20)
         say(f"      operator {stopped.describe()}")
+        # Everything the operator made is gone by now either way: a slow or odd exit gets a WARNING
+        # that says why, and fails the teardown only if something of the operator still runs.
         if stopped.killed:
-            # Everything it made is gone either way; say why it was slow rather than fail the teardown.
-            say(f"      WARNING: the operator ignored SIGTERM for 20s; its log ends:\n{self.operator_log_tail(15)}")
-        if stopped.exit_code is None:
+            say(f"      WARNING: the operator was still running 20s after SIGTERM (threads: {stopped.threads}); "
+                f"its log ends:\n{self.operator_log_tail(15)}")
+        if stopped.reaped_directly or stopped.zombie:
+            say(f"      WARNING: the operator exited, but not as a child that Popen could reap: {stopped.unreaped}")
+        if stopped.exit_code is None and not stopped.zombie:
             raise DemoFailed(f"the operator (pid {proc.pid}) is {stopped.describe()}")
 
     def operator_log_tail(self, lines: int = 30) -> str:
