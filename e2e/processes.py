@@ -128,9 +128,9 @@ def process_status(pid: int) -> str:
 
 def _reap_directly(process: subprocess.Popen[Any]) -> bool:
     """waitpid without Popen. `Popen.wait` reaps only while it holds Popen's private lock, so a
-    lock left held (an exception raised inside another wait or poll) would leave a dead child
-    unreaped for ever; this tells that apart from a child the kernel will not hand over yet (a
-    traced zombie). True if the child was reaped here; its exit code is then in returncode."""
+    lock held elsewhere leaves a dead child unreaped; this tells that apart from a child the
+    kernel will not hand over yet (a traced zombie). True if the child was reaped here; its exit
+    code is then in process.returncode."""
     try:
         pid, status = os.waitpid(process.pid, os.WNOHANG)
     except ChildProcessError:

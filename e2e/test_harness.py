@@ -165,9 +165,9 @@ def test_stop_group_kills_what_ignores_sigterm_and_says_what_it_was_doing() -> N
 
 
 def test_stop_group_reaps_a_child_whose_popen_wait_cannot() -> None:
-    """`Popen.wait` reaps only while it holds Popen's private lock; with that lock held (as an
-    exception raised inside an earlier poll can leave it), a child that exited on SIGTERM stays a
-    zombie. stop_group reaps it with a plain waitpid, without SIGKILL, and says so."""
+    """`Popen.wait` reaps only while it holds Popen's private lock; with that lock held elsewhere,
+    a child that exited on SIGTERM stays a zombie. stop_group reaps it with a plain waitpid,
+    without SIGKILL, and says so."""
     polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     lock = polite._waitpid_lock  # type: ignore[attr-defined]
     assert lock.acquire(blocking=False)
