@@ -188,11 +188,11 @@ def stop_group(process: subprocess.Popen[Any], grace_s: float, kill_wait_s: floa
     status = process_status(process.pid)
     if _reap_directly(process):
         return Stopped(process.returncode, time.monotonic() - t0, False, "", unreaped=status, reaped_directly=True)
-    # A zombie already did exit on SIGTERM: SIGKILL would change nothing, only reaping is left.
+    # A zombie leader did exit on SIGTERM (only reaping is left), so it is not reported as killed;
+    # the rest of its group still gets SIGKILL.
     kill = not status.startswith("State Z")
     threads = thread_states(process.pid) if kill else ""
-    if kill:
-        _signal_group(process.pid, signal.SIGKILL)
+    _signal_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=kill_wait_s)
         return Stopped(process.returncode, time.monotonic() - t0, kill, threads)
