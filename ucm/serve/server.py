@@ -1,0 +1,221 @@
+"""A real `vllm serve` process (vLLM's CPU build) on a loopback port, optionally with UCMConnector.
+
+One class owns the recipe every caller shares (tests, `ucm bench serve`, the demo): float32, vLLM's
+own prefix cache off unless asked for (so a hit can only come from the connector), eager mode (no
+compile time at start-up), one core's worth of OpenMP threads so two servers run side by side, and a
+bounded KV cache. A server's stdout/stderr go to a log file whose tail is part of every start-up
+error, and the process is its own group, killed whole on stop and when its owner dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ucm.process import die_with_parent
+
+# vLLM only logs its own loggers by default; this adds `ucm` so the connector's start-up line
+# (store path and cache identity) is in every server log.
+_LOGGING_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(asctime)s [%(name)s] %(message)s"}},
+    "handlers": {"stream": {"class": "logging.StreamHandler", "formatter": "plain",
+                            "stream": "ext://sys.stdout"}},
+    "loggers": {
+        "vllm": {"handlers": ["stream"], "level": "INFO", "propagate": False},
+        "ucm": {"handlers": ["stream"], "level": "INFO", "propagate": False},
+    },
+}
+
+
+class ServerError(RuntimeError):
+    """A server did not start or answer; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ucm_transfer_config(role: str, store_path: str | Path, model_id: str, **extra: Any) -> dict[str, Any]:
+    """The `--kv-transfer-config` of UCMConnector in `role` on `store_path`."""
+    return {
+        "kv_connector": "UCMConnector",
+        "kv_connector_module_path": "ucm.connector",
+        "kv_role": role,
+        "kv_connector_extra_config": {"store_path": str(store_path), "model_id": model_id, **extra},
+    }
+
+
+@dataclass
+class VllmServer:
+    model: Path
+    log_dir: Path
+    name: str = "vllm"
+    served_name: str = "model"
+    kv_transfer_config: Mapping[str, Any] | None = None
+    prefix_caching: bool = False
+    dtype: str = "float32"
+    max_model_len: int = 8192
+    kv_cache_gib: int = 2
+    cpu_threads: int = 1
+    extra_args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        argv = [
+            sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(self.model),
+            "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.served_name,
+            "--dtype", self.dtype, "--max-model-len", str(self.max_model_len), "--enforce-eager",
+            "--max-num-seqs", "8",
+            "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching",
+        ]
+        if self.kv_transfer_config is not None:
+            argv += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
+        return argv + list(self.extra_args)
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        logging_config = self.log_dir / f"{self.name}.logging.json"
+        logging_config.write_text(json.dumps(_LOGGING_CONFIG))
+        env.update({
+            "VLLM_TARGET_DEVICE": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
+            "OMP_NUM_THREADS": str(self.cpu_threads),
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+            "VLLM_LOGGING_CONFIG_PATH": str(logging_config),
+            "VLLM_NO_USAGE_STATS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env)
+        return env
+
+    def start(self) -> VllmServer:
+        if self.process is not None:
+            raise ServerError(f"{self.name}: already started")
+        env = self.child_env()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, preexec_fn=die_with_parent,
+        )
+        log.close()
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float = 300.0) -> VllmServer:
+        """Block until /health answers 200; a server that exits first raises with its log's tail."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(f"{self.name} exited with code {code} during start-up; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
+                          f"{self.log_tail()}")
+
+    def wait_exit(self, timeout_s: float = 300.0) -> int:
+        """For a server expected to fail: its exit code (raises if it is still running)."""
+        assert self.process is not None, "start() first"
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ServerError(f"{self.name} still running after {timeout_s:.0f} s") from None
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics summed by metric name (labels dropped): counters across engines."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return parse_metrics(text)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # the engine core is a child in the same group: make sure none of it survives its front end
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> VllmServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals
+
+
+def start_all(servers: Sequence[VllmServer], timeout_s: float = 300.0) -> None:
+    """Start servers together (they load in parallel) and wait for all; stops them all on failure."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready(timeout_s)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
