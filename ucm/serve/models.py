@@ -76,7 +76,7 @@ def _save_plain(model: object, out: Path) -> None:
     config = model.config  # type: ignore[attr-defined]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     plain.load_state_dict(model.state_dict())  # type: ignore[attr-defined]
     plain.save_pretrained(out)
 
@@ -104,7 +104,8 @@ def _build_tiny_llama(out: Path, wheels: Path) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model.save_pretrained(out)  # float32: torch's default dtype
     tokenizer.save_pretrained(out)
 
 

@@ -219,3 +219,57 @@ def start_all(servers: Sequence[VllmServer], timeout_s: float = 300.0) -> None:
         for server in servers:
             server.stop()
         raise
+
+
+@dataclass
+class RouterProcess:
+    """`ucm router serve` in front of static prefill and decode URLs, as its own process group."""
+
+    prefill: Sequence[str]
+    decode: Sequence[str]
+    log_dir: Path
+    served_name: str = "model"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "router.log"
+
+    def start(self, timeout_s: float = 30.0) -> RouterProcess:
+        argv = [sys.executable, "-m", "ucm", "router", "serve", "--model", self.served_name,
+                "--host", "127.0.0.1", "--port", str(self.port)]
+        for url in self.prefill:
+            argv += ["--prefill", url]
+        for url in self.decode:
+            argv += ["--decode", url]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
+                    return self
+            except (urllib.error.URLError, OSError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(f"router did not start; log {self.log_path}:\n"
+                                      f"{self.log_path.read_text(errors='replace')[-4000:]}") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
