@@ -92,6 +92,12 @@ def test_demo_exits_when_serving_and_leaves_nothing_running() -> None:
     assert proc.returncode == 0, output[-6000:]
     _check_output_and_cleanup(output)
     _api_port_closed(output)
+    # The operator's own prefill/decode commands, run locally, answered through the router, and the
+    # second turn's prompt came from the store.
+    assert "standing in for those pods" in output
+    answers = re.findall(r"^\s+A: (.*\S.*)$", output, re.M)
+    assert len(answers) == 2, output[-4000:]
+    assert re.search(r"the prefill side loaded (\d+) prompt tokens from the store", output), output[-4000:]
 
 
 @pytest.mark.e2e

@@ -34,7 +34,7 @@ from e2e.access import ClusterAccess, ClusterError
 from e2e.binaries import BinariesMissing
 from e2e.processes import stop_group
 
-from . import view
+from . import answer, view
 from .cluster import leftover_processes, start_cluster
 from .identity import write_service_account_kubeconfig
 
@@ -246,6 +246,12 @@ class Demo:
         say("")
         say(view.render_explore(str(self.cluster.bin_dir / "kubectl"), str(self.cluster.kubeconfig),
                                 self.args.namespace, self.name, self.args.release))
+        if os.environ.get("UCM_DEMO_ANSWER", "1") != "0":
+            say("")
+            deployments = self.get_json("-n", self.args.namespace, "get", "deployments", "-l",
+                                        f"{view.LABEL_CLUSTER}={self.name}")["items"]
+            answer.answer_through_local_pair(deployments, self.spec["model"]["servedName"], self.workdir, say,
+                                             self.stack.callback)
         if os.environ.get("UCM_DEMO_EXIT_WHEN_SERVING") == "1":
             say("\nUCM_DEMO_EXIT_WHEN_SERVING=1: tearing down")
             return 0

@@ -75,6 +75,9 @@ class VllmServer:
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    # A complete `vllm serve` command line (everything after `serve`) used as given, e.g. one the
+    # operator generated; the fields above then only set the environment.
+    serve_args: Sequence[str] | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -86,6 +89,8 @@ class VllmServer:
         return self.log_dir / f"{self.name}.log"
 
     def argv(self) -> list[str]:
+        if self.serve_args is not None:
+            return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *self.serve_args]
         argv = [
             sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(self.model),
             "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", self.served_name,
