@@ -71,7 +71,7 @@ def localise_vllm_args(args: Sequence[str], model: Path, port: int, store_mount:
         else:
             out += [flag] + ([value] if value is not None else [])
         i += step
-    return out + ["--enforce-eager", "--no-enable-prefix-caching"]
+    return [*out, "--enforce-eager", "--no-enable-prefix-caching"]
 
 
 def _pool_deployment(deployments: Sequence[JSON], role: str) -> JSON:

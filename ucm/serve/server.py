@@ -174,8 +174,21 @@ class VllmServer:
 
     def stop(self, grace_s: float = 15.0) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
+        stop_process_group(process, grace_s)
+
+    def __enter__(self) -> VllmServer:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_process_group(process: subprocess.Popen[bytes] | None, grace_s: float) -> None:
+    """SIGTERM the child's process group, SIGKILL it after `grace_s`; the group is killed in any case,
+    because a vLLM front end's engine core is a child in the same group and must not outlive it."""
+    if process is None:
+        return
+    if process.poll() is None:
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
             try:
                 os.killpg(process.pid, sig)
@@ -186,17 +199,10 @@ class VllmServer:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # the engine core is a child in the same group: make sure none of it survives its front end
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def __enter__(self) -> VllmServer:
-        return self.start().wait_ready()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -270,11 +276,4 @@ class RouterProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_process_group(process, 10.0)
