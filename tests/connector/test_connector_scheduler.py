@@ -172,7 +172,18 @@ def test_pd_handoff_through_kv_transfer_params(model_dir: pathlib.Path, tmp_path
     params = producer.kv_params["p"]
     assert params is not None
     assert params["do_remote_prefill"] is True and params[PARAM_TOKENS] == 64 and params[PARAM_IDENTITY] == identity
-    assert all(m.loads == [] for m in producer.metas)  # a producer never loads
+    assert all(m.loads == [] for m in producer.metas)  # nothing was stored before it
+
+    # The next turn on another prefill pod loads the blocks stored before and saves only the new ones.
+    other_prefill = Engine(model_dir, tmp_path, role="kv_producer")
+    longer = prompt + [7] * 60
+    other_prefill.add("p2", longer, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+    other_prefill.run_until_idle()
+    other_prefill.flush()
+    assert [len(lo.block_ids) for m in other_prefill.metas for lo in m.loads] == [4]
+    assert [len(sv.block_ids) for m in other_prefill.metas for sv in m.saves] == [4]
+    params2 = other_prefill.kv_params["p2"]
+    assert params2 is not None and params2[PARAM_TOKENS] == 128
 
     so = consumer.step()
     assert so.num_scheduled_tokens["d"] == 5

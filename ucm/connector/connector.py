@@ -6,7 +6,10 @@ GPU/host transfer path for the heads that rank owns). This class only adapts vLL
 those two and builds what both need from vLLM's configuration: the cache identity that names
 blocks, the store, the TP head plan and the cache layout.
 
-Roles: `kv_producer` saves only, `kv_consumer` loads only, `kv_both` does both. A failed load is a
+Roles: every role loads the prefix hits it finds in the shared store; `kv_producer` and `kv_both`
+save what they compute; `kv_producer` also hands a decode instance `kv_transfer_params`, and
+`kv_consumer` (a PD decode pod) only loads. A PD prefill pod therefore recomputes only what nobody
+stored: turn 2 of a chat loads turn 1's prompt whichever pod computed it. A failed load is a
 cache miss, never a failed request, so the connector runs vLLM with
 `kv_load_failure_policy="recompute"` (it says so in the log when it overrides the setting).
 """
@@ -126,7 +129,9 @@ class UCMConnector(KVConnectorBase_V1):
                 )
         self.identity = build_identity(vllm_config, self.config)
         self.store = open_configured_store(self.config, self.identity)
-        self.can_load = bool(ktc.is_kv_consumer)
+        # Producers load too: the store is shared, so a prefill pod's prefix hit is another pod's
+        # (or yesterday's) dump; recomputing it would make PD as slow as no cache at all.
+        self.can_load = True
         sparse = None
         if self.config.ucm_sparse_config is not None:
             from ucm.sparse import create_sparse  # optional: only when sparse attention is configured
