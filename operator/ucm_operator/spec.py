@@ -326,11 +326,17 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
 def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
     """A UCMCluster object (as the API returns it, or as written in a YAML file) -> ClusterSpec."""
     meta = body.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SpecError("metadata", f"expected an object, got {type(meta).__name__}")
     spec = body.get("spec")
     if not isinstance(spec, dict):
         raise SpecError("spec", "required")
-    if not isinstance(meta.get("name"), str):
+    # The API server guarantees these; a YAML file checked with `ucm-operator validate` does not.
+    if not _get(meta, "name", str, "metadata"):
         raise SpecError("metadata.name", "required")
+    for key in ("namespace", "uid"):
+        _get(meta, key, str, "metadata")
+    _get(meta, "generation", int, "metadata")
     pools: dict[Role, tuple[PoolSpec, ...]] = {}
     roles: tuple[Role, ...] = ("prefill", "decode")
     for role in roles:
