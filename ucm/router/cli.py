@@ -67,6 +67,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--policy", choices=("least-loaded", "prefix-affinity"), default=d.policy)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=d.max_header_bytes,
+        help="longest request line or header field a client may send (431 beyond)",
+    )
+    p.add_argument(
+        "--max-headers",
+        type=int,
+        default=d.max_headers,
+        help="most header fields in one request (431 beyond)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        metavar="S",
+        help="a client must send a request's headers within this long (408, then the connection closes)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        metavar="S",
+        help="a client must send a request's body within this long after its headers (408)",
+    )
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent)
     p.add_argument("--connect-timeout", type=float, default=d.connect_timeout_s, metavar="S")
     p.add_argument("--first-byte-timeout", type=float, default=d.first_byte_timeout_s, metavar="S")
@@ -116,6 +142,10 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         fallback=args.fallback,
         policy=args.policy,
         max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         max_concurrent=args.max_concurrent,
         connect_timeout_s=args.connect_timeout,
         first_byte_timeout_s=args.first_byte_timeout,

@@ -19,6 +19,17 @@ class RouterConfig:
     policy: Policy = "prefix-affinity"
     # Robustness limits.
     max_body_bytes: int = 16 * 1024 * 1024
+    # Client connections (see ucm/router/connection.py): each request line and each header field
+    # may hold `max_header_bytes`, a request at most `max_headers` fields (431 beyond either), so
+    # a request's head costs at most about their product in memory.
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    # A client must send a request's complete headers within this long of connecting (first
+    # request) or of the request's first byte (later requests on a kept-alive connection), and
+    # its whole body within `body_timeout_s` after the headers: slow clients cannot hold
+    # connections, or concurrency slots, indefinitely (408).
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
     max_concurrent: int = 1024  # beyond this the router answers 503 at once (no queue)
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 120.0  # to response headers: prefill, and a stream's first event
@@ -45,7 +56,11 @@ class RouterConfig:
             raise ValueError(f"fallback must be 'decode-only' or 'fail', got {self.fallback!r}")
         if self.policy not in ("least-loaded", "prefix-affinity"):
             raise ValueError(f"policy must be 'least-loaded' or 'prefix-affinity', got {self.policy!r}")
-        for name in ("max_body_bytes", "max_concurrent", "eject_after_failures", "affinity_prefix_blocks"):
+        positive = (
+            "max_body_bytes", "max_header_bytes", "max_headers", "max_concurrent",
+            "eject_after_failures", "affinity_prefix_blocks",
+        )  # fmt: skip
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for field in dataclasses.fields(self):

@@ -25,6 +25,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -33,17 +34,23 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # Close the connection after the answer: the client's stream is in an unknown state (a
+        # body that stalled or was framed wrongly), or the router is going away.
+        self.close = close
 
     def body(self) -> dict[str, Any]:
         return build_error_body(self.message, type=self.type, param=self.param, code=self.code)
 
     def response(self) -> web.Response:
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=json.dumps(self.body()).encode(),
             content_type="application/json",
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 def build_error_body(
@@ -55,15 +62,22 @@ def build_error_body(
 
 def invalid_field(param: str, expected: str, got: object) -> ApiError:
     """400 for a field of the wrong type or value; names the field and what was expected."""
-    shown = type(got).__name__ if not isinstance(got, (int, float, str, bool)) else repr(got)
-    if isinstance(got, str) and len(got) > 60:
-        shown = repr(got[:60] + "...")
+    shown = type(got).__name__ if not isinstance(got, (int, float, str, bool)) else shorten(got)
     return ApiError(
         400,
         f"Invalid value for '{param}': expected {expected}, got {shown}.",
         param=param,
         code="invalid_value",
     )
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """`repr(value)`, cut to about `limit` characters: error messages echo what the client sent
+    (a 16 MiB string, an integer of 4300 digits) without growing with it."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit] + "...")
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 def overloaded(message: str) -> ApiError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from typing import Any, Literal
 
 from ucm.router.errors import ApiError, invalid_field
@@ -35,6 +36,22 @@ PREFILL_KV_TRANSFER_PARAMS: dict[str, Any] = {
 _NOT_FOR_PREFILL = ("stream_options", "min_tokens", "min_completion_tokens")
 _JSON_SPACE = b" \t\n\r"  # the whitespace JSON allows between tokens
 _TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "min_tokens", "min_completion_tokens")
+# Deepest array/object nesting a body may have. Generous for OpenAI requests (tool and
+# response-format JSON schemas nest a few dozen levels at most), and far below Python's recursion
+# limit (1000 frames), which `json.loads`/`json.dumps` and every recursive consumer of the body
+# down the line (the prefill body's encoding, engines' own parsers) would otherwise hit.
+MAX_JSON_DEPTH = 128
+MAX_TOKEN_ID = 2**31 - 1  # token ids are hashed as int32 (ucm.hashing), as engines store them
+_TOKEN_ID = f"a token id (an integer from 0 to {MAX_TOKEN_ID})"
+_TOKEN_IDS = f"a list of token ids (integers from 0 to {MAX_TOKEN_ID})"
+# Text the router hashes for prefix affinity is encoded with `surrogatepass`: JSON may carry
+# unpaired UTF-16 surrogates ("\ud800"), which strict UTF-8 refuses. The router does not refuse
+# them itself: it checks only the fields it relies on, and affinity needs only a stable byte string
+# for equal prefixes, which surrogatepass gives (losslessly, without scanning the whole prompt).
+# The body reaches the engines as the client wrote it (decode gets the client's bytes, prefill a
+# re-encoding whose `ensure_ascii` escapes the surrogates again), and the engine decides whether
+# such text is a prompt it can tokenize (vLLM answers 400, which passes through).
+_HASH_TEXT_ERRORS = "surrogatepass"
 
 
 @dataclasses.dataclass
@@ -59,10 +76,7 @@ def parse_request(raw: bytes, kind: RequestKind, served_model: str, prefix_limit
 
     `prefix_limit` bounds how much of the prompt is kept for prefix affinity (bytes of text or
     token ids), so huge prompts cost no more than small ones here."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
+    body = _load_json(raw)
     if not isinstance(body, dict):
         raise ApiError(
             400,
@@ -74,9 +88,10 @@ def parse_request(raw: bytes, kind: RequestKind, served_model: str, prefix_limit
         if not isinstance(model, str):
             raise invalid_field("model", "a string", model)
         if model != served_model:
+            shown = model if len(model) <= 200 else model[:200] + "..."
             raise ApiError(
                 404,
-                f"The model `{model}` does not exist. This router serves `{served_model}`.",
+                f"The model `{shown}` does not exist. This router serves `{served_model}`.",
                 param="model",
                 code="model_not_found",
             )
@@ -107,8 +122,64 @@ def parse_request(raw: bytes, kind: RequestKind, served_model: str, prefix_limit
     return ParsedRequest(kind, raw, body, stream, text, tokens)
 
 
-def _is_token_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+def _load_json(raw: bytes) -> Any:
+    """`json.loads`, with every way it can fail on client input turned into a 400."""
+    try:
+        body = json.loads(raw)
+    except RecursionError as exc:  # nesting deeper than the interpreter's stack
+        raise _too_deep() from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except ValueError as exc:
+        # the only other ValueError json.loads raises: int() refusing a long digit string
+        limit = sys.get_int_max_str_digits()
+        raise ApiError(
+            400,
+            f"Request body holds an integer with more than {limit} digits; numbers must be shorter.",
+            code="invalid_json",
+        ) from exc
+    # Depth is at most the number of '[' and '{' bytes (also in any encoding json.loads accepts),
+    # so the usual body (a prompt, a few messages, a token list) skips the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return body
+
+
+def _too_deep() -> ApiError:
+    return ApiError(
+        400,
+        f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.",
+        code="invalid_json",
+    )
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether `value` nests containers more than `limit` levels deep (level by level: no
+    recursion, so it works at any depth json.loads returned)."""
+    level = [value]
+    for _ in range(limit):
+        below: list[object] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            below.extend(c for c in children if isinstance(c, (dict, list)))
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def _is_token_id(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKEN_ID  # `type(...) is int` refuses booleans
+
+
+def _check_token_list(param: str, value: object) -> list[int]:
+    """`value` as a list of token ids, else a 400 naming the first bad item."""
+    if not isinstance(value, list):
+        raise invalid_field(param, _TOKEN_IDS, value)
+    if not all(map(_is_token_id, value)):
+        i, bad = next((i, t) for i, t in enumerate(value) if not _is_token_id(t))
+        raise invalid_field(f"{param}[{i}]", _TOKEN_ID, bad)
+    return value
 
 
 def _completion_prefix(body: dict[str, Any], limit: int) -> tuple[bytes | None, list[int] | None]:
@@ -117,7 +188,7 @@ def _completion_prefix(body: dict[str, Any], limit: int) -> tuple[bytes | None, 
     prompt = body["prompt"]
     expected = "a string, a list of strings, a list of token ids or a list of token-id lists"
     if isinstance(prompt, str):
-        return prompt[:limit].encode("utf-8")[:limit], None
+        return prompt[:limit].encode("utf-8", _HASH_TEXT_ERRORS)[:limit], None
     if not isinstance(prompt, list) or not prompt:
         raise invalid_field("prompt", f"a non-empty value: {expected}", prompt)
     first = prompt[0]
@@ -125,15 +196,12 @@ def _completion_prefix(body: dict[str, Any], limit: int) -> tuple[bytes | None, 
         for i, item in enumerate(prompt):
             if not isinstance(item, str):
                 raise invalid_field(f"prompt[{i}]", "a string (like prompt[0])", item)
-        return first[:limit].encode("utf-8")[:limit], None
+        return first[:limit].encode("utf-8", _HASH_TEXT_ERRORS)[:limit], None
     if isinstance(first, int) and not isinstance(first, bool):
-        if not _is_token_list(prompt):
-            raise invalid_field("prompt", "a list of integer token ids", prompt)
-        return None, prompt[:limit]
+        return None, _check_token_list("prompt", prompt)[:limit]
     if isinstance(first, list):
         for i, item in enumerate(prompt):
-            if not _is_token_list(item):
-                raise invalid_field(f"prompt[{i}]", "a list of integer token ids", item)
+            _check_token_list(f"prompt[{i}]", item)
         return None, first[:limit]
     raise invalid_field("prompt", expected, prompt)
 
@@ -169,7 +237,7 @@ def _chat_prefix(body: dict[str, Any], limit: int) -> bytes:
             piece = f"{role}\x1f{text}\x1e"
             parts.append(piece)
             size += len(piece)
-    return "".join(parts)[:limit].encode("utf-8")[:limit]
+    return "".join(parts)[:limit].encode("utf-8", _HASH_TEXT_ERRORS)[:limit]
 
 
 def _content_part_text(i: int, j: int, part: object) -> str:

@@ -6,7 +6,10 @@ prefill+decode pair is available, or a decode endpoint with `fallback=decode-onl
 draining), GET /metrics (Prometheus), GET /debug/endpoints (the router's endpoint view).
 
 Admission: at most `max_concurrent` requests in flight; the next one gets 503 with Retry-After
-at once (there is no queue to grow without bound). Bodies above `max_body_bytes` get 413.
+at once (there is no queue to grow without bound). Bodies above `max_body_bytes` get 413, bodies
+that do not arrive within `body_timeout_s` 408. Every error the router answers itself, aiohttp's
+own included (404/405 routes, malformed HTTP, header limits, the header-read timeout: see
+`ucm.router.connection`), is an OpenAI-style JSON error.
 
 Shutdown (`shutdown()`, wired to SIGTERM by the CLI): readiness turns 503, the router keeps
 serving for `shutdown_delay_s` (so Kubernetes takes it out of the Service first), then the
@@ -25,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from ucm.router.config import RouterConfig
+from ucm.router.connection import ConnectionLimits, RouterAppRunner, parse_error_text
 from ucm.router.endpoints import EjectionPolicy, Registry
 from ucm.router.errors import ApiError, overloaded
 from ucm.router.health import Discovery, HealthProber
@@ -52,7 +56,7 @@ class RouterServer:
         self.draining = False  # new requests are refused from here on
         self.created = int(time.time())
         self.app = self._build_app()
-        self._runner: web.AppRunner | None = None
+        self._runner: RouterAppRunner | None = None
         self.port = config.port
 
     def _build_app(self) -> web.Application:
@@ -75,14 +79,16 @@ class RouterServer:
                 self.registry, self.proxy.pool, self.config.probe_interval_s, self.config.probe_timeout_s
             )
             self.prober.start()
-        self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, shutdown_timeout=self.config.drain_timeout_s, access_log=None
-        )
+        c = self.config
+        limits = ConnectionLimits(c.max_header_bytes, c.max_headers, c.header_timeout_s)
+        self._runner = RouterAppRunner(
+            self.app, limits=limits, handler_cancellation=True, shutdown_timeout=c.drain_timeout_s,
+            access_log=None,
+        )  # fmt: skip
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, backlog=1024)
         await site.start()
         self.port = site.port
-        c = self.config
         log.info(
             "router for %s listening on %s:%d (policy=%s, fallback=%s, max_concurrent=%d); "
             "%d endpoint(s), complete revisions: %s",
@@ -119,9 +125,9 @@ class RouterServer:
         metrics = self.metrics
         if self.draining:
             metrics.child(metrics.rejected, "draining").inc()
-            return _closing(
-                ApiError(503, "The router is shutting down.", type="service_unavailable").response()
-            )
+            return ApiError(
+                503, "The router is shutting down.", type="service_unavailable", close=True
+            ).response()
         if self.inflight >= self.config.max_concurrent:
             metrics.child(metrics.rejected, "overloaded").inc()
             return overloaded(
@@ -156,9 +162,23 @@ class RouterServer:
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(request.content_length, limit)
         try:
-            return await request.read()
+            if request.content.is_eof():  # the usual small body came with the headers: no timer
+                return await request.read()
+            async with asyncio.timeout(self.config.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
             raise _too_large(None, limit) from exc
+        except TimeoutError as exc:
+            raise ApiError(
+                408,
+                f"The request body did not arrive within {self.config.body_timeout_s:g} s.",
+                code="request_timeout",
+                close=True,
+            ) from exc
+        except web.RequestPayloadError as exc:  # broken chunked framing, undecodable Content-Encoding
+            raise ApiError(
+                400, f"Malformed request body: {parse_error_text(exc)}", code="invalid_body", close=True
+            ) from exc
 
     async def _models(self, request: web.Request) -> web.Response:
         model = {"id": self.config.model, "object": "model", "created": self.created, "owned_by": "ucm"}
@@ -196,8 +216,3 @@ def _too_large(size: int | None, limit: int) -> ApiError:
     return ApiError(
         413, f"Request body too large: the limit is {limit} bytes, got {got}.", code="request_too_large"
     )
-
-
-def _closing(response: web.Response) -> web.Response:
-    response.force_close()
-    return response
