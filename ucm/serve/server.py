@@ -167,10 +167,7 @@ class VllmServer:
             raise ServerError(f"{self.name} still running after {timeout_s:.0f} s") from None
 
     def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics summed by metric name (labels dropped): counters across engines."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            text = response.read().decode()
-        return parse_metrics(text)
+        return scrape_metrics(self.url)
 
     def stop(self, grace_s: float = 15.0) -> None:
         process, self.process = self.process, None
@@ -203,6 +200,12 @@ def stop_process_group(process: subprocess.Popen[bytes] | None, grace_s: float) 
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """Every sample of `url`/metrics summed by metric name (labels dropped): counters across engines."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        return parse_metrics(response.read().decode())
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -273,6 +276,9 @@ class RouterProcess:
                     raise ServerError(f"router did not start; log {self.log_path}:\n"
                                       f"{self.log_path.read_text(errors='replace')[-4000:]}") from None
                 time.sleep(0.2)
+
+    def metrics(self) -> dict[str, float]:
+        return scrape_metrics(self.url)
 
     def stop(self) -> None:
         process, self.process = self.process, None
