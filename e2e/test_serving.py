@@ -229,6 +229,24 @@ def test_pd_through_the_router_answers_as_a_single_server_does(
     assert wait_counter(consumer, "loaded_blocks", loaded) > loaded, "the decode side recomputed"
 
 
+def test_pd_second_turn_loads_the_first_turns_prompt_on_the_prefill_side(pd: dict[str, object]) -> None:
+    """The prefill pod of turn 2 loads turn 1's prompt from the store (whoever computed it) and
+    computes only the new turn; the answer still equals a single server's."""
+    single, producer = pd["single"], pd["producer"]
+    assert isinstance(single, VllmServer) and isinstance(producer, VllmServer)
+    args = {"model": "model", "max_tokens": 8, "temperature": 0}
+    messages = [{"role": "user", "content": text_of(700, seed=30)}]
+    first = client(str(pd["router"])).chat.completions.create(messages=messages, **args)  # type: ignore[arg-type]
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": text_of(60, seed=31)}]
+    time.sleep(1.0)  # turn 1's stats reach /metrics with the next stats update
+    hits = counter(producer, "hit_tokens")
+    second = client(str(pd["router"])).chat.completions.create(messages=messages, **args)  # type: ignore[arg-type]
+    reference = client(single.url).chat.completions.create(messages=messages, **args)  # type: ignore[arg-type]
+    assert second.choices[0].message.content == reference.choices[0].message.content
+    assert wait_counter(producer, "hit_tokens", hits) - hits >= 20 * BLOCK, "the prefill side recomputed turn 1"
+
+
 # ---------------------------------------------------------------- bad configuration, full store
 
 
