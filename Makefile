@@ -65,7 +65,7 @@ cluster-up: venv bins
 cluster-down: venv
 	$(PY) -m e2e.cluster down
 
-demo: venv bins
+demo: venv bins models
 	$(PY) -m e2e.ucm_demo
 
 gpu-check:

@@ -97,7 +97,8 @@ def test_demo_exits_when_serving_and_leaves_nothing_running() -> None:
     assert "standing in for those pods" in output
     answers = re.findall(r"^\s+A: (.*\S.*)$", output, re.M)
     assert len(answers) == 2, output[-4000:]
-    assert re.search(r"the prefill side loaded (\d+) prompt tokens from the store", output), output[-4000:]
+    loaded = re.search(r"the prefill side loaded (\d+) prompt tokens from the store", output)
+    assert loaded and int(loaded.group(1)) >= 1024, output[-4000:]  # turn 1's ~1,500-token prompt
 
 
 @pytest.mark.e2e

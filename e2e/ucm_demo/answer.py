@@ -95,8 +95,9 @@ def _ask(url: str, model: str, messages: list[JSON]) -> tuple[str, float, float]
     client = openai.OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0, timeout=300)
     t0 = time.monotonic()
     ttft, parts = 0.0, []
+    # greedy, so both runs answer alike; a 135M model repeats itself without a repetition penalty
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0,
-                                            stream=True)
+                                            stream=True, extra_body={"repetition_penalty": 1.2})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if not parts:
@@ -144,6 +145,7 @@ def answer_through_local_pair(deployments: Sequence[JSON], served_name: str, wor
     ]
     answer, ttft1, total1 = _ask(router.url, served_name, messages)
     say(f"\n  Q: {QUESTION}\n  A: {answer}\n     (turn 1: TTFT {ttft1:.2f} s, {total1:.2f} s in all)")
+    time.sleep(1.0)  # connector stats reach /metrics with the engine's next stats update
     before = _hits(servers["prefill"])
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": FOLLOW_UP}]
     answer2, ttft2, total2 = _ask(router.url, served_name, messages)
