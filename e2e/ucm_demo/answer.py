@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ucm.serve.models import prepare
 from ucm.serve.server import RouterProcess, VllmServer, free_port, start_all
@@ -94,10 +94,10 @@ def _ask(url: str, model: str, messages: list[JSON]) -> tuple[str, float, float]
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="demo", max_retries=0, timeout=300)
     t0 = time.monotonic()
-    ttft, parts = 0.0, []
+    ttft, parts = 0.0, list[str]()
     # greedy, so both runs answer alike; a 135M model repeats itself without a repetition penalty
-    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0,
-                                            stream=True, extra_body={"repetition_penalty": 1.2})
+    stream = client.chat.completions.create(model=model, messages=cast(Any, messages), max_tokens=48,
+                                            temperature=0, stream=True, extra_body={"repetition_penalty": 1.2})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             if not parts:
@@ -111,7 +111,7 @@ def _hits(server: VllmServer) -> int:
 
 
 def answer_through_local_pair(deployments: Sequence[JSON], served_name: str, workdir: Path,
-                              say: Callable[[str], None], register: Callable[[Callable[[], None]], None]) -> None:
+                              say: Callable[[str], None], register: Callable[[Callable[[], None]], object]) -> None:
     """Run the operator's prefill and decode commands and the router locally; ask two turns."""
     say("The simulated pods above run no containers. To get a real answer, this machine now runs the\n"
         "prefill and decode commands the operator generated (read from its Deployments) as local\n"
