@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import random
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from store_helpers import LAYOUT, SALT, payload_for, random_keys
+from store_helpers import LAYOUT, SALT, forked, kill_and_reap, payload_for, random_keys
 
 from ucm.store import BlockLayout, FileStore
 from ucm.store.maintenance import collect_garbage
@@ -118,16 +118,9 @@ def test_writer_killed_hundreds_of_times_never_leaves_a_torn_block(tmp_path: pat
     rng = random.Random(1234)
     kills = 0
     for i in range(220):
-        pid = os.fork()
-        if pid == 0:  # child
-            try:
-                _killed_writer(path, i)
-            finally:
-                os._exit(1)
+        pid = forked(functools.partial(_killed_writer, path, i))
         time.sleep(rng.uniform(0.002, 0.03))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        kills += kill_and_reap(pid)
     assert kills >= 200
     objects, temps = scan_objects(str(path / "objects"))
     assert objects, "no writer ever published: the kills came too early to test anything"

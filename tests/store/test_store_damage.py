@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import struct
 from collections.abc import Callable
 
 import numpy as np
@@ -40,24 +41,67 @@ def _rewrite(path: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("direct", [False, True])
-@pytest.mark.parametrize("where", ["payload-start", "payload-end", "header-key", "header-checksum"])
+@pytest.mark.parametrize(
+    "where", ["payload-start", "payload-end", "header-key", "header-padding", "header-checksum"]
+)
 def test_flipped_byte_detected(make_store: MakeStore, direct: bool, where: str) -> None:
     store, key, path = _stored(make_store, direct)
     offset = {
         "payload-start": HEADER_SIZE,
         "payload-end": HEADER_SIZE + LAYOUT.nbytes - 1,
         "header-key": 30,
-        "header-checksum": 4000,  # padding is not covered by the header checksum: must still be harmless
+        "header-padding": 4000,  # covered by the header checksum since format version 2
+        "header-checksum": HEADER_SIZE - 1,
     }[where]
     data = bytearray(pathlib.Path(path).read_bytes())
     data[offset] ^= 0x01
     _rewrite(path, bytes(data))
-    if where == "header-checksum":
-        out = np.zeros(LAYOUT.nbytes, np.uint8)
-        assert store.load([key], [out], LAYOUT).wait(10) == [True]
-        assert np.array_equal(out, payload_for(key))
-        return
     _load_fails_and_quarantines(store, key, path)
+
+
+def test_every_header_byte_is_protected(make_store: MakeStore) -> None:
+    """Flip each of the 4,096 header bytes in turn (all 8 bits): every flip is a counted,
+    quarantined miss, padding included, so a field added to the padding later is covered."""
+    store, key, path = _stored(make_store)
+    good = pathlib.Path(path).read_bytes()
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    loaded = []
+    for offset in range(HEADER_SIZE):
+        damaged = bytearray(good)
+        damaged[offset] ^= 0xFF
+        _rewrite(path, bytes(damaged))
+        if store.load([key], [out], LAYOUT).wait(10) != [False] or os.path.exists(path):
+            loaded.append(offset)
+    assert not loaded, f"header bytes whose damage went unnoticed: {loaded[:20]}"
+    stats = store.stats()
+    assert stats.corrupt == HEADER_SIZE and stats.load_failures == HEADER_SIZE and stats.loads == 0
+    assert len(os.listdir(os.path.join(store.root, "quarantine"))) == HEADER_SIZE
+    _rewrite(path, good)  # and the undamaged object still loads
+    assert store.load([key], [out], LAYOUT).wait(10) == [True]
+    assert np.array_equal(out, payload_for(key))
+
+
+def _version_1_header(key: bytes, payload_len: int, checksum: int) -> bytes:
+    """A header as format version 1 wrote it: the checksum right after the fields, over them only."""
+    fields = struct.pack(
+        "<8sHH16sH64sH256sQQ", b"UCMKVOBJ", 1, HEADER_SIZE, SALT, len(key), key,
+        len(LAYOUT.describe()), LAYOUT.describe().encode(), payload_len, checksum,
+    )
+    header = fields + struct.pack("<Q", xxhash.xxh3_64_intdigest(fields))
+    return header + bytes(HEADER_SIZE - len(header))
+
+
+def test_objects_of_format_version_1_are_clean_misses(make_store: MakeStore) -> None:
+    """Version 1 left the header padding unchecked; its objects are misses (quarantined, so the
+    next dump rewrites them in the current format), never loaded."""
+    store, key, path = _stored(make_store)
+    payload = payload_for(key).tobytes()
+    _rewrite(path, _version_1_header(key, len(payload), xxhash.xxh3_64_intdigest(payload)) + payload)
+    _load_fails_and_quarantines(store, key, path)
+    assert store.dump([key], [payload_for(key)], LAYOUT).wait(10) == [True]
+    out = np.zeros(LAYOUT.nbytes, np.uint8)
+    assert store.load([key], [out], LAYOUT).wait(10) == [True]
+    assert np.array_equal(out, payload_for(key))
 
 
 @pytest.mark.parametrize("length", [0, 100, HEADER_SIZE, HEADER_SIZE + LAYOUT.nbytes - 1])

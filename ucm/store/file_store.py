@@ -11,10 +11,11 @@ Correctness without locks, across processes and hosts:
   which no reader ever opens and `gc` removes by age.
 * Reading: header and payload come in with one `preadv` straight into the caller's buffer;
   the object is accepted only if magic, version, salt, key, layout, length, header checksum
-  and payload checksum all match. A damaged or foreign object is counted, logged with its
-  path and moved to `quarantine/` (only if the name still points at the inode we read), and
-  reported as a miss. A host crash with `durability="none"` can leave a published file whose
-  data never reached the disk; the payload checksum turns that into a miss too.
+  (over every header byte) and payload checksum all match. A damaged or foreign object is
+  counted, logged with its path and moved to `quarantine/` (only if the name still points at
+  the inode we read), and reported as a miss. A host crash with `durability="none"` can leave
+  a published file whose data never reached the disk; the payload checksum turns that into a
+  miss too.
 * Faults: ENOSPC, EDQUOT, EACCES, EPERM or EROFS while writing log one error naming the path
   and switch the store to refusing dumps (`stats().read_only_reason`); loads keep working.
   Nothing in `load`/`dump` raises for an I/O failure.
@@ -122,7 +123,7 @@ class FileStore(Store):
         self._bytes = 0
         self._in_flight = 0  # bytes reserved by dumps not yet published
         self._scanning = False
-        self._published_during_scan: list[bytes] = []
+        self._changed_during_scan: list[bytes] = []  # keys indexed or unindexed while a scan runs
         self._stats = StoreStats(capacity_bytes=capacity_bytes)
         self._publisher = fileio.Publisher()
         self._logged_errors: set[int] = set()
@@ -172,22 +173,30 @@ class FileStore(Store):
             return self._rescan_locked()
 
     def _rescan_locked(self) -> list[tuple[bytes, str, int, int]]:
+        """Replace the index with a directory listing. A listing is a snapshot that this
+        process's own dumps, loads, quarantines and removals can overtake while it runs: for
+        every key they changed meanwhile, the live index knows better than the snapshot (a key
+        quarantined during the scan must not come back as a hit)."""
         with self._lock:
             self._scanning = True
-            self._published_during_scan = []
+            self._changed_during_scan = []
         try:
             objects, temps = scan_objects(self._objects)
-        finally:
+            if self._stats.read_only_reason is None:
+                remove_stale_temps(temps, _STALE_TEMP_S)  # left by writers killed an hour ago or more
+        except BaseException:
             with self._lock:
                 self._scanning = False
-        if self._stats.read_only_reason is None:
-            remove_stale_temps(temps, _STALE_TEMP_S)  # left by writers killed an hour ago or more
+            raise
         with self._lock:
             index = {o.key: o.size for o in objects}
-            for key in self._published_during_scan:
+            for key in self._changed_during_scan:
                 if key in self._index:
                     index[key] = self._index[key]
-            self._published_during_scan = []
+                else:
+                    index.pop(key, None)
+            self._scanning = False
+            self._changed_during_scan = []
             self._index = index
             self._bytes = sum(index.values())
             self._last_scan = time.monotonic()
@@ -202,13 +211,15 @@ class FileStore(Store):
                 self._bytes += size
             self._index[key] = size
             if self._scanning:
-                self._published_during_scan.append(key)
+                self._changed_during_scan.append(key)
 
     def _unindexed(self, key: bytes) -> None:
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._bytes -= size
+            if self._scanning:
+                self._changed_during_scan.append(key)
 
     # -- lookup -----------------------------------------------------------------------------------
 

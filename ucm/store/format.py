@@ -15,11 +15,19 @@ up front (in the background at start-up): a young store then pays no mkdir per w
 target so the final rename never crosses a directory on the server; their names start with a
 dot and end with `.tmp`, so nothing that looks for `*.kv` can ever see a half-written object.
 
+Two versions, on purpose independent: the marker's `version` (MARKER_VERSION) is that of the
+directory layout above, and the header's (FORMAT_VERSION) that of an object. A new object
+format needs no new directory: objects of another format version are misses (quarantined on
+first load, then rewritten by the next dump), so a store survives an upgrade without a wipe.
+
 Every object starts with a fixed 4,096-byte header (so the payload is aligned for O_DIRECT and
 buffered and direct writers produce the same files). The header carries a magic, a format
 version, the store salt, the key, the payload layout, the payload length and an xxh3_64
-checksum of the payload, and an xxh3_64 checksum of the header itself. A reader accepts an
-object only if all of these match what it expects.
+checksum of the payload; its last 8 bytes are an xxh3_64 checksum of all 4,088 bytes before
+them, padding included, so a field added to the padding later is covered without a new check
+and a damaged byte anywhere in the header is detected. A reader accepts an object only if all
+of these match what it expects. Format version 1 checksummed the fields only (the padding
+was unchecked); its objects are clean misses for this reader.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ import struct
 import xxhash
 
 MAGIC = b"UCMKVOBJ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of an object header; 2: the header checksum covers every header byte
+MARKER_VERSION = 1  # of the directory layout (the marker); see the module docstring
 HEADER_SIZE = 4096
 MARKER_NAME = "ucm-store.json"
 MARKER_FORMAT = "ucm-file-store"
@@ -46,9 +55,12 @@ MAX_KEY_BYTES = 64
 MAX_LAYOUT_BYTES = 256
 
 # magic, version, header size, salt, key length, key, layout length, layout, payload length,
-# payload checksum; then the header checksum over everything before it.
+# payload checksum; then zero padding; the header checksum (over every byte before it) last.
 _FIELDS = struct.Struct(f"<8sHH{SALT_BYTES}sH{MAX_KEY_BYTES}sH{MAX_LAYOUT_BYTES}sQQ")
+_PREAMBLE = struct.Struct("<8sH")  # magic and version: read before the checksum, for clear messages
 _HEADER_CHECKSUM = struct.Struct("<Q")
+_CHECKSUM_OFFSET = HEADER_SIZE - _HEADER_CHECKSUM.size
+assert _FIELDS.size <= _CHECKSUM_OFFSET
 _HOST = socket.gethostname().replace(".", "_").replace("/", "_")[:32] or "host"
 
 
@@ -86,25 +98,33 @@ class Header:
         )
         out = bytearray(HEADER_SIZE)
         out[: _FIELDS.size] = fields
-        _HEADER_CHECKSUM.pack_into(out, _FIELDS.size, xxhash.xxh3_64_intdigest(fields))
+        _HEADER_CHECKSUM.pack_into(out, _CHECKSUM_OFFSET, _header_checksum(out))
         return bytes(out)
 
 
+def _header_checksum(header: bytes | bytearray) -> int:
+    """xxh3_64 of every header byte before the checksum itself, padding included."""
+    return xxhash.xxh3_64_intdigest(memoryview(header)[:_CHECKSUM_OFFSET])
+
+
 def decode_header(data: bytes | bytearray | memoryview) -> Header:
-    """Parse and check a header; raises HeaderError naming the first field that is wrong."""
-    if len(data) < _FIELDS.size + _HEADER_CHECKSUM.size:
+    """Parse and check a header; raises HeaderError naming the first field that is wrong.
+    Magic and version are checked before the checksum so that a foreign file or an object of
+    another format version is reported as such rather than as damage."""
+    if len(data) < HEADER_SIZE:
         raise HeaderError(f"header truncated ({len(data)} bytes)")
-    fields = bytes(data[: _FIELDS.size])
-    magic, version, header_size, salt, key_len, key, layout_len, layout, payload_len, checksum = (
-        _FIELDS.unpack(fields)
-    )
+    header = bytes(data[:HEADER_SIZE])
+    magic, version = _PREAMBLE.unpack_from(header)
     if magic != MAGIC:
         raise HeaderError(f"foreign format (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise HeaderError(f"format version {version}, this reader understands {FORMAT_VERSION}")
-    (stored_checksum,) = _HEADER_CHECKSUM.unpack_from(data, _FIELDS.size)
-    if stored_checksum != xxhash.xxh3_64_intdigest(fields):
+    (stored_checksum,) = _HEADER_CHECKSUM.unpack_from(header, _CHECKSUM_OFFSET)
+    if stored_checksum != _header_checksum(header):
         raise HeaderError("header checksum mismatch")
+    _, _, header_size, salt, key_len, key, layout_len, layout, payload_len, checksum = (
+        _FIELDS.unpack_from(header)
+    )
     if header_size != HEADER_SIZE or key_len > MAX_KEY_BYTES or layout_len > MAX_LAYOUT_BYTES:
         raise HeaderError("header sizes out of range")
     return Header(
