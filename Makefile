@@ -69,8 +69,8 @@ demo: venv bins models
 	$(PY) -m e2e.ucm_demo
 
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.transfer.gpu_check
-	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.sparse.gpu_check
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.bench.gpu_transfer
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.bench.gpu_sparse
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

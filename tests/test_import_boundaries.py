@@ -1,9 +1,10 @@
 """The layer boundaries we promise, checked in a fresh interpreter per layer.
 
-`ucm.store` and `ucm.transfer` run on a GPU node that has only torch; the router runs in a small
-image without torch or vLLM; the operator ships without vLLM, torch or the in-pod library. An
-import that crosses a boundary works on a developer machine (everything is installed) and fails in
-production, so only a test that looks at what importing a layer actually loads can catch it.
+`ucm.store`, `ucm.transfer` and the GPU checks run on a GPU node that has only torch; the router
+runs in a small image without torch or vLLM; the operator ships without vLLM, torch or the in-pod
+library. An import that crosses a boundary works on a developer machine (everything is installed)
+and fails in production, so only a test that looks at what importing a layer actually loads can
+catch it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ BOUNDARIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "router": (("ucm.router.server", "ucm.router.cli", "ucm.router.proxy", "ucm.router.kube"),
                ("torch", "vllm", "kubernetes")),
     "connector config": (("ucm.connector.config",), ("torch", "vllm", "kubernetes", "kubernetes_asyncio")),
+    # the sparse registry is imported on the scheduler side and to validate configs: torch only in algorithms
+    "sparse registry": (("ucm.sparse", "ucm.sparse.registry", "ucm.sparse.active"), ("torch", "vllm", "kubernetes")),
+    # `make gpu-check` runs on a GPU machine with ucm and torch only
+    "gpu checks": (("ucm.bench.gpu_transfer", "ucm.bench.gpu_sparse"),
+                   ("vllm", "transformers", "aiohttp", "kubernetes", "kubernetes_asyncio")),
+    # shared by every benchmark, the router's (no torch) included
+    "bench common": (("ucm.bench", "ucm.bench.common"), ("torch", "vllm", "aiohttp", "kubernetes")),
+    "router bench": (("ucm.bench.router", "ucm.bench.toy_proxy", "ucm.bench.fake_upstreams"),
+                     ("torch", "vllm", "kubernetes")),
     "operator": (("ucm_operator.cli", "ucm_operator.runtime", "ucm_operator.bench", "ucm_operator.reconcile"),
                  ("vllm", "torch", "ucm")),
 }

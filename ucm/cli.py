@@ -23,9 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 # `ucm bench <name>` -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "transfer": ("ucm.transfer.bench", "gather/scatter throughput of the KV transfer path"),
-    "router": ("ucm.router.bench", "latency and throughput added by the PD router"),
-    "sparse": ("ucm.sparse.bench", "accuracy and bytes read of sparse attention"),
+    "transfer": ("ucm.bench.transfer", "gather/scatter throughput of the KV transfer path"),
+    "router": ("ucm.bench.router", "latency and throughput added by the PD router"),
+    "sparse": ("ucm.bench.sparse", "accuracy and bytes read of sparse attention"),
     "serve": ("ucm.bench.serve", "TTFT of real vllm serve processes: recompute vs prefix cache vs ExampleConnector vs UCM"),
 }
 

@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from ucm.bench.fake_upstreams import FakeBehavior, FakeUpstream
 from ucm.router.config import RouterConfig
 from ucm.router.endpoints import Endpoint, Registry
 from ucm.router.server import RouterServer
-from ucm.router.testing import FakeBehavior, FakeUpstream
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MODEL = "fake-model"

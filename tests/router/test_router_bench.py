@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ucm.router.bench import _measure_slice, _plan_cpus, _Run, _Sample
+from ucm.bench.router import _measure_slice, _plan_cpus, _Run, _Sample
 
 
 @pytest.mark.slow

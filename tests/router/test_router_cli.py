@@ -11,7 +11,7 @@ import sys
 
 import aiohttp
 
-from ucm.router.testing import sse_events
+from ucm.bench.fake_upstreams import sse_events
 
 MODEL = "fake-model"
 

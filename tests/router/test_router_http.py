@@ -1,5 +1,5 @@
 """The router end to end over real HTTP against fake vLLM upstreams that check the
-kv_transfer_params protocol (ucm.router.testing)."""
+kv_transfer_params protocol (ucm.bench.fake_upstreams)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import aiohttp
 
+from ucm.bench.fake_upstreams import metric_value, sse_events
 from ucm.router.server import RouterServer
-from ucm.router.testing import metric_value, sse_events
 
 MODEL = "fake-model"
 LONG = "You are a helpful assistant. " * 40  # > 1 KiB: a full affinity prefix

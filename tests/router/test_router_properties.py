@@ -3,7 +3,7 @@ a 4xx OpenAI-style JSON error - never a 5xx, a plain-text error, a dropped conne
 
 Two levels: the request parser (`parse_request` and the prefill/decode bodies built from its
 result) on arbitrary JSON values and bytes, and the whole HTTP server (a real router on a
-loopback port, in front of the fake vLLM upstreams of `ucm.router.testing`) on arbitrary bodies,
+loopback port, in front of the fake vLLM upstreams of `ucm.bench.fake_upstreams`) on arbitrary bodies,
 methods, paths and header values sent over a raw socket (no client library cleans them up).
 The Hypothesis profile (`tests/conftest.py`) sets the number of examples.
 """
@@ -22,13 +22,13 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from ucm.bench.fake_upstreams import FakeUpstream
 from ucm.router.affinity import PrefixKeyer
 from ucm.router.config import RouterConfig
 from ucm.router.errors import ApiError
 from ucm.router.health import StaticDiscovery
 from ucm.router.openai_request import build_decode_body, build_prefill_body, parse_request
 from ucm.router.server import RouterServer
-from ucm.router.testing import FakeUpstream
 
 MODEL = "fake-model"
 KEYER = PrefixKeyer(MODEL, 2)  # small: short prompts fill a block

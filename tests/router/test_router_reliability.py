@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from ucm.bench.fake_upstreams import FakeUpstream, metric_value
 from ucm.router.cli import add_serve_arguments, build_config
 from ucm.router.config import RouterConfig
 from ucm.router.errors import ApiError
 from ucm.router.openai_request import MAX_JSON_DEPTH, build_decode_body, parse_request
 from ucm.router.server import RouterServer
-from ucm.router.testing import FakeUpstream, metric_value
 
 MODEL = "fake-model"
 MakeUpstream = Callable[..., Awaitable[FakeUpstream]]  # the fixtures of tests/router/conftest.py

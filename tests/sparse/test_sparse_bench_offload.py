@@ -7,8 +7,8 @@ import pathlib
 
 import torch
 
-from ucm.sparse.bench_data import LayerQKV
-from ucm.sparse.bench_vllm_offload import bench_vllm_offload
+from ucm.bench.sparse_data import LayerQKV
+from ucm.bench.sparse_vllm_offload import bench_vllm_offload
 from ucm.sparse.block_retrieval import BlockRetrievalConfig
 from ucm.sparse.vllm_offload import num_slots
 
@@ -39,7 +39,7 @@ def test_offload_replay_equals_resident_and_holds_fewer_blocks() -> None:
 
 def test_gpu_check_offload_logic_on_cpu() -> None:
     """`make gpu-check` runs this on CUDA; on CPU tensors it must pass the same criteria."""
-    from ucm.sparse.gpu_check import check_vllm_offload
+    from ucm.bench.gpu_sparse import check_vllm_offload
 
     result = check_vllm_offload(device="cpu", tokens=1024, layers=2)
     assert result["ok"] and result["prefetch"]["max_abs_diff_vs_resident"] == 0.0
@@ -48,7 +48,7 @@ def test_gpu_check_offload_logic_on_cpu() -> None:
 def test_too_few_slots_shrink_the_selection_instead_of_failing(tmp_path: pathlib.Path) -> None:
     """Should a full pool have kept the scheduler from adding slots while the selection grew, the
     layer attends to the offloaded blocks it can place and counts the rest; it never fails the step."""
-    from ucm.sparse.bench_vllm_offload import FileStoreReader
+    from ucm.bench.sparse_vllm_offload import FileStoreReader
     from ucm.sparse.offload import bytes_view
     from ucm.sparse.paged import LayerKV
     from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, WorkerOffload

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ucm.bench.tiny_lm import TinyCausalLM, TinyLMConfig, cache_key, load_or_train, stdlib_corpus, train
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.tiny_lm import TinyCausalLM, TinyLMConfig, cache_key, load_or_train, stdlib_corpus, train
 
 TINY = TinyLMConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, context=64, steps=40, batch=4, lr=1e-2, warmup=5)
 
@@ -87,9 +87,9 @@ def test_bench_replays_the_models_decode_on_both_paths(tmp_path: Path, monkeypat
     fewer bytes and differ from dense."""
     import argparse
 
-    from ucm.sparse.bench import bench_trained
-    from ucm.sparse.bench_data import tiny_lm_qkv
-    from ucm.sparse.bench_paged import bench_trained_paged
+    from ucm.bench.sparse import bench_trained
+    from ucm.bench.sparse_data import tiny_lm_qkv
+    from ucm.bench.sparse_paged import bench_trained_paged
 
     monkeypatch.setenv("UCM_CACHE_DIR", str(tmp_path))
     config = TinyLMConfig(**{**TINY.__dict__, "context": 256, "steps": 10})

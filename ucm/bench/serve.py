@@ -47,6 +47,7 @@ from pathlib import Path
 from random import Random
 from typing import Any, Protocol, cast
 
+from ucm.bench.common import percentile
 from ucm.serve.server import RouterProcess, VllmServer, start_all, ucm_transfer_config
 
 SYSTEM_PROMPT = "You are a careful assistant. Answer briefly, using only the text the user gives you."
@@ -292,15 +293,6 @@ def measure_pass(base_url: str, servers: Sequence[VllmServer], conversations: Se
 
 
 # ---- results -------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 @dataclass

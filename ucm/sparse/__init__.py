@@ -4,10 +4,10 @@ The connector calls `create_sparse(ucm_sparse_config, role, vllm_config)` when i
 has `ucm_sparse_config`, then forwards the hooks of `UcmSparseBase`.
 """
 
+from ucm.sparse.active import get_active_sparse
 from ucm.sparse.base import SlotAllocation, SparseConfigError, SparseRole, UcmSparseBase
 from ucm.sparse.registry import (
     create_sparse,
-    get_active_sparse,
     register_sparse,
     registered_names,
     shutdown_sparse,

@@ -6,6 +6,7 @@ import every algorithm (and its dependencies) into every vLLM process.
 Why one active instance per role: the attention hooks are called from inside vLLM's attention
 backend, which knows nothing about connectors; it asks `get_active_sparse(SparseRole.WORKER)`.
 Two different algorithms in one process would make that answer ambiguous, so that is an error.
+The table of active instances is `ucm.sparse.active`, which the vLLM patch reads too.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from ucm.sparse.active import active_roles, get_active_sparse, pop_active_sparse, set_active_sparse
 from ucm.sparse.base import SparseConfigError, SparseRole, UcmSparseBase
+
+__all__ = ["algorithm_class", "create_sparse", "get_active_sparse", "register_sparse", "registered_names",
+           "shutdown_sparse"]
 
 _REGISTRY: dict[str, str] = {
     "block_retrieval": "ucm.sparse.block_retrieval:BlockRetrievalSparse",
 }
-_ACTIVE: dict[SparseRole, UcmSparseBase] = {}
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # create/shutdown: check-then-set of the active table (ucm.sparse.active)
 
 
 def register_sparse(name: str, target: str) -> None:
@@ -68,34 +72,31 @@ def create_sparse(config: Mapping[str, object], role: object, vllm_config: Any =
     cls = algorithm_class(name)
     parsed = cls.parse_config({k: v for k, v in config.items() if k != "name"})
     with _LOCK:
-        current = _ACTIVE.get(sparse_role)
+        current = get_active_sparse(sparse_role)
         if current is not None and current.name != cls.name:
             raise SparseConfigError(
                 f"ucm_sparse_config.name: {name!r} requested but {current.name!r} is already active in this "
                 f"process ({sparse_role.value} side); one sparse algorithm per process"
             )
         if sparse_role is SparseRole.WORKER and vllm_config is not None:
-            # inside a vLLM worker: hook attention (refuses any vLLM but the pinned version)
+            # inside a vLLM worker: hook attention (refuses any vLLM but the pinned version).
+            # Function-level: vllm_patch loads torch and vLLM's attention backends, which the
+            # scheduler side and config validation (this module without a vllm_config) must not need.
             from ucm.sparse.vllm_patch import install_attention_hooks
 
             install_attention_hooks()
         instance = cls(parsed, sparse_role, vllm_config)
         if current is not None:
             current.close()
-        _ACTIVE[sparse_role] = instance
+        set_active_sparse(sparse_role, instance)
     return instance
-
-
-def get_active_sparse(role: object) -> UcmSparseBase | None:
-    """The active instance of `role` in this process, or None (dense attention)."""
-    return _ACTIVE.get(SparseRole.parse(role))
 
 
 def shutdown_sparse(role: object | None = None) -> None:
     """Close and forget the active instance of `role` (all roles when None)."""
     with _LOCK:
-        roles = list(_ACTIVE) if role is None else [SparseRole.parse(role)]
+        roles = active_roles() if role is None else [SparseRole.parse(role)]
         for r in roles:
-            instance = _ACTIVE.pop(r, None)
+            instance = pop_active_sparse(r)
             if instance is not None:
                 instance.close()

@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from ucm.sparse.active import get_active_sparse
 from ucm.sparse.base import SparseRole
 from ucm.sparse.offload import OffloadError
-from ucm.sparse.registry import get_active_sparse
+from ucm.sparse.paged import LayerKV
+from ucm.transfer.paged import CacheLayout
 
 SUPPORTED_VLLM = "0.32.0"
 
@@ -48,7 +50,7 @@ class VllmVersionError(RuntimeError):
 def check_vllm_version(version: str | None = None) -> str:
     """The installed vLLM version, or `VllmVersionError` unless it is exactly 0.32.0."""
     if version is None:
-        import vllm
+        import vllm  # function-level: vLLM is heavy and optional; only this check, given no version, needs it
 
         version = str(vllm.__version__)
     if version != SUPPORTED_VLLM:
@@ -61,9 +63,6 @@ def check_vllm_version(version: str | None = None) -> str:
 
 def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
     """`original` (an impl's forward) with the sparse attention hooks around it."""
-    from ucm.sparse.paged import LayerKV
-    from ucm.transfer.paged import CacheLayout
-
     @functools.wraps(original)
     def forward(
         self: Any,

@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from ucm.transfer import bench
+from ucm.bench import transfer as transfer_bench
+from ucm.bench.common import synchronized_time
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import CacheLayout, PagedKV
 from ucm.transfer.staging import HeadGroup, SaveBatch
@@ -59,8 +60,7 @@ def overlap_check() -> dict[str, float]:
             torch.matmul(a, a)
 
     def save(with_compute: bool, with_save: bool) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = synchronized_time(device)
         batch = SaveBatch(paged, list(range(0, 2 * n, 2)), groups, pool) if with_save else None
         for layer in range(layers):
             if with_compute:
@@ -69,8 +69,7 @@ def overlap_check() -> dict[str, float]:
                 batch.save_layer(layer)
         if batch is not None:
             batch.finish().release()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return synchronized_time(device) - start
 
     save(True, True)  # warm-up: pinned buffers, kernels
     return {
@@ -106,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("== ucm bench transfer --device cuda", flush=True)
     parser = argparse.ArgumentParser()
-    bench.register(parser)
-    rc = bench.run(parser.parse_args(["--device", "cuda", "--batch-mib", "256", "--layers", "32"]))
+    transfer_bench.register(parser)
+    rc = transfer_bench.run(parser.parse_args(["--device", "cuda", "--batch-mib", "256", "--layers", "32"]))
     failures += rc != 0
     print(f"gpu-check: {'FAILED' if failures else 'passed'} in {time.perf_counter() - started:.0f}s")
     return 1 if failures else 0

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 server under the router's test upstreams (`ucm.router.testing`): an
+"""The HTTP/1.1 server under the router's fake upstreams (`ucm.bench.fake_upstreams`): an
 `asyncio.Protocol` with `httptools`' request parser, keep-alive, one request at a time per
 connection.
 
@@ -26,7 +26,7 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict
 
-log = logging.getLogger("ucm.router.testing")
+log = logging.getLogger("ucm.bench.fake_upstreams")
 
 
 class Exchange:

@@ -8,10 +8,10 @@
    GQA 4): keep_ratio 1.0 must equal dense (max abs err < 2e-2), 25% must keep cosine >= 0.95;
    bytes read and synchronized time per step are printed next to dense's.
 
-3. The vLLM path with offload on CUDA (`bench_vllm_offload`): every layer's attention hook over
-   paged caches on the GPU, selected blocks read back from a FileStore into slots, freed blocks
-   overwritten with NaN; outputs must equal the same selection without offload (< 1e-5) and the
-   request must hold fewer GPU blocks.
+3. The vLLM path with offload on CUDA (`ucm.bench.sparse_vllm_offload`): every layer's attention
+   hook over paged caches on the GPU, selected blocks read back from a FileStore into slots, freed
+   blocks overwritten with NaN; outputs must equal the same selection without offload (< 1e-5) and
+   the request must hold fewer GPU blocks.
 
 All run on CPU tensors too (`device="cpu"`), which is how the tests check the logic on machines
 without a GPU. Exits 2 when CUDA is unavailable, 1 when a check fails.
@@ -26,19 +26,14 @@ from typing import Any
 
 import torch
 
+from ucm.bench.common import synchronized_time
+from ucm.bench.sparse_data import LayerQKV, PlantedContext, planted_context
+from ucm.bench.sparse_vllm_offload import bench_vllm_offload
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.bench_data import PlantedContext, planted_context
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, DecodeLayer
 
 MIN_SELECTION_AGREEMENT = 0.99
 MAX_DEVICE_DIFF = 1e-3
-
-
-def synchronized_time(dev: torch.device) -> float:
-    """Wall time after the device finished queued work (CUDA kernels are asynchronous)."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()
 
 
 def _decode(
@@ -114,9 +109,6 @@ def run_cuda_check(tokens: int = 131072, dtype: torch.dtype = torch.bfloat16, de
 
 def check_vllm_offload(device: str = "cuda", tokens: int = 4096, layers: int = 4) -> dict[str, Any]:
     """The vLLM-path hook with offload on `device` (random Q/K/V: the check is about equality)."""
-    from ucm.sparse.bench_data import LayerQKV
-    from ucm.sparse.bench_vllm_offload import bench_vllm_offload
-
     gen = torch.Generator().manual_seed(4)
     kv_heads, group, head_dim = 4, 4, 64
     qkv = [LayerQKV(i, torch.randn(tokens, kv_heads * group, head_dim, generator=gen),

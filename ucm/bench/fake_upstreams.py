@@ -13,8 +13,8 @@ depend on it:
   `stream_options.include_usage` is set, and `data: [DONE]`.
 
 Fault knobs (`FakeBehavior`) make it slow, hang, fail with a status, break a stream mid-event,
-or fail its health check. `python -m ucm.router.testing` runs a set of them in one process for
-the benchmark. It serves over `ucm.router.testing_http` (a lean protocol-level server), since in
+or fail its health check. `python -m ucm.bench.fake_upstreams` runs a set of them in one process
+for the benchmark. It serves over `ucm.bench.fake_http` (a lean protocol-level server), since in
 the benchmark it shares a CPU with the load generator.
 """
 
@@ -31,9 +31,9 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ucm.bench.fake_http import Exchange, HttpServer
 from ucm.router.endpoints import Endpoint, Role
 from ucm.router.loop import run
-from ucm.router.testing_http import Exchange, HttpServer
 
 UpstreamRole = Literal["prefill", "decode", "both"]
 
@@ -293,7 +293,7 @@ def _error(ex: Exchange, status: int, message: str) -> None:
     ex.respond_json(err, status=status)
 
 
-# ---- `python -m ucm.router.testing`: upstreams for the benchmark, in their own process ----
+# ---- `python -m ucm.bench.fake_upstreams`: upstreams for the benchmark, in their own process ----
 async def _serve_forever(args: argparse.Namespace) -> None:
     behavior = FakeBehavior(tokens=args.tokens, token_delay_s=args.token_delay_s)
     servers = [
@@ -316,7 +316,7 @@ async def _serve_forever(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ucm.router.testing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ucm.bench.fake_upstreams", description=__doc__.splitlines()[0])
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=16)

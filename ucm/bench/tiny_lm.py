@@ -242,6 +242,6 @@ def load_or_train(config: TinyLMConfig, *, progress_every: int = 50) -> TrainedL
     return trained
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m ucm.sparse.tiny_lm`: train and cache the default model
+if __name__ == "__main__":  # pragma: no cover - `python -m ucm.bench.tiny_lm`: train and cache the default model
     result = load_or_train(TinyLMConfig())
     print(json.dumps(result.log))

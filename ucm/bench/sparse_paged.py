@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from ucm.bench.sparse_data import LayerQKV
+from ucm.bench.sparse_tally import KEEP_RATIOS, Tally, exact_topk_recall
 from ucm.sparse import retrieval_math as rm
 from ucm.sparse.base import SparseRole
-from ucm.sparse.bench_data import LayerQKV
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.transfer.paged import CacheLayout
@@ -50,7 +51,7 @@ def paged_layer(lq: LayerQKV, block_size: int, seed: int) -> tuple[torch.Tensor,
 
 
 def run_paged(
-    config: BlockRetrievalConfig, tally: Any, lq: LayerQKV, decode_steps: int, block_size: int, seed: int
+    config: BlockRetrievalConfig, tally: Tally, lq: LayerQKV, decode_steps: int, block_size: int, seed: int
 ) -> None:
     """Decode the last `decode_steps` positions of the layer through the hook; dense on the same cache."""
     t, heads, d = lq.key.shape
@@ -92,8 +93,6 @@ def run_paged(
         kb, n = rm.to_block_major(lq.key[:seq_len], block_size)
         vb, _ = rm.to_block_major(lq.value[:seq_len], block_size)
         mass = rm.block_attention_mass(query[0], kb, n, scale)
-        from ucm.sparse.bench import exact_topk_recall
-
         tally.recalls.append(exact_topk_recall(logical.expand(heads, -1), mass))
         # the oracle of this path's shape: one selection for every head, by mass summed over heads
         tally.add_oracle(config, query[0], kb, vb, n, mass.sum(dim=0, keepdim=True), len(kept), dense[0], scale)
@@ -103,8 +102,6 @@ def bench_trained_paged(
     args: Any, windows: list[list[LayerQKV]], block_size: int, decode_steps: int,
     ratios: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
-    from ucm.sparse.bench import KEEP_RATIOS, Tally
-
     out: dict[str, Any] = {}
     for ratio in ratios or KEEP_RATIOS:
         config = BlockRetrievalConfig.from_dict(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ucm.bench.common import synchronize
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import CacheLayout, PagedKV, gather_blocks, scatter_blocks
 from ucm.transfer.staging import HeadGroup, SaveBatch
@@ -42,23 +43,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeat: int) -> dict[str, float]:
     """Median seconds of each function, run round-robin so that the baseline and the measured
     operations see the same machine load (a shared CI machine's load changes by the second)."""
     for fn in fns.values():  # warm-up: allocations, first-touch page faults, cached row plans
         fn()
-    _sync(device)
+    synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 

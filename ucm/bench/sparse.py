@@ -8,7 +8,7 @@ causal decode replay over 2048-token windows of held-out text, every layer and h
 the accuracy goal is judged on, since decode attention is causal; (2) real Q/K/V of the trained
 encoder all-MiniLM-L6-v2 replayed causally over 512-token windows (real statistics, but a
 bidirectional model); (3) planted contexts of 32K-128K tokens. Each trained-model run is also
-replayed through the vLLM-path hook (per-row selection, `bench_paged`). A last run offloads a
+replayed through the vLLM-path hook (per-row selection, `ucm.bench.sparse_paged`). A last run offloads a
 planted context to a real FileStore and reports bytes fetched per step. The last line printed is
 one JSON object.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import statistics
 import tempfile
 import time
@@ -26,75 +26,17 @@ from typing import Any
 
 import torch
 
+from ucm.bench.sparse_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
+from ucm.bench.sparse_paged import bench_trained_paged
+from ucm.bench.sparse_tally import KEEP_RATIOS, Tally, exact_topk_recall
+from ucm.bench.sparse_vllm_offload import bench_vllm_offload_windows
+from ucm.bench.tiny_lm import TinyLMConfig
 from ucm.sparse import retrieval_math as rm
-from ucm.sparse.bench_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, DecodeLayer
-from ucm.sparse.tiny_lm import TinyLMConfig
+from ucm.sparse.offload import ResidentBlocks
+from ucm.store import FileStore
 
-KEEP_RATIOS = (0.1, 0.25, 0.5)
 GOAL_COSINE, GOAL_BYTES_REDUCTION = 0.99, 3.0
-
-
-class Tally:
-    """Accumulates per-step comparisons of a sparse run against dense attention."""
-
-    def __init__(self) -> None:
-        self.cosines: list[float] = []
-        self.oracle_cosines: list[float] = []  # same number of blocks, chosen by true attention mass
-        self.max_abs = 0.0
-        self.recalls: list[float] = []
-        self.needle_recalls: list[float] = []
-        self.sparse_bytes = 0
-        self.dense_bytes = 0
-        self.sparse_s = 0.0
-        self.dense_s = 0.0
-        self.steps = 0
-
-    def add(self, sparse_out: torch.Tensor, dense_out: torch.Tensor, heads: int) -> None:
-        """Cosine per query head (the strictest grain), max abs error over everything."""
-        a, b = sparse_out.float().view(heads, -1), dense_out.float().view(heads, -1)
-        self.cosines.extend(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
-        self.max_abs = max(self.max_abs, float((a - b).abs().max()))
-
-    def add_oracle(
-        self, config: BlockRetrievalConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-        num_tokens: int, mass: torch.Tensor, count: int, dense_out: torch.Tensor, scale: float,
-    ) -> None:
-        """The oracle: `count` blocks per row of `mass` ([H, NB] per KV head, or [1, NB] for one
-        selection shared by every head), windows kept, the rest by true attention mass — the best
-        any selection of that size and shape could do (separates "the algorithm missed" from "too
-        few blocks"). `keys`/`values` are block-major [H, NB', bs, D] with NB' >= NB."""
-        forced = mass.clone()
-        forced[:, : config.init_blocks] = math.inf
-        forced[:, max(0, mass.shape[1] - config.local_blocks) :] = math.inf
-        selection = forced.topk(count, dim=1).indices.sort(dim=1).values.expand(keys.shape[0], -1)
-        oracle = rm.sparse_decode_attention(query, keys, values, num_tokens, selection, scale)
-        a, b = oracle.float().view(query.shape[0], -1), dense_out.float().view(query.shape[0], -1)
-        self.oracle_cosines.extend(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
-
-    def result(self) -> dict[str, float]:
-        cos = sorted(self.cosines)
-        return {
-            "cosine_mean": round(statistics.fmean(cos), 5),
-            "cosine_p1": round(cos[int(0.01 * (len(cos) - 1))], 5),
-            **({"oracle_cosine_mean": round(statistics.fmean(self.oracle_cosines), 5)} if self.oracle_cosines else {}),
-            "max_abs_err": round(self.max_abs, 5),
-            "topk_recall": round(statistics.fmean(self.recalls), 4) if self.recalls else float("nan"),
-            **({"needle_recall": round(statistics.fmean(self.needle_recalls), 4)} if self.needle_recalls else {}),
-            "kv_bytes_per_step": round(self.sparse_bytes / self.steps),
-            "dense_kv_bytes_per_step": round(self.dense_bytes / self.steps),
-            "bytes_reduction": round(self.dense_bytes / self.sparse_bytes, 2),
-            "attn_ms_per_step": round(1e3 * self.sparse_s / self.steps, 3),
-            "dense_attn_ms_per_step": round(1e3 * self.dense_s / self.steps, 3),
-        }
-
-
-def exact_topk_recall(selection: torch.Tensor, mass: torch.Tensor) -> float:
-    """|selected ∩ exact top-|selected| blocks by true mass| / |selected|, averaged over KV heads."""
-    k = selection.shape[1]
-    exact = mass.topk(k, dim=1).indices
-    hits = [len(set(selection[h].tolist()) & set(exact[h].tolist())) for h in range(selection.shape[0])]
-    return sum(hits) / (k * selection.shape[0])
 
 
 def run_decode(
@@ -182,11 +124,6 @@ def bench_offload(args: argparse.Namespace, ctx: PlantedContext, store_dir: Path
     """The planted context lives only in a FileStore; a bounded resident pool fetches the selection.
     Run twice over the same store — with prefetch (runners-up + trending) and without — so the
     bytes fetched on the critical path have a same-run baseline."""
-    import os
-
-    from ucm.sparse.offload import ResidentBlocks
-    from ucm.store import FileStore
-
     bs = args.block_size
     nb = ctx.keys.shape[0] // bs
     n_kv, head_dim = ctx.keys.shape[1], ctx.keys.shape[2]
@@ -246,9 +183,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"config": {"stride": args.stride, "summary": args.summary, "init_blocks": 1,
                                          "local_blocks": 2, "block_size": args.block_size,
                                          "minilm_block_size": args.minilm_block_size}}
-    from ucm.sparse.bench_paged import bench_trained_paged
-    from ucm.sparse.bench_vllm_offload import bench_vllm_offload_windows
-
     if not args.skip_tiny_lm:
         # the first seed is the model reported as `tiny_lm`; every further seed is another training
         # run of the same recipe, so that a result is not one lucky (or tuned-on) model

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import xxhash
 
+from ucm.bench.common import synchronized_time
+from ucm.bench.sparse_data import LayerQKV
+from ucm.bench.sparse_paged import DecodeMetadata
 from ucm.sparse import retrieval_math as rm
 from ucm.sparse.base import SparseRole
-from ucm.sparse.bench_data import LayerQKV
-from ucm.sparse.bench_paged import DecodeMetadata
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
-from ucm.sparse.gpu_check import synchronized_time
 from ucm.sparse.offload import bytes_view
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots

@@ -1,0 +1,40 @@
+"""What every benchmark here needs to time and summarise: percentiles and device-synchronized time.
+
+Standard library only at import (torch is imported by the callers that have tensors), so the
+router benchmark, which runs without torch, shares it with the GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: see synchronize
+    import torch
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q` quantile (0..1) of `values`, linearly interpolated between the two nearest ranks
+    (numpy's default); NaN for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` finished its queued work (CUDA kernels are asynchronous); no-op on CPU."""
+    if device.type == "cuda":
+        # function-level: this module stays importable without torch; a CUDA device means torch is loaded
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def synchronized_time(device: torch.device) -> float:
+    """`time.perf_counter()` after `device` finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
