@@ -300,13 +300,26 @@ def _parse_pool(raw: Any, role: Role, index: int) -> PoolSpec:
         tensor_parallel_size=tp,
         gpu_count=_get(gpu, "count", int, f"{path}.gpu", tp),
         gpu_product=_get(gpu, "product", str, f"{path}.gpu"),
-        resources=_get(raw, "resources", dict, path, {}),
+        resources=_parse_resources(raw, path),
         node_selector={str(k): str(v) for k, v in _get(raw, "nodeSelector", dict, path, {}).items()},
         tolerations=tuple(_get(raw, "tolerations", list, path, [])),
         affinity=_get(raw, "affinity", dict, path),
         image=_get(raw, "image", str, path),
         extra_args=_str_list(raw, "extraArgs", path),
     )
+
+
+def _parse_resources(raw: Mapping[str, Any], path: str) -> JSON:
+    """A container's resources: `requests` and `limits` are objects when given (a YAML key left
+    empty is null, which means the same as leaving it out)."""
+    resources = dict(_get(raw, "resources", dict, path, {}))
+    for key in ("requests", "limits"):
+        value = _get(resources, key, dict, f"{path}.resources")
+        if value is None:
+            resources.pop(key, None)
+        else:
+            resources[key] = dict(value)
+    return resources
 
 
 def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
@@ -319,7 +332,7 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
         service_type=_get(service, "type", str, f"{path}.service", "ClusterIP"),
         port=_get(service, "port", int, f"{path}.service", 8000),
         image=_get(raw, "image", str, path),
-        resources=_get(raw, "resources", dict, path, {}),
+        resources=_parse_resources(raw, path),
     )
 
 

@@ -21,8 +21,9 @@ from ucm_operator.compat import check_cluster
 from ucm_operator.spec import SpecError, parse_cluster
 
 EXAMPLE_NAMES = sorted(p.name for p in EXAMPLES.glob("ucmcluster-*.yaml"))
-# A field path as SpecError and Problem name it: spec.decode[0].resources.requests.memory
-FIELD_PATH = re.compile(r"^(spec|metadata)(\.[A-Za-z0-9_-]+|\[\d+\])*$")
+# A field path as SpecError and Problem name it: spec.decode[0].resources.requests.memory (an
+# unknown key is named as the user spelled it, whatever its characters)
+FIELD_PATH = re.compile(r"^(spec|metadata)(\..+|\[\d+\].*)?$", re.S)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -103,3 +104,13 @@ def test_any_metadata_gives_manifests_or_names_a_field(metadata: dict[str, Any])
     body = load_example()
     body["metadata"] = metadata
     desired_state(body)
+
+
+def test_found_by_the_properties_empty_requests_or_a_list_of_limits() -> None:
+    """Regression: `requests:` left empty in YAML (null) crashed building the Deployment; a list
+    where an object belongs now names the field."""
+    body = load_example()
+    body["spec"]["decode"][0]["resources"] = {"requests": None}
+    assert desired_state(body) == "ok"
+    body["spec"]["decode"][0]["resources"] = {"limits": ["1"]}
+    assert desired_state(body) == "spec.decode[0].resources.limits"
