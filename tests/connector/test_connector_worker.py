@@ -17,7 +17,7 @@ from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
 from ucm.connector.worker import CacheSpec, UCMWorkerSide
 from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry, block_key
-from ucm.store import open_store
+from ucm.store import StoreOptions, open_store
 from ucm.transfer import CacheLayout, HostBufferPool
 from ucm.transfer.synthetic import make_paged_cache
 
@@ -45,7 +45,7 @@ class Rank:
             head_size=D, physical=physical, seed=seed,
         )
         self.caches = {f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(tensors)}
-        self.store = open_store(store_dir, salt=identity(is_mla).digest())
+        self.store = open_store(store_dir, StoreOptions(salt=identity(is_mla).digest()))
         self.worker = UCMWorkerSide(
             store=self.store, heads=self.heads, can_load=True, can_save=True, layerwise_save=layerwise,
             pool=HostBufferPool(staging, timeout=0.1),

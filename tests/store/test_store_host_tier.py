@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from store_helpers import LAYOUT, SALT, payload_for, random_keys
 
-from ucm.store import BlockLayout, FileStore, HostTierStore, StoreError, open_store
+from ucm.store import BlockLayout, FileStore, HostTierStore, StoreError, StoreOptions, open_store
 
 MakeStore = Callable[..., FileStore]
 
@@ -91,13 +91,13 @@ def test_remove_and_prefix(make_store: MakeStore) -> None:
 
 
 def test_open_store(store_dir: os.PathLike[str]) -> None:
-    plain = open_store(store_dir, salt=SALT)
+    plain = open_store(store_dir, StoreOptions(salt=SALT))
     assert isinstance(plain, FileStore)
     plain.close()
-    tiered = open_store(store_dir, salt=SALT, host_tier_bytes=1 << 20)
+    tiered = open_store(store_dir, StoreOptions(salt=SALT, host_tier_bytes=1 << 20))
     assert isinstance(tiered, HostTierStore) and isinstance(tiered.backing, FileStore)
     tiered.close()
     with pytest.raises(StoreError, match="host_tier_bytes"):
-        open_store(store_dir, salt=SALT, host_tier_bytes=-1)
+        open_store(store_dir, StoreOptions(salt=SALT, host_tier_bytes=-1))
     with pytest.raises(StoreError, match="capacity_bytes"):
         HostTierStore(plain, 0)

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ucm.connector.heads import MAX_SHARED_TP, MAX_TP_SIZES
+from ucm.store.options import DURABILITIES
 
 LOAD_MODES = ("sync", "async")
-DURABILITIES = ("none", "fsync")
 
 
 class ConfigError(ValueError):

@@ -35,7 +35,7 @@ from ucm.connector.scheduler import UCMSchedulerSide
 from ucm.connector.stats import UCMConnectorStats, UCMPromMetrics
 from ucm.connector.worker import CacheSpec, UCMWorkerSide
 from ucm.hashing import CacheIdentity, KVGeometry
-from ucm.store import Store, open_store
+from ucm.store import Store, StoreOptions, open_store
 from ucm.transfer.buffers import HostBufferPool
 
 if TYPE_CHECKING:
@@ -86,15 +86,14 @@ def build_identity(vllm_config: VllmConfig, config: UCMConfig) -> CacheIdentity:
 
 
 def open_configured_store(config: UCMConfig, identity: CacheIdentity) -> Store:
-    return open_store(
-        config.store_path,
-        host_tier_bytes=config.host_tier_bytes,
+    return open_store(config.store_path, StoreOptions(
         salt=identity.digest(),
         capacity_bytes=config.capacity_bytes,
         durability=config.durability,
         direct=config.direct_io,
         io_threads=config.io_threads,
-    )
+        host_tier_bytes=config.host_tier_bytes,
+    ))
 
 
 def _tp_rank() -> int:

@@ -59,6 +59,7 @@ from ucm.store.format import (
     temp_name,
 )
 from ucm.store.maintenance import evict_lru, remove_stale_temps
+from ucm.store.options import DURABILITIES
 from ucm.store.root import create_shards, prepare_root
 from ucm.store.scan import ObjectEntry, scan_objects
 from ucm.store.tasks import DoneTask, FutureTask
@@ -97,8 +98,8 @@ class FileStore(Store):
     ) -> None:
         if not isinstance(salt, bytes) or len(salt) != SALT_BYTES:
             raise StoreError(f"salt must be {SALT_BYTES} bytes (a CacheIdentity.digest()), got {salt!r}")
-        if durability not in ("none", "fsync"):
-            raise StoreError(f"durability must be 'none' or 'fsync', got {durability!r}")
+        if durability not in DURABILITIES:
+            raise StoreError(f"durability must be one of {', '.join(DURABILITIES)}, got {durability!r}")
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise StoreError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
         if io_threads < 1:
