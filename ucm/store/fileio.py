@@ -70,6 +70,15 @@ class ThreadBuffers(threading.local):
         return self.buffer.view(size)
 
 
+def _advance(pending: list[memoryview], done: int) -> None:
+    """Drop the first `done` bytes from the iovec list (whole buffers, then a slice of the next)."""
+    while pending and done >= pending[0].nbytes:
+        done -= pending[0].nbytes
+        pending.pop(0)
+    if done:
+        pending[0] = pending[0][done:]
+
+
 def pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
     """Write every buffer at `offset` consecutively, retrying partial writes."""
     pending = [b for b in buffers if b.nbytes]
@@ -78,11 +87,7 @@ def pwrite_all(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
         if written <= 0:
             raise OSError(f"pwritev wrote {written} bytes")
         offset += written
-        while pending and written >= pending[0].nbytes:
-            written -= pending[0].nbytes
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
+        _advance(pending, written)
 
 
 def pread_full(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
@@ -95,11 +100,7 @@ def pread_full(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
             break
         total += got
         offset += got
-        while pending and got >= pending[0].nbytes:
-            got -= pending[0].nbytes
-            pending.pop(0)
-        if got:
-            pending[0] = pending[0][got:]
+        _advance(pending, got)
     return total
 
 
