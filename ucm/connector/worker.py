@@ -25,8 +25,8 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +40,7 @@ from ucm.transfer.buffers import HostBufferPool, PoolExhausted
 from ucm.transfer.paged import PagedKV
 from ucm.transfer.staging import HeadGroup, HostPayload, LoadBatch, SaveBatch
 
+_T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 STAGING_HINT = "the UCM_HOST_STAGING_BYTES environment variable"
@@ -304,10 +305,7 @@ class UCMWorkerSide:
             return
         batch = self._save_batch()
         if batch is not None:
-            try:
-                batch.save_layer(idx)
-            except PoolExhausted as exc:
-                self._drop_save(exc)
+            self._save_or_drop(batch.save_layer, idx)
 
     def _save_batch(self) -> SaveBatch | None:
         if self._save is not None:
@@ -342,10 +340,7 @@ class UCMWorkerSide:
         self._loads.clear()
         save = self._save_batch()
         if save is not None:
-            try:
-                self._dump(save)
-            except PoolExhausted as exc:
-                self._drop_save(exc)
+            self._save_or_drop(self._dump, save)
         self._save = None
         self._save_skipped = False
         self._save_specs = []
@@ -355,6 +350,13 @@ class UCMWorkerSide:
             self.sparse.execute_finished()
             for name, value in self.sparse.take_counters().items():
                 self.stats.add(name, value)
+
+    def _save_or_drop(self, step: Callable[[_T], object], arg: _T) -> None:
+        """One step of this step's save; when host staging runs out, the save is dropped."""
+        try:
+            step(arg)
+        except PoolExhausted as exc:
+            self._drop_save(exc)
 
     def _drop_save(self, exc: Exception) -> None:
         """Host staging ran out (dumps still in flight hold it): skip this step's save, never stall."""
