@@ -60,8 +60,70 @@ def ucm_transfer_config(role: str, store_path: str | Path, model_id: str, **extr
     }
 
 
+class LoopbackProcess:
+    """What a vLLM server and the router share: a child in its own process group on a loopback
+    port, its output in `<log_dir>/<name>.log` (whose tail is in every start-up error), stopped
+    whole. Subclasses are dataclasses that declare these fields."""
+
+    name: str
+    log_dir: Path
+    port: int
+    process: subprocess.Popen[bytes] | None
+    stop_grace_s = 15.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        if self.process is not None:
+            raise ServerError(f"{self.name}: already started")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+
+    def _wait_answering(self, path: str, timeout_s: float, poll_s: float) -> None:
+        """Until GET `path` answers 200; raises with the log's tail if the child exits first."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(f"{self.name} exited with code {code} during start-up; log "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(poll_s)
+        raise ServerError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
+                          f"{self.log_tail()}")
+
+    def metrics(self) -> dict[str, float]:
+        return scrape_metrics(self.url)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        stop_process_group(process, self.stop_grace_s)
+
+
 @dataclass
-class VllmServer:
+class VllmServer(LoopbackProcess):
     model: Path
     log_dir: Path
     name: str = "vllm"
@@ -79,14 +141,6 @@ class VllmServer:
     # operator generated; the fields above then only set the environment.
     serve_args: Sequence[str] | None = None
     process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
 
     def argv(self) -> list[str]:
         if self.serve_args is not None:
@@ -122,41 +176,13 @@ class VllmServer:
         return env
 
     def start(self) -> VllmServer:
-        if self.process is not None:
-            raise ServerError(f"{self.name}: already started")
-        env = self.child_env()
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, preexec_fn=die_with_parent,
-        )
-        log.close()
+        self._spawn(self.argv(), self.child_env())
         return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def wait_ready(self, timeout_s: float = 300.0) -> VllmServer:
         """Block until /health answers 200; a server that exits first raises with its log's tail."""
-        assert self.process is not None, "start() first"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise ServerError(f"{self.name} exited with code {code} during start-up; log "
-                                  f"{self.log_path}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise ServerError(f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
-                          f"{self.log_tail()}")
+        self._wait_answering("/health", timeout_s, poll_s=0.5)
+        return self
 
     def wait_exit(self, timeout_s: float = 300.0) -> int:
         """For a server expected to fail: its exit code (raises if it is still running)."""
@@ -165,13 +191,6 @@ class VllmServer:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             raise ServerError(f"{self.name} still running after {timeout_s:.0f} s") from None
-
-    def metrics(self) -> dict[str, float]:
-        return scrape_metrics(self.url)
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        process, self.process = self.process, None
-        stop_process_group(process, grace_s)
 
     def __enter__(self) -> VllmServer:
         return self.start().wait_ready()
@@ -236,23 +255,17 @@ def start_all(servers: Sequence[VllmServer], timeout_s: float = 300.0) -> None:
 
 
 @dataclass
-class RouterProcess:
+class RouterProcess(LoopbackProcess):
     """`ucm router serve` in front of static prefill and decode URLs, as its own process group."""
 
     prefill: Sequence[str]
     decode: Sequence[str]
     log_dir: Path
     served_name: str = "model"
+    name: str = "router"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / "router.log"
+    stop_grace_s = 10.0
 
     def start(self, timeout_s: float = 30.0) -> RouterProcess:
         argv = [sys.executable, "-m", "ucm", "router", "serve", "--model", self.served_name,
@@ -261,25 +274,10 @@ class RouterProcess:
             argv += ["--prefill", url]
         for url in self.decode:
             argv += ["--decode", url]
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=2):
-                    return self
-            except (urllib.error.URLError, OSError):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerError(f"router did not start; log {self.log_path}:\n"
-                                      f"{self.log_path.read_text(errors='replace')[-4000:]}") from None
-                time.sleep(0.2)
-
-    def metrics(self) -> dict[str, float]:
-        return scrape_metrics(self.url)
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        stop_process_group(process, 10.0)
+        self._spawn(argv)
+        try:
+            self._wait_answering("/v1/models", timeout_s, poll_s=0.2)
+        except ServerError:
+            self.stop()
+            raise
+        return self
