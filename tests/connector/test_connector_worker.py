@@ -47,7 +47,7 @@ class Rank:
         self.caches = {f"model.layers.{i}.self_attn.attn": t for i, t in enumerate(tensors)}
         self.store = open_store(store_dir, StoreOptions(salt=identity(is_mla).digest()))
         self.worker = UCMWorkerSide(
-            store=self.store, heads=self.heads, can_load=True, can_save=True, layerwise_save=layerwise,
+            store=self.store, heads=self.heads, can_save=True, layerwise_save=layerwise,
             pool=HostBufferPool(staging, timeout=0.1),
         )
         spec = CacheSpec(NB, BS, self.heads.local_count, D, 0 if is_mla else D, is_mla)

@@ -128,9 +128,6 @@ class UCMConnector(KVConnectorBase_V1):
                 )
         self.identity = build_identity(vllm_config, self.config)
         self.store = open_configured_store(self.config, self.identity)
-        # Producers load too: the store is shared, so a prefill pod's prefix hit is another pod's
-        # (or yesterday's) dump; recomputing it would make PD as slow as no cache at all.
-        self.can_load = True
         sparse = None
         if self.config.ucm_sparse_config is not None:
             from ucm.sparse import create_sparse  # optional: only when sparse attention is configured
@@ -160,7 +157,6 @@ class UCMConnector(KVConnectorBase_V1):
                 identity=self.identity,
                 store=self.store,
                 head_groups=[(h, group) for h in range(0, geo.num_kv_heads, group)],
-                can_load=self.can_load,
                 can_save=self.can_save,
                 produces_for_remote=ktc.kv_role == "kv_producer",
                 save_generated=offload,
@@ -175,7 +171,6 @@ class UCMConnector(KVConnectorBase_V1):
             self._worker = UCMWorkerSide(
                 store=self.store,
                 heads=heads,
-                can_load=self.can_load,
                 can_save=self.can_save,
                 layerwise_save=self.config.layerwise_save,
                 pool=HostBufferPool(staging, timeout=STAGING_WAIT_S),

@@ -87,7 +87,6 @@ class UCMSchedulerSide:
         identity: CacheIdentity,
         store: Store,
         head_groups: Sequence[tuple[int, int]],
-        can_load: bool,
         can_save: bool,
         produces_for_remote: bool,
         load_async: bool,
@@ -100,7 +99,6 @@ class UCMSchedulerSide:
         self.hasher = BlockHasher(identity)
         self.store = store
         self.head_groups = list(head_groups)
-        self.can_load = can_load
         self.can_save = can_save
         self.produces_for_remote = produces_for_remote
         self.save_generated = save_generated  # also save generated tokens' blocks as they fill (offload)
@@ -152,7 +150,7 @@ class UCMSchedulerSide:
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
-        if not self.can_load or not _cacheable(request):
+        if not _cacheable(request):
             return 0, False
         # At least one token is always computed by vLLM, so the last block may never fully hit.
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -117,7 +117,6 @@ class UCMWorkerSide:
         *,
         store: Store,
         heads: HeadPlan,
-        can_load: bool,
         can_save: bool,
         layerwise_save: bool,
         pool: HostBufferPool,
@@ -125,7 +124,6 @@ class UCMWorkerSide:
     ) -> None:
         self.store = store
         self.heads = heads
-        self.can_load = can_load
         self.can_save = can_save and heads.writes
         self.layerwise_save = layerwise_save
         self.pool = pool
@@ -236,8 +234,6 @@ class UCMWorkerSide:
     def start_load(self) -> None:
         meta = self._meta
         if meta is None or self.paged is None:
-            return
-        if not self.can_load:
             return
         for spec in meta.loads:
             if not spec.block_ids:
