@@ -15,7 +15,7 @@ export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv models bins lint unit e2e test cluster-up cluster-down demo gpu-check clean
+.PHONY: help venv models bins nfs lint unit e2e test cluster-up cluster-down demo gpu-check clean
 
 help:
 	@echo "make test          set up .venv and the control-plane binaries, run lint, unit and e2e tests"
@@ -46,6 +46,11 @@ models: venv
 bins:
 	bash e2e/build/build-binaries.sh
 
+# A user-space NFS server (nfs-ganesha) and FUSE client for tests/nfs and `ucm store bench` on NFS;
+# installs the Debian packages only if missing (needs root; elsewhere tests/nfs skip, or fail in CI).
+nfs: venv
+	@if [ "$$(id -u)" = 0 ]; then $(PY) scripts/nfs_loopback.py install; else echo "make nfs: not root, tests/nfs will skip"; fi
+
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m mypy
@@ -56,7 +61,7 @@ unit: venv
 e2e: venv bins models
 	$(PY) -m pytest e2e -q -m e2e
 
-test: venv bins models lint
+test: venv bins models nfs lint
 	$(PY) -m pytest tests e2e -q
 
 cluster-up: venv bins
