@@ -69,6 +69,10 @@ class CacheIdentity:
     geometry: KVGeometry
     block_size: int  # tokens per block
     cache_salt: str = ""  # optional per-tenant salt
+    # How attention computes the KV of layers above the first when it is not plain attention
+    # (e.g. "rerope:w=512": hidden states, and so KV, differ past the window); "" for plain.
+    # Rope scaling the model config applies (YaRN, NTK) is part of it too: it changes K itself.
+    attention: str = ""
 
     def __post_init__(self) -> None:
         for name in ("model", "revision", "dtype"):
@@ -84,6 +88,8 @@ class CacheIdentity:
             raise ValueError(f"CacheIdentity.block_size must be a positive int, got {self.block_size!r}")
         if not isinstance(self.cache_salt, str):
             raise ValueError(f"CacheIdentity.cache_salt must be a string, got {self.cache_salt!r}")
+        if not isinstance(self.attention, str):
+            raise ValueError(f"CacheIdentity.attention must be a string, got {self.attention!r}")
 
     def canonical(self) -> bytes:
         """The canonical encoding that `digest` hashes (sorted-key ASCII JSON, versioned)."""
@@ -99,6 +105,8 @@ class CacheIdentity:
             "block_size": self.block_size,
             "cache_salt": self.cache_salt,
         }
+        if self.attention:  # only when set, so the digests of plain-attention stores stay what they were
+            fields["attention"] = self.attention
         return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     def digest(self) -> bytes:
@@ -114,8 +122,9 @@ class CacheIdentity:
             else f"layers={geo.num_layers} kv_heads={geo.num_kv_heads} head_size={geo.head_size}"
         )
         salt = f" cache_salt={self.cache_salt!r}" if self.cache_salt else ""
+        attention = f" attention={self.attention}" if self.attention else ""
         return (
-            f"{self.model}@{self.revision} {self.dtype} {shape} block_size={self.block_size}{salt} "
+            f"{self.model}@{self.revision} {self.dtype} {shape} block_size={self.block_size}{salt}{attention} "
             f"(salt {self.digest().hex()})"
         )
 

@@ -25,9 +25,11 @@ pytestmark = pytest.mark.usefixtures("clean_sparse")
 
 
 def test_patch_applies_to_real_vllm_classes_and_restores() -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 
-    originals = {cls: cls.forward for cls in (triton_attn.TritonAttentionImpl, FlashAttentionImpl)}
+    originals = {cls: cls.forward for cls in (triton_attn.TritonAttentionImpl, FlashAttentionImpl,
+                                              CPUAttentionBackendImpl)}
     patched = vllm_patch.install_attention_hooks()
     assert set(patched) == set(originals)
     for cls, original in originals.items():

@@ -13,6 +13,7 @@ from typing import Any
 
 from ucm.connector.heads import MAX_SHARED_TP, MAX_TP_SIZES
 from ucm.store.options import DURABILITIES
+from ucm.window.config import WindowConfig, WindowConfigError
 
 LOAD_MODES = ("sync", "async")
 
@@ -36,6 +37,7 @@ class UCMConfig:
     io_threads: int = 8
     max_tp_size: int = MAX_SHARED_TP  # largest TP size that must read the blocks (sets the head grouping)
     ucm_sparse_config: dict[str, Any] | None = None
+    ucm_window_config: dict[str, Any] | None = None  # ReRoPE window extrapolation (ucm.window)
 
 
 _KEYS = {f.name for f in dataclasses.fields(UCMConfig)}
@@ -104,6 +106,19 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, default_model_id: str
     sparse = extra.get("ucm_sparse_config")
     if sparse is not None and not isinstance(sparse, dict):
         raise _fail("ucm_sparse_config", sparse, "an object (mapping) or null")
+    window = extra.get("ucm_window_config")
+    if window is not None and not isinstance(window, dict):
+        raise _fail("ucm_window_config", window, "an object (mapping) or null")
+    if window is not None:
+        try:
+            WindowConfig.parse(window)
+        except WindowConfigError as e:
+            raise ConfigError(f"{_PREFIX}.{e}") from None
+    if sparse is not None and window is not None:
+        raise ConfigError(
+            f"{_PREFIX}: ucm_sparse_config and ucm_window_config are both set; both replace vLLM's "
+            "attention through the one attention hook, so only one can be active per server"
+        )
     return UCMConfig(
         store_path=_str(extra, "store_path", None),
         model_id=model_id,
@@ -118,4 +133,5 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, default_model_id: str
         io_threads=_int(extra, "io_threads", 8, minimum=1, nullable=False) or 8,
         max_tp_size=_int_choice(extra, "max_tp_size", MAX_SHARED_TP, MAX_TP_SIZES),
         ucm_sparse_config=sparse,
+        ucm_window_config=window,
     )

@@ -16,6 +16,7 @@ cache miss, never a failed request, so the connector runs vLLM with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from ucm.connector.worker import CacheSpec, UCMWorkerSide
 from ucm.hashing import CacheIdentity, KVGeometry
 from ucm.store import Store, StoreOptions, open_store
 from ucm.transfer.buffers import HostBufferPool
+from ucm.window.config import WindowConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -82,7 +84,21 @@ def build_identity(vllm_config: VllmConfig, config: UCMConfig) -> CacheIdentity:
         geometry=geometry,
         block_size=cache.block_size,
         cache_salt=config.cache_salt,
+        attention=attention_identity(model.hf_config, config),
     )
+
+
+def attention_identity(hf_config: Any, config: UCMConfig) -> str:
+    """The part of the cache identity that says how K/V were computed when it is not plain RoPE
+    attention: ReRoPE's parameters (layers above the first differ past the window) and the model's
+    rope scaling (YaRN, NTK, ... change K itself). "" for plain attention, so its digests stay put."""
+    parts = []
+    if config.ucm_window_config is not None:
+        parts.append(WindowConfig.parse(config.ucm_window_config).identity())
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    if isinstance(rope, dict) and str(rope.get("rope_type", rope.get("type", "default"))) != "default":
+        parts.append("rope:" + json.dumps(rope, sort_keys=True, default=str))
+    return ";".join(parts)
 
 
 def open_configured_store(config: UCMConfig, identity: CacheIdentity) -> Store:
@@ -129,11 +145,16 @@ class UCMConnector(KVConnectorBase_V1):
         self.identity = build_identity(vllm_config, self.config)
         self.store = open_configured_store(self.config, self.identity)
         sparse = None
-        if self.config.ucm_sparse_config is not None:
+        # window extrapolation is an attention algorithm of the same hook framework (config.py
+        # refuses both at once)
+        attention_config = self.config.ucm_sparse_config
+        if self.config.ucm_window_config is not None:
+            attention_config = {"name": "rerope", **self.config.ucm_window_config}
+        if attention_config is not None:
             from ucm.sparse import create_sparse  # optional: only when sparse attention is configured
 
             sparse = create_sparse(
-                self.config.ucm_sparse_config,
+                attention_config,
                 "scheduler" if role == KVConnectorRole.SCHEDULER else "worker",
                 vllm_config,
             )

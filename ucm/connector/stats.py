@@ -37,6 +37,8 @@ COUNTERS = (
     "sparse_prefetched",  # whole blocks read ahead of need
     "sparse_slot_shortfall",  # selected (layer, block) left out for want of a slot
     "sparse_lost_blocks",  # offloaded blocks found gone from the store (attention leaves them out)
+    # window extrapolation (ucm.window), per worker
+    "rerope_queries",  # query tokens past the window, attended with ReRoPE (counted once per step, not per layer)
 )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch is only needed by algorithms; the base stays importable without it
@@ -175,6 +175,23 @@ class UcmSparseBase:
 
     def attention_finished(self, layer_name: str, output: torch.Tensor) -> None:
         """Just after attention; undo anything attention_begin changed for this layer."""
+
+    @property
+    def replaces_attention(self) -> bool:
+        """Whether the algorithm computes attention itself (`attention_forward`) instead of
+        steering the backend's kernel through `attention_begin` (window extrapolation does)."""
+        return False
+
+    def attention_forward(
+        self, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, layout: str, attn_metadata: Any,
+        scale: float, output: torch.Tensor, run_kernel: Callable[[], object],
+    ) -> None:
+        """Compute the layer's attention into `output` ([tokens, heads * head]); `query` is
+        [tokens, heads, head] as the model rotated it, `kv_cache` the layer's paged cache in
+        `layout` ("cpu_vec" or "bhnc", `ucm.window.paged.KVLayout`) with this step's K/V written.
+        `run_kernel()` runs the backend's own kernel into `output` — the default, and what an
+        algorithm calls for the rows it leaves alone (before writing its own rows)."""
+        run_kernel()
 
     def take_counters(self) -> dict[str, int]:
         """Counters since the last call, by the connector's stat names (`ucm.connector.stats`:

@@ -24,6 +24,8 @@ __all__ = ["algorithm_class", "create_sparse", "get_active_sparse", "register_sp
 
 _REGISTRY: dict[str, str] = {
     "block_retrieval": "ucm.sparse.block_retrieval:BlockRetrievalSparse",
+    # window extrapolation replaces attention through the same hook (the connector's ucm_window_config)
+    "rerope": "ucm.window.algorithm:ReRopeAttention",
 }
 _LOCK = threading.Lock()  # create/shutdown: check-then-set of the active table (ucm.sparse.active)
 

@@ -35,10 +35,12 @@ from ucm.transfer.paged import CacheLayout
 
 SUPPORTED_VLLM = "0.32.0"
 
-# backend impl classes wrapped, with the cache layout their forward receives
-PATCH_TARGETS: tuple[tuple[str, str], ...] = (
-    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl"),
-    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl"),
+# backend impl classes wrapped, with the cache layout their forward receives (`ucm.window.paged.KVLayout`
+# values: the CPU backend stores K transposed per block, the GPU backends K|V per token)
+PATCH_TARGETS: tuple[tuple[str, str, str], ...] = (
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl", "bhnc"),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl", "bhnc"),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "cpu_vec"),
 )
 _MARK = "__ucm_sparse_original__"
 
@@ -61,8 +63,8 @@ def check_vllm_version(version: str | None = None) -> str:
     return version
 
 
-def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
-    """`original` (an impl's forward) with the sparse attention hooks around it."""
+def make_attention_wrapper(original: Callable[..., Any], layout: str = "bhnc") -> Callable[..., Any]:
+    """`original` (an impl's forward, whose cache is in `layout`) with the attention hooks around it."""
     @functools.wraps(original)
     def forward(
         self: Any,
@@ -85,6 +87,17 @@ def make_attention_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             # replay; inside capture stay dense (replays of full graphs then run dense attention)
             or (kv_cache.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
+            return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+        if sparse.replaces_attention:  # window extrapolation: the algorithm computes attention itself
+            output = kwargs["output"] if "output" in kwargs else args[0]
+            sparse.attention_forward(
+                str(getattr(layer, "layer_name", "")), query, kv_cache, layout, attn_metadata, float(self.scale),
+                output[: attn_metadata.num_actual_tokens],
+                lambda: original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs),
+            )
+            return output
+        if layout != "bhnc":
+            # block retrieval scores and compacts BHNC caches; on the CPU backend it stays dense
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         if uses_token_distances(self):
             if sparse.offloading:  # dense attention here would read blocks that left the GPU
@@ -121,13 +134,13 @@ def install_attention_hooks(version: str | None = None) -> list[type]:
     returns the classes patched. Raises `VllmVersionError` on any vLLM but 0.32.0."""
     check_vllm_version(version)
     patched: list[type] = []
-    for module_name, class_name in PATCH_TARGETS:
+    for module_name, class_name, layout in PATCH_TARGETS:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
             continue  # a backend this build of vLLM lacks; the others are still hooked
         if not is_patched(cls):
-            cls.forward = make_attention_wrapper(cls.forward)
+            cls.forward = make_attention_wrapper(cls.forward, layout)
         patched.append(cls)
     if not patched:
         raise VllmVersionError(f"vLLM {SUPPORTED_VLLM}: none of {PATCH_TARGETS} could be imported")
@@ -136,7 +149,7 @@ def install_attention_hooks(version: str | None = None) -> list[type]:
 
 def uninstall_attention_hooks() -> None:
     """Restore the original `forward` methods (tests; a process that turns sparse attention off)."""
-    for module_name, class_name in PATCH_TARGETS:
+    for module_name, class_name, _layout in PATCH_TARGETS:
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
         except (ImportError, AttributeError):
