@@ -38,8 +38,12 @@ def install_crd(cluster: ClusterAccess) -> None:
 
 
 def operator_kubeconfig(cluster: ClusterAccess, namespace: str, path: Path) -> Path:
-    """A kubeconfig for a ServiceAccount bound to a Role made from the operator's rules file."""
-    rules = yaml.safe_load(RBAC_PATH.read_text())["rules"]
+    """A kubeconfig for a ServiceAccount bound to a Role made from the operator's rules file, and
+    to a ClusterRole made from its cluster-scoped rules (named after the namespace, so tests in
+    other namespaces keep their own)."""
+    doc = yaml.safe_load(RBAC_PATH.read_text())
+    rules, cluster_rules = doc["rules"], doc.get("clusterRules") or []
+    cluster_name = f"ucm-operator-{namespace}"
     docs = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ucm-operator", "namespace": namespace}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -49,6 +53,15 @@ def operator_kubeconfig(cluster: ClusterAccess, namespace: str, path: Path) -> P
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ucm-operator"},
          "subjects": [{"kind": "ServiceAccount", "name": "ucm-operator", "namespace": namespace}]},
     ]
+    if cluster_rules:
+        docs += [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": cluster_name}, "rules": cluster_rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": cluster_name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
+             "subjects": [{"kind": "ServiceAccount", "name": "ucm-operator", "namespace": namespace}]},
+        ]
     manifest = path.with_suffix(".rbac.yaml")
     manifest.write_text(yaml.safe_dump_all(docs))
     cluster.kubectl("apply", "-f", str(manifest))
@@ -118,6 +131,9 @@ def running_operator(cluster: ClusterAccess, namespace: str, tmp_path: Path, **k
         yield operator
     finally:
         operator.stop()
+        # The namespace's deletion removes the Role, not the cluster-scoped binding for nodes.
+        cluster.kubectl("delete", "--ignore-not-found", "clusterrolebinding,clusterrole", f"ucm-operator-{namespace}",
+                        check=False)
         assert_no_rbac_denials(operator.log())
 
 

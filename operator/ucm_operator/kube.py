@@ -1,10 +1,12 @@
 """A small, typed layer over the synchronous `kubernetes` client for the few operations the
-operator performs on plain JSON objects: server-side apply, list by label, delete with a uid
-precondition, read, status merge-patch, and Events.
+operator performs on plain JSON objects: server-side apply (for real, or as a dry run that asks the
+API server whether it would accept the object), list by label, delete with a uid precondition,
+read, status merge-patch, and Events.
 
 It talks to the API with plain dicts (no generated model classes), so a manifest built by the
 builders goes out byte-for-byte, and it counts every write, so tests and `ucm-operator bench`
-can prove that a no-op resync writes nothing.
+can prove that a no-op resync writes nothing. Dry runs persist nothing, so they are counted
+apart (`dry_runs`), not as writes.
 """
 
 from __future__ import annotations
@@ -38,26 +40,31 @@ RESOURCES: dict[tuple[str, str], str] = {
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("v1", "Pod"): "pods",
+    ("v1", "Node"): "nodes",
     ("v1", "Event"): "events",
     ("ucm.dev/" + VERSION, "UCMCluster"): PLURAL,
 }
 # What the reconciler applies and prunes (everything it creates).
-CHILD_KINDS: tuple[tuple[str, str], ...] = tuple(k for k in RESOURCES if k[1] not in ("Pod", "Event", "UCMCluster"))
+CHILD_KINDS: tuple[tuple[str, str], ...] = tuple(k for k in RESOURCES if k[1] not in ("Pod", "Node", "Event", "UCMCluster"))
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FAULT_ENV = "UCM_OPERATOR_FAULT_EXIT_AFTER_WRITES"
 STALL_ENV = "UCM_OPERATOR_FAULT_STALL_AFTER_WRITES"
 
 
 class KubeError(Exception):
-    """A failed API call: HTTP status, the API's reason (e.g. Invalid, Conflict), its message and
-    the reasons of its `details.causes` (e.g. NamespaceTerminating)."""
+    """A failed API call: HTTP status, the API's reason (e.g. Invalid, Conflict), its message, the
+    reasons of its `details.causes` (e.g. NamespaceTerminating) and, for a refused object, each
+    cause's (field path, message) — e.g. ("spec.template.spec.containers[0].resources.requests[cpu]",
+    "Invalid value: ...") — which admission.py maps back to the UCMCluster field."""
 
-    def __init__(self, status: int, reason: str, message: str, causes: Sequence[str] = ()) -> None:
+    def __init__(self, status: int, reason: str, message: str, causes: Sequence[str] = (),
+                 fields: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
         self.causes = tuple(causes)
+        self.fields = tuple(fields)
 
     @property
     def namespace_terminating(self) -> bool:
@@ -108,6 +115,7 @@ class Kube:
         self.api = api
         self.timeout = timeout
         self.writes: collections.Counter[str] = collections.Counter()
+        self.dry_runs: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         fault = os.environ.get(FAULT_ENV, "")
         # Fault injection for the restart tests: exit abruptly, like SIGKILL, after N writes; or
@@ -127,7 +135,10 @@ class Kube:
         url_path = path + ("?" + urllib.parse.urlencode(list(query)) if query else "")
         request = self.api.param_serialize(method, url_path, header_params=headers, body=body,
                                            auth_settings=["BearerToken"])
-        if method in WRITE_VERBS:
+        if ("dryRun", "All") in query:
+            with self._lock:
+                self.dry_runs[f"{method} {resource_of(path)}"] += 1
+        elif method in WRITE_VERBS:
             self._count_write(method, path)
         response = self.api.call_api(*request, _request_timeout=self.timeout)
         data = response.read() or b"{}"  # type: ignore[no-untyped-call]
@@ -137,9 +148,10 @@ class Kube:
             payload = {"message": data.decode(errors="replace")}
         if not 200 <= response.status < 300:
             details = payload.get("details") if isinstance(payload, dict) else None
-            causes = [str(c.get("reason", "")) for c in (details or {}).get("causes") or [] if isinstance(c, dict)]
+            causes = [c for c in (details or {}).get("causes") or [] if isinstance(c, dict)]
             raise KubeError(response.status, str(payload.get("reason") or response.reason),
-                            str(payload.get("message") or payload), causes)
+                            str(payload.get("message") or payload), [str(c.get("reason", "")) for c in causes],
+                            [(str(c["field"]), str(c.get("message", ""))) for c in causes if c.get("field")])
         return payload if isinstance(payload, dict) else {"items": payload}
 
     def _count_write(self, method: str, path: str) -> None:
@@ -172,12 +184,21 @@ class Kube:
             item.setdefault("kind", kind)
         return items
 
-    def apply(self, manifest: Mapping[str, Any]) -> JSON:
+    @property
+    def total_dry_runs(self) -> int:
+        with self._lock:
+            return sum(self.dry_runs.values())
+
+    def apply(self, manifest: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
         """Server-side apply under the operator's field manager. force=true: the operator is the
         sole authority over the fields it sets; a conflicting manual edit is overwritten (and the
-        edit's own fields, not in the manifest, are left alone)."""
-        return self.request("PATCH", object_path(manifest),
-                            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        edit's own fields, not in the manifest, are left alone). `dry_run`: the API server runs
+        the whole request — schema, defaulting, validation, admission — against the live object
+        and answers what it would store, but stores nothing."""
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        if dry_run:
+            query.append(("dryRun", "All"))
+        return self.request("PATCH", object_path(manifest), query=query,
                             body=dict(manifest), content_type="application/apply-patch+yaml")
 
     def delete(self, obj: Mapping[str, Any]) -> None:

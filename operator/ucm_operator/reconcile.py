@@ -10,6 +10,10 @@ Zero writes on a no-op resync is by construction:
 - the status is patched only when the newly computed object differs from the live one, and
   conditions keep their lastTransitionTime while unchanged;
 - Warning events are posted only when a problem first appears or changes.
+
+Nothing is written for a spec the API server would refuse: the children a pass would apply are
+first dry-run (admission.py), and any refusal becomes Valid=False on the UCMCluster field behind
+it. Only children that would be applied are dry-run, so a no-op resync makes no dry run either.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .admission import Admission
 from .build import build_children
-from .compat import LiveStore, check_cluster
+from .compat import LiveStore, Problem, check_cluster
 from .constants import (
     ANNOTATION_APPLIED_HASH,
     API_VERSION,
@@ -32,7 +37,7 @@ from .constants import (
 )
 from .kube import CHILD_KINDS, Kube, KubeError
 from .meta import claim_name, revision
-from .spec import SpecError, parse_cluster
+from .spec import ClusterSpec, SpecError, parse_cluster
 from .status import CONDITION_TYPES, Observed, compute_status, now
 
 JSON = dict[str, Any]
@@ -100,6 +105,7 @@ class Reconciler:
         # cluster -> uids of its children in _applied, so records of deleted children are dropped.
         self._children: dict[tuple[str, str], set[str]] = {}
         self._lock = threading.Lock()
+        self.admission = Admission(kube)
         self.passes = 0
 
     # --- drift memory ------------------------------------------------------------------------
@@ -157,7 +163,11 @@ class Reconciler:
         problems = check_cluster(spec, live_store)
         outcome = Outcome()
         if not problems:
-            self._apply(spec.uid, build_children(spec), live, outcome)
+            desired = build_children(spec)
+            pending = self._pending(desired, live)
+            problems = self._admit(spec, pending, live, outcome)
+            if not problems and not outcome.errors and not outcome.namespace_terminating:
+                self._apply(spec.uid, desired, pending, live, outcome)
         if outcome.namespace_terminating:
             # The namespace controller deletes this cluster next; a status or a Warning event
             # for a 403 that is no fault of the spec or of RBAC would only mislead.
@@ -192,17 +202,38 @@ class Reconciler:
             return self.kube.get("v1", "PersistentVolumeClaim", namespace, name)
         return None
 
-    def _apply(self, uid: str, desired: Sequence[JSON], live: dict[tuple[str, str, str], JSON],
-               outcome: Outcome) -> None:
-        wanted = set()
+    def _pending(self, desired: Sequence[JSON], live: Mapping[tuple[str, str, str], JSON]) -> list[JSON]:
+        """The desired children this pass must apply (new, changed, or edited by someone else)."""
+        pending = []
         for manifest in desired:
-            key = _key(manifest)
-            wanted.add(key)
-            current = live.get(key)
+            current = live.get(_key(manifest))
             if current is not None and current["metadata"].get("deletionTimestamp"):
                 continue  # being deleted; its deletion event brings us back to re-create it
-            if not self.needs_apply(manifest, current):
-                continue
+            if self.needs_apply(manifest, current):
+                pending.append(manifest)
+        return pending
+
+    def _admit(self, spec: ClusterSpec, pending: Sequence[JSON], live: Mapping[tuple[str, str, str], JSON],
+               outcome: Outcome) -> list[Problem]:
+        """Dry-run every pending child; the API server's refusals as problems on the spec."""
+        checks = []
+        for manifest in pending:
+            current = live.get(_key(manifest))
+            checks.append((manifest, current, _version(current) if current is not None else "new"))
+        try:
+            return self.admission.check(spec, checks)
+        except KubeError as exc:
+            if exc.namespace_terminating:
+                outcome.namespace_terminating = True
+            else:
+                outcome.errors.append(f"dry run: {exc.message}")
+            return []
+
+    def _apply(self, uid: str, desired: Sequence[JSON], pending: Sequence[JSON],
+               live: dict[tuple[str, str, str], JSON], outcome: Outcome) -> None:
+        wanted = {_key(manifest) for manifest in desired}
+        for manifest in pending:
+            key = _key(manifest)
             try:
                 result = self.kube.apply(manifest)
             except KubeError as exc:

@@ -91,8 +91,9 @@ def test_status_schema_covers_what_the_operator_writes() -> None:
 
 def rbac_rules() -> list[dict[str, Any]]:
     doc = yaml.safe_load(RBAC_PATH.read_text())
-    assert doc.get("clusterRules") == []
-    rules: list[dict[str, Any]] = doc["rules"]
+    # Cluster-wide, the operator may only read nodes (their GPUs, labels and taints).
+    assert doc.get("clusterRules") == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]
+    rules: list[dict[str, Any]] = doc["rules"] + doc["clusterRules"]
     return rules
 
 
@@ -113,6 +114,7 @@ def test_rbac_covers_exactly_what_the_operator_does() -> None:
         # SSA is PATCH (create when new), prune is DELETE, status needs list+watch.
         assert allowed(group, RESOURCES[(api_version, kind)]) == {"get", "list", "watch", "create", "patch", "delete"}, kind
     assert allowed("", "pods") == {"get", "list", "watch"}
+    assert allowed("", "nodes") == {"get", "list", "watch"}
     assert allowed("discovery.k8s.io", "endpointslices") == {"get", "list", "watch"}  # granted on to routers
     assert allowed(GROUP, PLURAL) == {"get", "list", "watch"}
     assert allowed(GROUP, f"{PLURAL}/status") == {"get", "patch"}
