@@ -23,6 +23,8 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ucm_operator.vllm_flags import OPTIONS
+
 from e2e.operator_support import load_example
 
 JSON = dict[str, Any]
@@ -124,8 +126,75 @@ def k8s_cases() -> Iterator[Generated]:
                lambda spec, path=path: spec["store"].__setitem__("mountPath", path))
 
 
+# --- class 2: vLLM arguments in the spellings vLLM accepts --------------------------------
+
+OWNED_VALUES = {"model": "org/m", "served_model_name": "x", "revision": "v2", "host": "127.0.0.1", "port": "9000",
+                "block_size": "32", "dtype": "float16", "max_model_len": "4096", "tensor_parallel_size": "2",
+                "data_parallel_size": "2", "kv_transfer_config": '{"kv_connector":"X","kv_role":"kv_both"}'}
+KV_VALUES = {"kv_cache_dtype": "fp8", "quantization": "awq", "tokenizer": "org/other", "tokenizer_mode": "slow",
+             "tokenizer_revision": "v9", "code_revision": "abc", "hf_overrides": '{"rope_theta": 1}'}
+
+
+def spellings(dest: str, value: str) -> list[list[str]]:
+    """Ways to set `dest` that vLLM 0.32 accepts: each declared option, with underscores, as its
+    shortest unambiguous prefix, with `=`."""
+    options = [o for o, (d, _kind) in OPTIONS.items() if d == dest]
+    found: list[list[str]] = []
+    for option in options:
+        names = [option]
+        if option.startswith("--"):
+            names.append("--" + option[2:].replace("-", "_"))
+            shortest = next((option[:n] for n in range(3, len(option))
+                             if sum(o.startswith(option[:n]) for o in OPTIONS) == 1), None)
+            if shortest:
+                names.append(shortest)
+        for name in names:
+            found += [[name, value], [f"{name}={value}"]]
+    return found
+
+
+def _args(where: str, args: list[str]) -> Mutation:
+    def mutate(spec: JSON) -> None:
+        if where == "engine":
+            spec["engine"]["extraArgs"] = [*spec["engine"].get("extraArgs", []), *args]
+        else:
+            role, index = where.split(":")
+            _pool(spec, role, int(index))["extraArgs"] = args
+    return mutate
+
+
+def vllm_cases() -> Iterator[Generated]:
+    engine_args = len(load_example("ucmcluster-heterogeneous.yaml")["spec"]["engine"]["extraArgs"])
+    targets = {"engine": f"spec.engine.extraArgs[{engine_args}]", "prefill:0": "spec.prefill[0].extraArgs[0]",
+               "decode:0": "spec.decode[0].extraArgs[0]"}
+    for n, (dest, value) in enumerate(OWNED_VALUES.items()):
+        for m, args in enumerate(spellings(dest, value)):
+            where = list(targets)[(n + m) % len(targets)]          # spread over engine and pools
+            yield targets[where], f"owned {dest} as {args} in {where}", _args(where, args)
+    for sub, value in (("kv_role", "kv_both"), ("kv_connector", "Other"), ("kv_connector_extra_config.store_path", "/x")):
+        for name in ("--kv-transfer-config", "--kv_transfer_config"):
+            for args in ([f"{name}.{sub}", value], [f"{name}.{sub}={value}"]):
+                yield targets["decode:0"], f"dotted {args}", _args("decode:0", args)
+    for dest, value in KV_VALUES.items():
+        for args in spellings(dest, value)[::2]:
+            # the prefill pool differs from decode[0], the reference: named on prefill[0].extraArgs
+            where = "prefill:0" if len(args) == 2 else "decode:0"
+            yield "spec.prefill[0].extraArgs", f"{dest} only in {where} as {args}", _args(where, args)
+    for dest in KV_VALUES:
+        option = "--" + dest.replace("_", "-")
+        typo = option[:-1] + ("x" if option[-1] != "x" else "y")  # not an option, nor a prefix of one
+        yield targets["decode:0"], f"unknown flag {typo}", _args("decode:0", [typo, "1"])
+        yield targets["prefill:0"], f"{option} without its value", _args("prefill:0", [option])
+    for option in ("--kv-cache-dtype", "--quantization", "--tokenizer", "--max-num-seqs", "--enable-prefix-caching"):
+        # the longest prefix that is not an option itself and fits two or more options
+        prefix = next(option[:n] for n in range(len(option) - 1, 2, -1)
+                      if option[:n] not in OPTIONS and sum(o.startswith(option[:n]) for o in OPTIONS) > 1)
+        yield targets["decode:0"], f"ambiguous {prefix}", _args("decode:0", [prefix, "1"])
+
+
 GENERATORS: dict[str, Callable[[], Iterator[Generated]]] = {
     "k8s": k8s_cases,
+    "vllm": vllm_cases,
 }
 
 

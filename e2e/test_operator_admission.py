@@ -26,7 +26,7 @@ from e2e.wait import wait_for
 pytestmark = pytest.mark.e2e
 CONTROL = "adm-valid"
 # Every class has cases the CRD cannot see, which only the operator refuses.
-MIN_ADMITTED = {"k8s": 30, "vllm": 20, "facts": 15}
+MIN_ADMITTED = {"k8s": 60, "vllm": 80, "facts": 15}
 
 
 def _prerequisites(cluster: ClusterAccess, namespace: str, all_cases: list[Case]) -> None:

@@ -61,7 +61,13 @@ def model_argument(spec: ClusterSpec) -> str:
 
 
 def vllm_args(spec: ClusterSpec, pool: PoolSpec) -> list[str]:
-    """Arguments after `vllm serve` (the command line agreed in docs/interfaces)."""
+    """Arguments after `vllm serve` (the command line agreed in docs/interfaces): the operator's
+    own, then engine.extraArgs, then the pool's extraArgs."""
+    return operator_args(spec, pool) + list(spec.engine.extra_args) + list(pool.extra_args)
+
+
+def operator_args(spec: ClusterSpec, pool: PoolSpec) -> list[str]:
+    """The part of the command line the operator writes from spec fields (model positional first)."""
     engine = spec.engine
     args = [
         model_argument(spec),
@@ -77,7 +83,7 @@ def vllm_args(spec: ClusterSpec, pool: PoolSpec) -> list[str]:
     if spec.model.hf_repo:
         args += ["--revision", spec.model.revision]
     args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec, pool), sort_keys=True, separators=(",", ":"))]
-    return args + list(engine.extra_args) + list(pool.extra_args)
+    return args
 
 
 def _resources(pool: PoolSpec) -> JSON:

@@ -7,44 +7,55 @@ asks. A spec that fails any of them is reported as Valid=False and changes nothi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+from typing import Any
 
+from . import vllm_args
+from .build_workers import operator_args
 from .quantity import QuantityError, parse_bytes
 from .spec import ClusterSpec, PoolSpec
+from .vllm_flags import DEFAULTS
 
-# vLLM flags the operator sets from a spec field; setting them in extraArgs would either duplicate
-# the flag (vLLM keeps the last one, silently overriding the field) or break the PD hand-off.
-OWNED_FLAGS: dict[str, str] = {
-    "--model": "spec.model.source",
-    "--served-model-name": "spec.model.servedName",
-    "--revision": "spec.model.revision",
-    "--host": "the operator (0.0.0.0)",
-    "--port": "the operator (8000)",
-    "--block-size": "spec.engine.blockSize",
-    "--dtype": "spec.engine.dtype",
-    "--max-model-len": "spec.engine.maxModelLen",
-    "--tensor-parallel-size": "the pool's tensorParallelSize",
-    "-tp": "the pool's tensorParallelSize",
-    "--kv-transfer-config": "the operator (UCM connector in the pool's role)",
-    "--kv-connector": "the operator (UCM connector in the pool's role)",
-    "--data-parallel-size": "the pool's replicas",
-    "-dp": "the pool's replicas",
+# vLLM dests (argparse names) the operator sets from a spec field; setting them in extraArgs, in
+# any spelling vLLM accepts (vllm_args.py), would either override the field (vLLM keeps the last
+# occurrence) or break the PD hand-off.
+OWNED_DESTS: dict[str, str] = {
+    "model": "spec.model.source",
+    "model_tag": "spec.model.source",
+    "served_model_name": "spec.model.servedName",
+    "revision": "spec.model.revision",
+    "host": "the operator (0.0.0.0)",
+    "port": "the operator (8000)",
+    "block_size": "spec.engine.blockSize",
+    "dtype": "spec.engine.dtype",
+    "max_model_len": "spec.engine.maxModelLen",
+    "tensor_parallel_size": "the pool's tensorParallelSize",
+    "kv_transfer_config": "the operator (UCM connector in the pool's role)",
+    "data_parallel_size": "the pool's replicas",
 }
-# Flags that change the bytes of a KV block (or the tokens that are hashed): every pool must agree,
-# or a block written by prefill is not the block decode looks for.
-KV_FLAGS: tuple[str, ...] = (
-    "--kv-cache-dtype",
-    "--quantization",
-    "-q",
-    "--hf-overrides",
-    "--calculate-kv-scales",
-    "--tokenizer",
-    "--tokenizer-revision",
-    "--tokenizer-mode",
-    "--code-revision",
+# Flags the operator cannot see through: they load more flags from elsewhere.
+UNCHECKABLE_DESTS: dict[str, str] = {
+    "config": "reads more flags from a file inside the image, which the operator cannot check; "
+              "put those flags in extraArgs",
+}
+# Dests that change the bytes of a KV block (or the tokens that are hashed): every pool must
+# agree, or a block written by prefill is not the block decode looks for.
+KV_DESTS: tuple[str, ...] = (
+    "kv_cache_dtype",
+    "kv_cache_dtype_skip_layers",
+    "quantization",
+    "hf_overrides",
+    "tokenizer",
+    "tokenizer_revision",
+    "tokenizer_mode",
+    "code_revision",
 )
-_ALIASES = {"-q": "--quantization", "-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
-            "-dp": "--data-parallel-size"}
+JSON_DESTS = frozenset({"hf_overrides"})
+
+
+def flag_name(dest: str) -> str:
+    """The long option vLLM documents for `dest` (--kv-cache-dtype for kv_cache_dtype)."""
+    return "--" + dest.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,58 +79,75 @@ class LiveStore:
     claim_size: str | None = None
 
 
-def parse_flags(args: Sequence[str]) -> dict[str, tuple[int, str]]:
-    """vLLM flags in `args` -> (index of the flag, value); `--x=v` and `--x v`; a flag followed by
-    another flag (or nothing) is a boolean "true". The last occurrence wins, as in argparse."""
-    flags: dict[str, tuple[int, str]] = {}
-    i = 0
-    while i < len(args):
-        start, arg = i, args[i]
-        if arg.startswith("-") and not _is_number(arg):
-            name, eq, value = arg.partition("=")
-            name = _ALIASES.get(name, name)
-            if not eq:
-                if i + 1 < len(args) and (not args[i + 1].startswith("-") or _is_number(args[i + 1])):
-                    value = args[i + 1]
-                    i += 1
-                else:
-                    value = "true"
-            flags[name] = (start, value)
-        i += 1
-    return flags
+def _arg_field(spec: ClusterSpec, pool: PoolSpec, index: int) -> str:
+    """Field of argument `index` of engine.extraArgs + the pool's extraArgs."""
+    engine = len(spec.engine.extra_args)
+    return f"spec.engine.extraArgs[{index}]" if index < engine else f"{pool.field}.extraArgs[{index - engine}]"
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _canonical(dest: str, value: Any) -> str:
+    """A value as pools compare it: JSON flags by content, lists space-separated, "" and "None"
+    as None (vLLM's optional types read them so)."""
+    if value in ("", "None", None):
+        return "None"
+    if dest in JSON_DESTS and isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if dest in JSON_DESTS and isinstance(value, str):
+        try:
+            return json.dumps(json.loads(value), sort_keys=True, separators=(",", ":"))
+        except ValueError:
+            return value
+    return " ".join(value) if isinstance(value, list) else str(value)
 
 
-def _owned_flag_problems(args: Sequence[str], field: str) -> list[Problem]:
+def engine_args(spec: ClusterSpec, pool: PoolSpec) -> vllm_args.Parsed:
+    """What vLLM 0.32 makes of the pool's command line (indices: engine + pool extraArgs)."""
+    return vllm_args.parse(operator_args(spec, pool), list(spec.engine.extra_args) + list(pool.extra_args))
+
+
+def _arg_problems(spec: ClusterSpec, pool: PoolSpec, parsed: vllm_args.Parsed) -> list[Problem]:
+    args = list(spec.engine.extra_args) + list(pool.extra_args)
     problems = []
-    for i, arg in enumerate(args):
-        name = arg.partition("=")[0]
-        if name in OWNED_FLAGS or _ALIASES.get(name) in OWNED_FLAGS:
-            source = OWNED_FLAGS.get(name) or OWNED_FLAGS[_ALIASES[name]]
-            problems.append(Problem(f"{field}.extraArgs[{i}]", "OperatorOwnedFlag",
-                                    f"{name} is set by the operator from {source}; remove it from extraArgs"))
+    for dest, indices in sorted(parsed.set_by.items(), key=lambda kv: kv[1]):
+        for i in indices:
+            if dest in OWNED_DESTS:
+                problems.append(Problem(_arg_field(spec, pool, i), "OperatorOwnedFlag",
+                                        f"{args[i]!r} sets {flag_name(dest)} (as vLLM reads it), which is set by the "
+                                        f"operator from {OWNED_DESTS[dest]}; remove it from extraArgs"))
+            elif dest in UNCHECKABLE_DESTS:
+                problems.append(Problem(_arg_field(spec, pool, i), "UncheckableFlag",
+                                        f"{flag_name(dest)} {UNCHECKABLE_DESTS[dest]}"))
+    if parsed.error is not None:
+        index, message = parsed.error
+        problems.append(Problem(_arg_field(spec, pool, max(index, 0)), "InvalidEngineArgs",
+                                f"vllm serve (vLLM 0.32) would exit: {message}"))
     return problems
 
 
-def _kv_settings(spec: ClusterSpec, pool: PoolSpec) -> dict[str, str]:
-    flags = parse_flags(spec.engine.extra_args + pool.extra_args)
-    return {name: flags[name][1] if name in flags else "(default)" for name in sorted(set(_ALIASES.get(f, f) for f in KV_FLAGS))}
+def _kv_settings(parsed: vllm_args.Parsed) -> dict[str, tuple[str, str]]:
+    """flag -> (effective value, how to show it): an unset flag has vLLM's default."""
+    settings = {}
+    for dest in KV_DESTS:
+        if dest in parsed.values:
+            value = _canonical(dest, parsed.values[dest])
+            settings[flag_name(dest)] = (value, value)
+        else:
+            value = _canonical(dest, DEFAULTS.get(dest))
+            settings[flag_name(dest)] = (value, f"{value} (default)")
+    return settings
 
 
 def _pool_problems(spec: ClusterSpec) -> list[Problem]:
     problems: list[Problem] = []
-    problems += _owned_flag_problems(spec.engine.extra_args, "spec.engine")
+    try:
+        parsed = {pool.field: engine_args(spec, pool) for pool in spec.pools}
+    except QuantityError:
+        return []   # no command line without a valid spec.store.capacity, which _store_problems names
     for pool in spec.pools:
-        problems += _owned_flag_problems(pool.extra_args, pool.field)
-        flags = parse_flags(spec.engine.extra_args + pool.extra_args)
-        pp_text = flags.get("--pipeline-parallel-size", (0, "1"))[1]
+        for problem in _arg_problems(spec, pool, parsed[pool.field]):
+            if problem not in problems:   # engine.extraArgs are in every pool's command line
+                problems.append(problem)
+        pp_text = str(parsed[pool.field].values.get("pipeline_parallel_size", "1"))
         pp = int(pp_text) if pp_text.isdigit() else 1
         if pool.gpu_count < pool.tensor_parallel_size * pp:
             problems.append(Problem(f"{pool.field}.gpu.count", "NotEnoughGPUs",
@@ -134,15 +162,15 @@ def _pool_problems(spec: ClusterSpec) -> list[Problem]:
     # PD compatibility: every pool must hash and lay out KV identically. Compare each pool with the
     # first decode pool (decode always exists) and name the pool that differs.
     reference = spec.decode[0]
-    ref_settings = _kv_settings(spec, reference)
+    ref_settings = _kv_settings(parsed[reference.field])
     for pool in spec.pools:
         if pool is reference:
             continue
-        settings = _kv_settings(spec, pool)
-        for name, value in settings.items():
-            if value != ref_settings[name]:
+        settings = _kv_settings(parsed[pool.field])
+        for name, (value, shown) in settings.items():
+            if value != ref_settings[name][0]:
                 problems.append(Problem(f"{pool.field}.extraArgs", "IncompatiblePools",
-                                        f"{name} is {value} here but {ref_settings[name]} in {reference.field} "
+                                        f"{name} is {shown} here but {ref_settings[name][1]} in {reference.field} "
                                         f"({reference.name}): pools must produce identical KV blocks"))
     return problems
 

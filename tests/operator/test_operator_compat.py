@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from operator_helpers import EXAMPLES, load_example
-from ucm_operator.compat import LiveStore, Problem, check_cluster, parse_flags
+from ucm_operator.compat import LiveStore, Problem, check_cluster
 from ucm_operator.spec import parse_cluster
 
 
@@ -21,14 +21,6 @@ def fields(found: list[Problem]) -> list[tuple[str, str]]:
 def test_examples_are_valid() -> None:
     for path in sorted(EXAMPLES.glob("*.yaml")):
         assert problems(load_example(path.name)) == [], path.name
-
-
-def test_parse_flags_forms() -> None:
-    flags = parse_flags(["--kv-cache-dtype=fp8", "-q", "awq", "--enforce-eager", "--x", "-1", "--kv-cache-dtype", "auto"])
-    assert flags["--kv-cache-dtype"] == (6, "auto")  # last wins, as in argparse
-    assert flags["--quantization"] == (1, "awq")      # alias
-    assert flags["--enforce-eager"] == (3, "true")    # boolean flag followed by a flag
-    assert flags["--x"] == (4, "-1")                  # negative numbers are values
 
 
 @pytest.mark.parametrize(("where", "arg", "field"), [
@@ -52,7 +44,7 @@ def test_pools_with_different_kv_bytes_are_incompatible(hetero: dict[str, Any]) 
     hetero["spec"]["prefill"][0]["extraArgs"] = ["--kv-cache-dtype", "fp8"]
     found = problems(hetero)
     assert fields(found) == [("spec.prefill[0].extraArgs", "IncompatiblePools")]
-    assert "--kv-cache-dtype is fp8 here but (default) in spec.decode[0] (l40s)" in found[0].message
+    assert "--kv-cache-dtype is fp8 here but auto (default) in spec.decode[0] (l40s)" in found[0].message
 
 
 def test_same_kv_flags_everywhere_are_compatible(hetero: dict[str, Any]) -> None:
@@ -110,3 +102,38 @@ def test_decode_only_needs_decode_only_fallback(hetero: dict[str, Any]) -> None:
     assert fields(problems(hetero)) == [("spec.router.fallback", "NoPrefillPools")]
     hetero["spec"]["router"]["fallback"] = "decode-only"
     assert problems(hetero) == []
+
+
+@pytest.mark.parametrize("spelling", [
+    ["--block_size", "32"], ["--block-si=32"], ["--tensor_parallel_size=2"], ["-tp=2"],
+    ["--kv-transfer-config.kv_role=kv_both"], ["--kv_transfer_config.kv_role", "kv_both"], ["--served_model_name", "x"],
+])
+def test_owned_flags_are_refused_in_any_spelling(hetero: dict[str, Any], spelling: list[str]) -> None:
+    hetero["spec"]["decode"][0]["extraArgs"] = ["--enforce-eager", *spelling]
+    assert ("spec.decode[0].extraArgs[1]", "OperatorOwnedFlag") in fields(problems(hetero))
+
+
+@pytest.mark.parametrize(("prefill", "decode", "compatible"), [
+    (["--kv_cache_dtype=fp8"], ["--kv-cache-dtype", "fp8"], True),
+    (["-q", "awq"], ["--quantization=awq"], True),
+    (["--quantization", "awq"], ["-qawq"], True),
+    (["--hf-overrides", '{"a": 1, "b": 2}'], ["--hf_overrides={\"b\":2,\"a\":1}"], True),
+    (["--hf-overrides", '{"a": 1, "b": 2}'], ["--hf-overrides", '{"a": 1, "b": 2}', "--hf-overrides.c=3"], False),
+    (["--kv-cache-dtype=fp8", "--kv-cache-dtype", "auto"], [], True),    # the last occurrence wins
+    (["--tokenizer_mode", "slow"], ["--tokenizer-mode=auto"], False),
+])
+def test_kv_flags_compare_effective_values(hetero: dict[str, Any], prefill: list[str], decode: list[str],
+                                           compatible: bool) -> None:
+    hetero["spec"]["prefill"][0]["extraArgs"] = prefill
+    hetero["spec"]["decode"][0]["extraArgs"] = decode
+    found = fields(problems(hetero))
+    assert (found == []) == compatible, found
+    if not compatible:
+        assert found == [("spec.prefill[0].extraArgs", "IncompatiblePools")]
+
+
+def test_command_lines_vllm_would_refuse_name_the_argument(hetero: dict[str, Any]) -> None:
+    hetero["spec"]["decode"][0]["extraArgs"] = ["--enforce-eager", "--max-num-seqz", "8"]
+    assert fields(problems(hetero)) == [("spec.decode[0].extraArgs[1]", "InvalidEngineArgs")]
+    hetero["spec"]["decode"][0]["extraArgs"] = ["--config", "/etc/more.yaml"]
+    assert ("spec.decode[0].extraArgs[0]", "UncheckableFlag") in fields(problems(hetero))
