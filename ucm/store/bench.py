@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ucm.hashing import BlockHasher, CacheIdentity, KVGeometry
-from ucm.store import fileio
+from ucm.store import fileio, rpc_counters
 from ucm.store.base import BlockLayout, StoreError
 from ucm.store.file_store import FileStore
 from ucm.store.format import object_path
@@ -207,37 +207,66 @@ def _round(
     return {f"{name}_gbps": total / seconds / 1e9 for name, seconds in times.items()}
 
 
+def _rpcs(path: str, step: Callable[[], object]) -> int | None:
+    """Run `step`; the NFS RPCs it cost this process's client (None off NFS)."""
+    before = rpc_counters.rpc_counts(path)
+    step()
+    spent = rpc_counters.delta(before, rpc_counters.rpc_counts(path))
+    return None if spent is None else sum(spent.values())
+
+
 def _lookup_bench(work: str) -> dict[str, float]:
+    """Lookup latency, and on NFS its RPC count: lookups are where per-block metadata round
+    trips hide (a stat of a block the index lacks is one LOOKUP)."""
     path = os.path.join(work, "lookup")
     layout = BlockLayout("uint8", (256,), 1)
     keys = [os.urandom(20) for _ in range(LOOKUP_BLOCKS)]
+    early = FileStore(path, salt=BENCH_SALT, io_threads=8, prepare_shards=False)  # scans before the writes
+    early.index_ready.wait()
     writer = FileStore(path, salt=BENCH_SALT, io_threads=4, prepare_shards=False)  # the dump makes them
     payload = bytes(256)
     if not all(writer.dump(keys, [payload] * len(keys), layout).wait()):
         raise RuntimeError("could not write the lookup blocks")
     writer.close()
-    reader = FileStore(
-        path, salt=BENCH_SALT, io_threads=8, prepare_shards=False
-    )  # another process's view: index from its scan
-    reader.index_ready.wait()
-    hit = statistics.median(_timed(lambda: _expect(reader.lookup(keys), True)) for _ in range(5))
+    rpcs: dict[str, int | None] = {}
+    # blocks another host wrote after this store's scan: only the filesystem knows them
+    unindexed = _timed(lambda: rpcs.update(unindexed=_rpcs(path, lambda: _expect(early.lookup(keys), True))))
+    early.close()
+    reader: FileStore | None = None
+
+    def open_reader() -> None:
+        nonlocal reader
+        reader = FileStore(path, salt=BENCH_SALT, io_threads=8, prepare_shards=False)
+        reader.index_ready.wait()  # another process's view: index from its start-up scan
+
+    rpcs["scan"] = _rpcs(path, open_reader)
+    assert reader is not None
+    store = reader
+    rpcs["hit"] = _rpcs(path, lambda: _expect(store.lookup(keys), True))
+    hit = statistics.median(_timed(lambda: _expect(store.lookup(keys), True)) for _ in range(5))
     cpu = time.process_time()
     for _ in range(5):
-        reader.lookup(keys)
+        store.lookup(keys)
     hit_cpu = (time.process_time() - cpu) / 5
+    rpcs["prefix"] = _rpcs(path, lambda: _expect([store.lookup_prefix(keys) == len(keys)], True))
     prefix = statistics.median(
-        _timed(lambda: _expect([reader.lookup_prefix(keys) == len(keys)], True)) for _ in range(5)
+        _timed(lambda: _expect([store.lookup_prefix(keys) == len(keys)], True)) for _ in range(5)
     )
     absent = [os.urandom(20) for _ in range(LOOKUP_BLOCKS)]
-    miss = statistics.median(_timed(lambda: _expect(reader.lookup(absent), False)) for _ in range(3))
-    reader.close()
+    rpcs["miss"] = _rpcs(path, lambda: _expect(store.lookup(absent), False))
+    rpcs["prefix_miss"] = _rpcs(path, lambda: _expect([store.lookup_prefix(absent) == 0], True))
+    miss = statistics.median(_timed(lambda: _expect(store.lookup(absent), False)) for _ in range(3))
+    store.close()
     shutil.rmtree(path, ignore_errors=True)
-    return {
+    out = {
         "lookup_ms_8192": hit * 1e3,
         "lookup_cpu_ms_8192": hit_cpu * 1e3,
         "lookup_prefix_ms_8192": prefix * 1e3,
         "lookup_miss_ms_8192": miss * 1e3,
+        "lookup_unindexed_ms_8192": unindexed * 1e3,
     }
+    out.update({f"rpcs_{name}_8192": float(n) for name, n in rpcs.items() if n is not None})
+    return out
 
 
 def _expect(results: list[bool], value: bool) -> None:
@@ -322,6 +351,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     return result
 
 
+_RPC_LABELS = {
+    "scan": "start-up scan of 8192 blocks (index warm-up)",
+    "hit": "lookup of 8192 indexed blocks",
+    "prefix": "lookup_prefix of 8192 indexed blocks",
+    "miss": "lookup of 8192 absent blocks",
+    "prefix_miss": "lookup_prefix of 8192 blocks, first absent",
+    "unindexed": "lookup of 8192 blocks written after the scan",
+}
+
+
+def _rpc_lines(result: dict[str, object]) -> list[str]:
+    lines = [f"  NFS RPCs, {label}: {int(result[f'rpcs_{name}_8192'])}"  # type: ignore[call-overload]
+             for name, label in _RPC_LABELS.items() if f"rpcs_{name}_8192" in result]
+    return ["NFS client RPC counters (per call):", *lines] if lines else []
+
+
 def format_table(result: dict[str, object]) -> str:
     mode = ("O_DIRECT" if result["direct"] else "buffered, page cache dropped before reads") + (
         ", fsync per block" if result["fsync"] else ""
@@ -348,6 +393,8 @@ def format_table(result: dict[str, object]) -> str:
         f"{result['lookup_cpu_ms_8192']:.2f} ms CPU)",
         f"lookup_prefix of 8192 blocks    {result['lookup_prefix_ms_8192']:8.2f} ms",
         f"lookup of 8192 absent blocks    {result['lookup_miss_ms_8192']:8.2f} ms  (one stat each)",
+        f"lookup of 8192 blocks written after this store's scan {result['lookup_unindexed_ms_8192']:8.2f} ms",
+        *_rpc_lines(result),
         f"block hashing (16-token blocks) {result['hash_mtok_s']:8.1f} M tokens/s  (goal >= 25; "
         f"{result['hash_mtok_s_cpu']:.1f} per CPU-second)",
     ]
