@@ -76,6 +76,7 @@ demo: venv bins models
 gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.bench.gpu_transfer
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.bench.gpu_sparse
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m ucm.bench.gpu_window
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

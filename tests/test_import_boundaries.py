@@ -27,7 +27,7 @@ BOUNDARIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # the sparse registry is imported on the scheduler side and to validate configs: torch only in algorithms
     "sparse registry": (("ucm.sparse", "ucm.sparse.registry", "ucm.sparse.active"), ("torch", "vllm", "kubernetes")),
     # `make gpu-check` runs on a GPU machine with ucm and torch only
-    "gpu checks": (("ucm.bench.gpu_transfer", "ucm.bench.gpu_sparse"),
+    "gpu checks": (("ucm.bench.gpu_transfer", "ucm.bench.gpu_sparse", "ucm.bench.gpu_window"),
                    ("vllm", "transformers", "aiohttp", "kubernetes", "kubernetes_asyncio")),
     # shared by every benchmark, the router's (no torch) included
     "bench common": (("ucm.bench", "ucm.bench.common"), ("torch", "vllm", "aiohttp", "kubernetes")),

@@ -31,7 +31,7 @@ import torch
 from ucm.window.config import WindowConfig
 from ucm.window.rope import RopeSpec
 
-QUERY_CHUNK = 256  # queries per score matrix: 9 heads x 256 x 32K keys x 4 B = 300 MB at most
+QUERY_CHUNK = 512  # queries per score matrix: 9 heads x 512 x 32K keys x 4 B = 600 MB at most
 
 
 def clamped_distance(config: WindowConfig, distance: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,17 @@ def rerope_attention(
 ) -> torch.Tensor:
     """ReRoPE attention from the model's ROTATED `q` [Tq, Hq, D] (at `q_positions`, ascending) and
     rotated `k`, `v` [Tk, Hkv, D] at positions 0..Tk-1 (a request's whole sequence, as in the
-    paged cache). Returns [Tq, Hq, D] in q's dtype; scores and softmax in float32."""
+    paged cache). Returns [Tq, Hq, D] in q's dtype; scores and softmax in float32.
+
+    Why this shape of computation: on CPU it is bound by memory traffic over the score matrix, so
+    each chunk's near and far scores are two batched matmuls with the query-head group folded into
+    the rows (one matmul per KV head, no repeated K/V), softmax runs in place over both parts with a
+    shared row maximum (no concatenation), and each part is multiplied with its V slice directly.
+    """
     w, leak = config.window, config.leak
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
     key_positions = torch.arange(k.shape[0], device=k.device)
     qpos = q_positions.to(k.device)
     if leak is None:
@@ -101,35 +110,43 @@ def rerope_attention(
         far_k = rope.rerotate(k, key_positions, key_positions / leak)
         far_q = rope.rerotate(q, qpos, qpos / leak + w * (1 - 1 / leak))
     factors = query_scale(config, qpos)
-    near_q, far_q = q.float(), far_q.float()
+    near_q, far_q = q.float() * scale, far_q.float() * scale
     if factors is not None:
         near_q = near_q * factors.float()[:, None, None]
         far_q = far_q * factors.float()[:, None, None]
-    hkv = k.shape[1]
-    near_q, far_q = _group(near_q, hkv), _group(far_q, hkv)
-    kf, far_kf, vf = k.float(), far_k.float(), v.float()
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    out_grouped = _group(out, hkv)
-    for start in range(0, q.shape[0], chunk):
-        stop = min(start + chunk, q.shape[0])
+
+    def by_kv_head(x: torch.Tensor) -> torch.Tensor:  # [T, Hq, D] -> [Hkv, T, group, D]
+        return _group(x, hkv).permute(1, 0, 2, 3).contiguous()
+
+    near_q, far_q = by_kv_head(near_q), by_kv_head(far_q)
+    keys_t = k.float().permute(1, 2, 0).contiguous()  # [Hkv, D, Tk]
+    far_keys_t = far_k.float().permute(1, 2, 0).contiguous()
+    values = v.float().transpose(0, 1).contiguous()  # [Hkv, Tk, D]
+    out = torch.empty(hkv, tq, group, d, dtype=torch.float32, device=q.device)
+    for start in range(0, tq, chunk):
+        stop = min(start + chunk, tq)
+        rows = (stop - start) * group
         pos = qpos[start:stop]
         first, last = int(pos[0]), int(pos[-1])
         near_lo, near_hi = max(0, first - w + 1), last + 1
         far_hi = max(0, last - w + 1)
-        near_keys = key_positions[near_lo:near_hi]
-        dist = pos[:, None] - near_keys[None, :]
-        near_ok = (dist >= 0) & (dist < w)  # [q, k]
-        scores = [torch.einsum("qhgd,khd->hgqk", near_q[start:stop], kf[near_lo:near_hi]) * scale]
-        masks = [near_ok]
+        near = torch.bmm(near_q[:, start:stop].reshape(hkv, rows, d), keys_t[:, :, near_lo:near_hi])
+        near = near.view(hkv, stop - start, group, near_hi - near_lo)
+        dist = pos[:, None] - key_positions[None, near_lo:near_hi]
+        near.masked_fill_(~((dist >= 0) & (dist < w))[None, :, None, :], float("-inf"))
+        row_max = near.amax(-1, keepdim=True)
+        far = None
         if far_hi:
-            far_ok = (pos[:, None] - key_positions[None, :far_hi]) >= w
-            scores.append(torch.einsum("qhgd,khd->hgqk", far_q[start:stop], far_kf[:far_hi]) * scale)
-            masks.append(far_ok)
-        joined = torch.cat(scores, dim=-1).masked_fill(~torch.cat(masks, dim=-1), float("-inf"))
-        weights = torch.softmax(joined, dim=-1)
-        n_near = near_hi - near_lo
-        result = torch.einsum("hgqk,khd->qhgd", weights[..., :n_near], vf[near_lo:near_hi])
-        if far_hi:
-            result = result + torch.einsum("hgqk,khd->qhgd", weights[..., n_near:], vf[:far_hi])
-        out_grouped[start:stop] = result
-    return out.to(q.dtype)
+            far = torch.bmm(far_q[:, start:stop].reshape(hkv, rows, d), far_keys_t[:, :, :far_hi])
+            far = far.view(hkv, stop - start, group, far_hi)
+            far.masked_fill_(~((pos[:, None] - key_positions[None, :far_hi]) >= w)[None, :, None, :], float("-inf"))
+            row_max = torch.maximum(row_max, far.amax(-1, keepdim=True))
+        near.sub_(row_max).exp_()
+        denominator = near.sum(-1, keepdim=True)
+        result = torch.bmm(near.view(hkv, rows, -1), values[:, near_lo:near_hi]).view(hkv, stop - start, group, d)
+        if far is not None:
+            far.sub_(row_max).exp_()
+            denominator = denominator + far.sum(-1, keepdim=True)
+            result.add_(torch.bmm(far.view(hkv, rows, -1), values[:, :far_hi]).view(hkv, stop - start, group, d))
+        out[:, start:stop] = result.div_(denominator)
+    return out.permute(1, 0, 2, 3).reshape(tq, hq, d).to(q.dtype)
