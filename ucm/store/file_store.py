@@ -9,7 +9,9 @@ Correctness without locks, across processes and hosts:
   content-addressed bytes, so the dump is a no-op. Filesystems with neither fall back to
   `rename` (last writer wins, same bytes). A writer killed at any moment leaves at most a `.tmp` file,
   which no reader ever opens and `gc` removes by age.
-* Reading: header and payload come in with one `preadv` straight into the caller's buffer;
+* Reading: buffered loads first ask for the whole file (POSIX_FADV_WILLNEED: one file per block
+  gets no readahead from its neighbours, so without it a block is read one readahead window at a
+  time), then header and payload come in with one `preadv` straight into the caller's buffer;
   the object is accepted only if magic, version, salt, key, layout, length, header checksum
   (over every header byte) and payload checksum all match. A damaged or foreign object is
   counted, logged with its path and moved to `quarantine/` (only if the name still points at
@@ -315,6 +317,8 @@ class FileStore(Store):
             return self._count_load(False, 0)
         try:
             inode = os.fstat(fd).st_ino
+            if not self.direct:
+                fileio.prefetch(fd)
             checksum = self._read_object(fd, key, buf, description)
             self._touch(fd)
         except _Damaged as exc:
