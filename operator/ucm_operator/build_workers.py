@@ -79,6 +79,10 @@ def operator_args(spec: ClusterSpec, pool: PoolSpec) -> list[str]:
     ]
     if engine.max_model_len is not None:
         args += ["--max-model-len", str(engine.max_model_len)]
+        if spec.window is not None:
+            # ReRoPE serves past the trained context: the model's rotary table (sized by
+            # max_position_embeddings) must cover every position, or vLLM refuses the length
+            args += ["--hf-overrides", json.dumps({"max_position_embeddings": engine.max_model_len})]
     args += ["--tensor-parallel-size", str(pool.tensor_parallel_size)]
     if spec.model.hf_repo:
         args += ["--revision", spec.model.revision]

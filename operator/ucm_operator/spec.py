@@ -106,6 +106,28 @@ SPARSE_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class WindowSpec:
+    """`spec.window`: ReRoPE window extrapolation (the connector's `ucm_window_config`): exact
+    relative positions within `window` tokens, clamped (or, with `leak`, compressed) beyond."""
+
+    window: int
+    leak: float | None = None
+    log_scale: bool = False
+    trained_length: int | None = None
+
+    def connector_config(self) -> dict[str, object]:
+        """`ucm_window_config`, with only the fields that are set (the connector's defaults apply)."""
+        config: dict[str, object] = {"window": self.window}
+        if self.leak is not None:
+            config["leak"] = self.leak
+        if self.log_scale:
+            config["log_scale"] = True
+        if self.trained_length is not None:
+            config["trained_length"] = self.trained_length
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
 class StoreSpec:
     kind: StoreKind
     pvc_storage_class: str | None = None
@@ -172,6 +194,7 @@ class ClusterSpec:
     decode: tuple[PoolSpec, ...]
     router: RouterSpec
     sparse: SparseSpec | None = None
+    window: WindowSpec | None = None
 
     @property
     def pools(self) -> tuple[PoolSpec, ...]:
@@ -260,6 +283,32 @@ def _parse_sparse(raw: Mapping[str, Any] | None) -> SparseSpec | None:
         if value is not None:
             settings.append((key, value))
     return SparseSpec(algorithm=_get(raw, "algorithm", str, path, "block_retrieval"), settings=tuple(settings))
+
+
+def _parse_window(raw: Mapping[str, Any] | None, sparse: SparseSpec | None) -> WindowSpec | None:
+    if raw is None:
+        return None
+    path = "spec.window"
+    fields = ("window", "leak", "logScale", "trainedLength")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{path}.{unknown[0]}", f"unknown field; expected one of {', '.join(fields)}")
+    if sparse is not None:
+        raise SpecError(path, "cannot be combined with spec.sparse: both replace vLLM's attention; set one")
+    window = _required(raw, "window", int, path)
+    if window < 1:
+        raise SpecError(f"{path}.window", f"expected a positive number of tokens, got {window}")
+    leak = _get(raw, "leak", (int, float), path)
+    if isinstance(leak, bool) or (leak is not None and not leak > 1):
+        raise SpecError(f"{path}.leak", f"expected a number > 1, got {leak!r}")
+    trained = _get(raw, "trainedLength", int, path)
+    if trained is not None and trained < 2:
+        raise SpecError(f"{path}.trainedLength", f"expected at least 2 tokens, got {trained}")
+    log_scale = _get(raw, "logScale", bool, path, False)
+    if log_scale and trained is None:
+        raise SpecError(f"{path}.trainedLength", "required when logScale is true (the model's trained context)")
+    return WindowSpec(window=window, leak=None if leak is None else float(leak), log_scale=log_scale,
+                      trained_length=trained)
 
 
 def _parse_store(raw: Mapping[str, Any]) -> StoreSpec:
@@ -357,6 +406,7 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
         pools[role] = tuple(_parse_pool(p, role, i) for i, p in enumerate(raw_pools))
     if not pools["decode"]:
         raise SpecError("spec.decode", "at least one decode pool is required")
+    sparse = _parse_sparse(_get(spec, "sparse", dict, "spec"))
     return ClusterSpec(
         name=meta["name"],
         namespace=str(meta.get("namespace") or "default"),
@@ -368,5 +418,6 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
         prefill=pools["prefill"],
         decode=pools["decode"],
         router=_parse_router(_get(spec, "router", dict, "spec", {})),
-        sparse=_parse_sparse(_get(spec, "sparse", dict, "spec")),
+        sparse=sparse,
+        window=_parse_window(_get(spec, "window", dict, "spec"), sparse),
     )
