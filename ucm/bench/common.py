@@ -38,3 +38,13 @@ def synchronized_time(device: torch.device) -> float:
     """`time.perf_counter()` after `device` finished its queued work."""
     synchronize(device)
     return time.perf_counter()
+
+
+def cuda_missing(check: str) -> str | None:
+    """Why `check` (a `make gpu-check` part) cannot run here, or None when CUDA is available."""
+    import torch  # function-level: see synchronize
+
+    if torch.cuda.is_available():
+        return None
+    return (f"{check}: CUDA is not available (torch.cuda.is_available() is False; torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.")

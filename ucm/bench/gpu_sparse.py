@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ucm.bench.common import synchronized_time
+from ucm.bench.common import cuda_missing, synchronized_time
 from ucm.bench.sparse_data import LayerQKV, PlantedContext, planted_context
 from ucm.bench.sparse_vllm_offload import bench_vllm_offload
 from ucm.sparse import retrieval_math as rm
@@ -122,9 +122,9 @@ def check_vllm_offload(device: str = "cuda", tokens: int = 4096, layers: int = 4
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("sparse gpu-check: CUDA is not available (torch.cuda.is_available() is False; torch "
-              f"{torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
+    missing = cuda_missing("sparse gpu-check")
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     started = time.perf_counter()
     print(f"== sparse block retrieval on {torch.cuda.get_device_name()}: CUDA vs CPU (float32)", flush=True)

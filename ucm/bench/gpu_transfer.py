@@ -22,7 +22,7 @@ import time
 import torch
 
 from ucm.bench import transfer as transfer_bench
-from ucm.bench.common import synchronized_time
+from ucm.bench.common import cuda_missing, synchronized_time
 from ucm.transfer.buffers import HostBufferPool
 from ucm.transfer.paged import CacheLayout, PagedKV
 from ucm.transfer.staging import HeadGroup, SaveBatch
@@ -81,13 +81,9 @@ def overlap_check() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not torch.cuda.is_available():
-        print(
-            "gpu-check: CUDA is not available (torch.cuda.is_available() is False; torch "
-            f"{torch.__version__}, CUDA build {torch.version.cuda}). Run this on a machine with an NVIDIA "
-            "GPU and a CUDA build of torch.",
-            file=sys.stderr,
-        )
+    missing = cuda_missing("gpu-check")
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     started = time.perf_counter()
     print(f"gpu-check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ucm.bench.common import synchronized_time
+from ucm.bench.common import cuda_missing, synchronized_time
 from ucm.window.config import WindowConfig
 from ucm.window.paged import KVLayout, paged_rerope
 from ucm.window.rerope import reference_attention
@@ -105,9 +105,9 @@ def _reference_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tor
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("window gpu-check: CUDA is not available (torch.cuda.is_available() is False; torch "
-              f"{torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
+    missing = cuda_missing("window gpu-check")
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
     started = time.perf_counter()
     print(f"== ReRoPE over the BHNC paged layout on {torch.cuda.get_device_name()}", flush=True)
