@@ -192,9 +192,70 @@ def vllm_cases() -> Iterator[Generated]:
         yield targets["decode:0"], f"ambiguous {prefix}", _args("decode:0", [prefix, "1"])
 
 
+# --- class 3: facts of the live cluster (e2e/nodes.py's nodes; claims the case creates) -------
+
+# (role, product, GPUs of its nodes in e2e/nodes.py)
+GPU_POOLS = (("prefill", "NVIDIA-H100-80GB-HBM3", 8), ("decode", "NVIDIA-L40S", 4))
+
+
+def claim(name: str, size: str, modes: list[str]) -> JSON:
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"accessModes": modes, "resources": {"requests": {"storage": size}},
+                     "storageClassName": "ucm-e2e-none"}}   # no provisioner: the claim stays as created
+
+
+def _gpus(role: str, count: int, selector: JSON | None = None, affinity: JSON | None = None) -> Mutation:
+    def mutate(spec: JSON) -> None:
+        pool = _pool(spec, role, 0)
+        pool["gpu"] = {"count": count} if selector or affinity else {**pool["gpu"], "count": count}
+        if selector:
+            pool["nodeSelector"] = selector
+        if affinity:
+            pool["affinity"] = affinity
+    return mutate
+
+
+def _store(**store: Any) -> Mutation:
+    return lambda spec: spec.__setitem__("store", {**store})
+
+
+def facts_cases() -> Iterator[Generated]:
+    for role, product, most in GPU_POOLS:
+        for count in range(most + 1, 17):
+            yield f"spec.{role}[0].gpu.count", f"{count} GPUs on {product}", _gpus(role, count)
+        for count in (most + 1, 16):
+            host = {"kubernetes.io/hostname": f"gpu-{'h100' if 'H100' in product else 'l40s'}-1"}
+            yield f"spec.{role}[0].gpu.count", f"{count} GPUs pinned to {host}", _gpus(role, count, selector=host)
+            affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": [product]}]}]}}}
+            yield f"spec.{role}[0].gpu.count", f"{count} GPUs by affinity to {product}", _gpus(role, count,
+                                                                                                affinity=affinity)
+    # no product at all: the largest node anywhere (H100, 8) is the limit
+    for count in (9, 12):
+        yield "spec.decode[0].gpu.count", f"{count} GPUs on any node", _gpus("decode", count, selector={"type": "kwok"})
+    for n, (size, capacity) in enumerate(itertools.product(("1Gi", "10Gi", "100Gi"), ("2", "1.5"))):
+        amount = {"1Gi": 1, "10Gi": 10, "100Gi": 100}[size] * float(capacity)
+        name = f"small-{n}"
+        yield ("spec.store.capacity", f"capacity {amount}Gi on a {size} claim",
+               _store(existingClaim=name, capacity=f"{amount:g}Gi"), (claim(name, size, ["ReadWriteMany"]),))
+    for n, modes in enumerate((["ReadWriteOnce"], ["ReadOnlyMany"], ["ReadWriteOncePod"], ["ReadOnlyMany", "ReadWriteOnce"])):
+        name = f"modes-{n}"
+        yield ("spec.store.existingClaim", f"claim with accessModes {modes}", _store(existingClaim=name),
+               (claim(name, "10Gi", modes),))
+    for path in ("/etc/ucm/store", "/etc", "/etc/ucm/", "/dev/shm/ucm", "/dev", "/"):
+        yield "spec.store.mountPath", f"store mounted at {path}", lambda spec, path=path: spec["store"].__setitem__(
+            "mountPath", path)
+    for path in ("/models", "/models/kv", "/"):
+        def on_model_claim(spec: JSON, path: str = path) -> None:
+            spec["model"]["source"] = "pvc://weights/llama"
+            spec["store"]["mountPath"] = path
+        yield "spec.store.mountPath", f"store at {path} with the model on a claim", on_model_claim
+
+
 GENERATORS: dict[str, Callable[[], Iterator[Generated]]] = {
     "k8s": k8s_cases,
     "vllm": vllm_cases,
+    "facts": facts_cases,
 }
 
 

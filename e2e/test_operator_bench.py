@@ -20,4 +20,5 @@ def test_bench_small(cluster: ClusterAccess, monkeypatch: pytest.MonkeyPatch) ->
     print(result)
     assert result["clusters"] == 5 and result["resync_passes"] >= 5
     assert result["noop_resync_operator_writes"] == 0
+    assert result["noop_resync_operator_dry_runs"] == 0   # only what would be applied is dry-run
     assert result["writes_to_serving"] >= 5 * 12  # 11 children + a status per cluster, at least

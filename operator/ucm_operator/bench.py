@@ -238,6 +238,7 @@ def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idl
         idle_delta = write_counts(kube) - before
         # Window 2: a full resync of every cluster.
         op_before = operator.kube.total_writes
+        dry_before, calls_before = operator.kube.total_dry_runs, operator.kube.calls
         passes_before = operator.reconciler.passes
         before = write_counts(kube)
         resync_start = time.monotonic()
@@ -251,6 +252,8 @@ def _operator_bench(kube: Kube, clusters: int, timeout: float, workers: int, idl
             resync_passes=operator.reconciler.passes - passes_before,
             resync_s=round(resync_s, 2),
             noop_resync_operator_writes=operator.kube.total_writes - op_before,
+            noop_resync_operator_dry_runs=operator.kube.total_dry_runs - dry_before,
+            noop_resync_operator_calls_per_cluster=round((operator.kube.calls - calls_before) / clusters, 1),
             noop_resync_apiserver_writes=operator_writes(resync_delta),
             idle_window_apiserver_writes=operator_writes(idle_delta),
             noop_resync_apiserver_writes_all=sum(resync_delta.values()),
@@ -272,6 +275,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ("UCMClusters created -> all Serving (goal <= 60 s)", result["to_serving_s"], "s"),
             ("no-op resync: reconcile passes", result["resync_passes"], ""),
             ("no-op resync: operator write calls (goal 0)", result["noop_resync_operator_writes"], ""),
+            ("no-op resync: operator dry-run applies", result["noop_resync_operator_dry_runs"], ""),
+            ("no-op resync: operator API calls per cluster (all reads)", result["noop_resync_operator_calls_per_cluster"],
+             ""),
             ("no-op resync: API server writes on operator resources", result["noop_resync_apiserver_writes"], ""),
             ("same-length window without resync: same count (baseline)", result["idle_window_apiserver_writes"], ""),
         ]

@@ -99,7 +99,8 @@ def _resources(pool: PoolSpec) -> JSON:
     return resources
 
 
-def _tolerations(pool: PoolSpec) -> list[JSON]:
+def pod_tolerations(pool: PoolSpec) -> list[JSON]:
+    """The pool's tolerations plus the GPU taint's, unless the pool already tolerates it."""
     tolerations = [copy.deepcopy(t) for t in pool.tolerations]
     if not any(t.get("key") == GPU_RESOURCE and t.get("operator", "Equal") == "Exists" for t in tolerations):
         tolerations.append(dict(GPU_TOLERATION))
@@ -139,6 +140,11 @@ def _volumes(spec: ClusterSpec) -> tuple[list[JSON], list[JSON]]:
     return volumes, mounts
 
 
+def worker_mounts(spec: ClusterSpec) -> list[JSON]:
+    """Every volume mount of a worker container, the store's first."""
+    return _volumes(spec)[1]
+
+
 def _probe(period: int, failures: int) -> JSON:
     return {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": period,
             "timeoutSeconds": 5, "failureThreshold": failures}
@@ -169,7 +175,7 @@ def build_pool_deployment(spec: ClusterSpec, pool: PoolSpec) -> JSON:
         "containers": [container],
         "volumes": volumes,
         "nodeSelector": _node_selector(pool),
-        "tolerations": _tolerations(pool),
+        "tolerations": pod_tolerations(pool),
         "terminationGracePeriodSeconds": 60,
     }
     if pool.affinity:

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from . import vllm_args
-from .build_workers import operator_args
+from .build_workers import operator_args, worker_mounts
 from .quantity import QuantityError, parse_bytes
 from .spec import ClusterSpec, PoolSpec
 from .vllm_flags import DEFAULTS
@@ -210,16 +210,55 @@ def _store_problems(spec: ClusterSpec, live: LiveStore) -> list[Problem]:
             except QuantityError as exc:
                 problems.append(Problem("spec.store.pvc.size", "InvalidQuantity", str(exc)))
     elif store.kind == "existingClaim" and live.claim_access_modes is not None:
-        modes = live.claim_access_modes
-        if "ReadWriteMany" not in modes and _may_spread(spec):
-            problems.append(Problem("spec.store.existingClaim", "StoreNotShareable",
-                                    f"claim {store.existing_claim!r} has accessModes {list(modes)}; {pods} worker "
-                                    "pods that may run on different nodes need ReadWriteMany"))
+        problems += _existing_claim_problems(spec, live, pods)
     if store.capacity is not None:
         try:
             parse_bytes(store.capacity)
         except QuantityError as exc:
             problems.append(Problem("spec.store.capacity", "InvalidQuantity", str(exc)))
+    problems += _mount_problems(spec)
+    return problems
+
+
+def _existing_claim_problems(spec: ClusterSpec, live: LiveStore, pods: int) -> list[Problem]:
+    """Can the user's claim hold the store and be mounted read-write by every worker pod?"""
+    store, modes = spec.store, list(live.claim_access_modes or ())
+    problems: list[Problem] = []
+    writable = [m for m in modes if m in ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")]
+    claim = f"claim {store.existing_claim!r} has accessModes {modes}"
+    if not writable:
+        problems.append(Problem("spec.store.existingClaim", "StoreNotWritable",
+                                f"{claim}; prefill pods write the store, so it needs ReadWriteMany"))
+    elif "ReadWriteMany" not in modes and "ReadWriteOnce" in modes and _may_spread(spec):
+        problems.append(Problem("spec.store.existingClaim", "StoreNotShareable",
+                                f"{claim}; {pods} worker pods that may run on different nodes need ReadWriteMany"))
+    elif writable == ["ReadWriteOncePod"] and pods > 1:
+        problems.append(Problem("spec.store.existingClaim", "StoreNotShareable",
+                                f"{claim}; ReadWriteOncePod lets only one of the {pods} worker pods mount it"))
+    if store.capacity is not None and live.claim_size:
+        try:
+            if parse_bytes(store.capacity) > parse_bytes(live.claim_size):
+                problems.append(Problem("spec.store.capacity", "ClaimTooSmall",
+                                        f"{store.capacity} of KV does not fit claim {store.existing_claim!r}, which "
+                                        f"holds {live.claim_size}; lower capacity or grow the claim"))
+        except QuantityError:
+            pass   # an invalid capacity is reported below; a claim's size is the API server's
+    return problems
+
+
+def _mount_problems(spec: ClusterSpec) -> list[Problem]:
+    """The store's mount must not be, or lie inside or around, another mount of the worker
+    container (the UCM config, /dev/shm, the model): one would hide the other."""
+    def inside(path: str, parent: str) -> bool:
+        return path.rstrip("/") == parent.rstrip("/") or path.startswith(parent.rstrip("/") + "/")
+
+    store, *others = worker_mounts(spec)
+    problems = []
+    for other in others:
+        if inside(store["mountPath"], other["mountPath"]) or inside(other["mountPath"], store["mountPath"]):
+            problems.append(Problem("spec.store.mountPath", "MountPathCollision",
+                                    f"{spec.store.mount_path} collides with {other['mountPath']}, where the worker "
+                                    f"pods mount {other['name']}; choose a path outside it (e.g. /mnt/ucm)"))
     return problems
 
 

@@ -116,6 +116,7 @@ class Kube:
         self.timeout = timeout
         self.writes: collections.Counter[str] = collections.Counter()
         self.dry_runs: collections.Counter[str] = collections.Counter()
+        self.calls = 0   # every request, reads included: what a pass costs the API server
         self._lock = threading.Lock()
         fault = os.environ.get(FAULT_ENV, "")
         # Fault injection for the restart tests: exit abruptly, like SIGKILL, after N writes; or
@@ -135,6 +136,8 @@ class Kube:
         url_path = path + ("?" + urllib.parse.urlencode(list(query)) if query else "")
         request = self.api.param_serialize(method, url_path, header_params=headers, body=body,
                                            auth_settings=["BearerToken"])
+        with self._lock:
+            self.calls += 1
         if ("dryRun", "All") in query:
             with self._lock:
                 self.dry_runs[f"{method} {resource_of(path)}"] += 1

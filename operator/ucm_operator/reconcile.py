@@ -35,6 +35,7 @@ from .constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
 )
+from .facts import NodeFacts, node_problems
 from .kube import CHILD_KINDS, Kube, KubeError
 from .meta import claim_name, revision
 from .spec import ClusterSpec, SpecError, parse_cluster
@@ -106,6 +107,7 @@ class Reconciler:
         self._children: dict[tuple[str, str], set[str]] = {}
         self._lock = threading.Lock()
         self.admission = Admission(kube)
+        self._nodes_unreadable = False
         self.passes = 0
 
     # --- drift memory ------------------------------------------------------------------------
@@ -160,7 +162,7 @@ class Reconciler:
                                    claim["spec"].get("storageClassName"),
                                    ((claim.get("status") or {}).get("capacity") or {}).get("storage")
                                    or claim["spec"].get("resources", {}).get("requests", {}).get("storage"))
-        problems = check_cluster(spec, live_store)
+        problems = check_cluster(spec, live_store) + node_problems(spec, self._nodes())
         outcome = Outcome()
         if not problems:
             desired = build_children(spec)
@@ -191,6 +193,17 @@ class Reconciler:
                 self._children[(namespace, name)] = live_uids
             else:
                 self._children.pop((namespace, name), None)
+
+    def _nodes(self) -> list[NodeFacts] | None:
+        """The nodes' GPU facts; None when they cannot be read (then the GPU check is skipped:
+        an operator installed with an older chart may lack the read on nodes)."""
+        try:
+            return [NodeFacts.of(node) for node in self.kube.list("v1", "Node", None)]
+        except KubeError as exc:
+            if not self._nodes_unreadable:
+                log.warning("cannot read nodes (%s); the GPUs-per-node check is skipped", exc)
+                self._nodes_unreadable = True
+            return None
 
     def _claim(self, store_kind: str, namespace: str, name: str,
                live: Mapping[tuple[str, str, str], JSON]) -> JSON | None:

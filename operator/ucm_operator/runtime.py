@@ -6,6 +6,11 @@ change) and need finalizers for deletion; the design here needs neither. `@kopf.
 only enqueue the cluster's key, so kopf itself writes nothing and every write comes from the
 reconciler, which writes only what changed. A periodic resync re-enqueues every known cluster to
 repair drift that produced no event.
+
+Two watches are not of children: nodes (a cluster refused because no node it can reach has the
+GPUs its pools ask for is re-checked when a node's labels, taints or GPUs change) and every
+PersistentVolumeClaim of the watched namespaces (a user's existingClaim carries no label of ours;
+when one changes, the clusters of its namespace are re-checked).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import kopf
 
 from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from .facts import NodeFacts
 from .kube import Kube, load_api_client
 from .reconcile import Reconciler
 
@@ -34,7 +40,6 @@ WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
     ("", "v1", "pods"),
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
-    ("", "v1", "persistentvolumeclaims"),
     ("", "v1", "serviceaccounts"),
     ("policy", "v1", "poddisruptionbudgets"),
     ("rbac.authorization.k8s.io", "v1", "roles"),
@@ -122,6 +127,7 @@ class Operator:
         self.kube = kube or Kube(load_api_client(pool_size=options.workers + 4))
         self.reconciler = Reconciler(self.kube)
         self.known: set[Key] = set()
+        self._node_facts: dict[str, NodeFacts] = {}
         self._failures: dict[Key, int] = {}
         self._seen: set[Key] = set()
         self._stop: asyncio.Event | None = None
@@ -161,6 +167,29 @@ class Operator:
         for group, version, plural in WATCHED_CHILDREN:
             kopf.on.event(group or "", version, plural, registry=registry, id=f"child-{plural}",
                           labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_CLUSTER: kopf.PRESENT})(on_child)
+
+        @kopf.on.event("", "v1", "persistentvolumeclaims", registry=registry)
+        async def on_claim(**kwargs: Any) -> None:
+            cluster = (kwargs["labels"] or {}).get(LABEL_CLUSTER)
+            namespace = str(kwargs["namespace"])
+            if cluster and (kwargs["labels"] or {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
+                self._enqueue((namespace, str(cluster)))
+                return
+            for key in sorted(k for k in self.known if k[0] == namespace):  # maybe someone's existingClaim
+                self._enqueue(key)
+
+        @kopf.on.event("", "v1", "nodes", registry=registry)
+        async def on_node(**kwargs: Any) -> None:
+            name = str(kwargs["name"])
+            facts = None if kwargs["event"].get("type") == "DELETED" else NodeFacts.of(kwargs["body"])
+            if self._node_facts.get(name) == facts:
+                return   # a status heartbeat, not a change of what pools can use
+            if facts is None:
+                self._node_facts.pop(name, None)
+            else:
+                self._node_facts[name] = facts
+            for key in sorted(self.known):
+                self._enqueue(key)
         return registry
 
     def _settings(self) -> kopf.OperatorSettings:
