@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import uuid
@@ -46,6 +47,8 @@ def nfs() -> Iterator[LoopbackNfs]:
         yield server
     finally:
         server.stop()
+        if not any(os.path.ismount(m) for m in server.mountpoints):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -105,24 +105,24 @@ def test_readers_never_see_a_partial_block_while_another_mount_writes(
     a, b, _ = nfs_dirs
     writer, reader = open_store(a), open_store(b)
     ks = keys(60)
-    done = threading.Event()
-    seen: set[bytes] = set()
+    done, polling = threading.Event(), threading.Event()
+    passes: list[int] = []
 
     def poll() -> None:
         while not done.is_set():
-            for key, hit in zip(ks, load_checked(reader, ks), strict=True):
-                if hit:
-                    seen.add(key)
+            passes.append(sum(load_checked(reader, ks)))
+            polling.set()
 
     poller = threading.Thread(target=poll)
     poller.start()
+    assert polling.wait(30)  # the reader is running before the first write
     for i in range(0, len(ks), 5):
         assert all(writer.dump(ks[i : i + 5], [payload(k) for k in ks[i : i + 5]], LAYOUT).wait())
     done.set()
     poller.join()
     assert reader.stats().corrupt == 0
     assert all(load_checked(reader, ks))
-    assert seen  # the reader did overlap the writer
+    assert len(passes) >= 2, passes  # at least one pass overlapped or followed the writes
 
 
 def test_a_block_written_on_one_mount_is_a_hit_on_another(nfs_dirs: Dirs, open_store: Callable[..., FileStore]) -> None:
