@@ -26,11 +26,14 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 TRAIN_CODE_VERSION = 1  # bump when training or model code changes what a config trains into
 LN2 = math.log(2.0)
@@ -154,8 +157,9 @@ def stdlib_corpus() -> tuple[bytes, bytes]:
     return bytes(train), bytes(held)
 
 
-def cache_key(config: TinyLMConfig, corpus: bytes) -> str:
-    """Hex key of everything that determines the trained weights."""
+def cache_key(config: DataclassInstance, corpus: bytes) -> str:
+    """Hex key of everything that determines the trained weights (any dataclass config: the serving
+    models trained here, ucm.serve.train_window, key their caches the same way)."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     h.update(hashlib.sha256(corpus).digest())
@@ -167,7 +171,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UCM_CACHE_DIR", Path.home() / ".cache" / "ucm")) / "tiny_lm"
 
 
-def _lr(c: TinyLMConfig, step: int) -> float:
+class Schedule(Protocol):
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+
+
+def lr_at(c: Schedule, step: int) -> float:
     """Linear warm-up, then cosine decay to 10%."""
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
@@ -204,7 +217,7 @@ def train(config: TinyLMConfig, corpus: bytes, *, progress_every: int = 0) -> Tr
             loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             for group in opt.param_groups:
-                group["lr"] = _lr(config, step)
+                group["lr"] = lr_at(config, step)
             opt.step()
             bpb.append(float(loss.detach()) / LN2)
             if progress_every and (step + 1) % progress_every == 0:

