@@ -86,3 +86,5 @@ def test_refusal_names_the_user_field(hetero: dict[str, Any]) -> None:
         ("spec.template.spec.terminationGracePeriodSeconds", "bad")]), where)
     assert other.field == "spec.decode[0]" and "terminationGracePeriodSeconds" in other.message
     assert Origins("spec").field_of(("a",)) == "spec"
+    nfs = parse_path("spec.template.spec.volumes[0].nfs.server", deployment)
+    assert where.field_of(nfs) == "spec.store.nfs.server"
