@@ -87,18 +87,16 @@ def rewrite(args: Sequence[str], origins: Sequence[int]) -> tuple[list[str], lis
     out: list[str] = []
     where: list[int] = []
     for i, (arg, origin) in enumerate(zip(args, origins, strict=True)):
+        pieces = [arg]
         if arg.startswith("--"):
             key, eq, value = arg.partition("=")
-            key = _NAME.sub(lambda m: m.group(0).replace("_", "-"), key, count=1)
-            out.append(key + eq + value)
-        elif arg.startswith("-O") and arg != "-O":
-            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
-            where.append(origin)
+            pieces = [_NAME.sub(lambda m: m.group(0).replace("_", "-"), key, count=1) + eq + value]
+        elif arg.startswith("-O") and arg != "-O":   # -O3, -O=3
+            pieces = ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
         elif arg == "-O" and i + 1 < len(args) and args[i + 1] in {"0", "1", "2", "3"}:
-            out.append("--optimization-level")
-        else:
-            out.append(arg)
-        where.append(origin)
+            pieces = ["--optimization-level"]
+        out += pieces
+        where += [origin] * len(pieces)
     dicts: dict[str, dict[str, Any]] = {}
     first: dict[str, int] = {}
     skip: set[int] = set()
