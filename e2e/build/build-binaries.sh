@@ -144,8 +144,12 @@ build_kube() {
   for b in "${KUBE_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   (cd "$HERE/kube" && go build -ldflags "$(kube_ldflags)" -o "$STAGE/" "${pkgs[@]}")
   # The version ldflags are easy to get silently wrong (a renamed variable is just ignored).
-  "$STAGE/kubectl" version --client 2>/dev/null | grep -q "Client Version: $KUBERNETES_VERSION\$" \
-    || die "kubectl does not report $KUBERNETES_VERSION: $("$STAGE/kubectl" version --client 2>&1 | head -1)"
+  # (captured first: `grep -q` exits at the first match, and under pipefail kubectl's SIGPIPE on its
+  # next line would fail the check at random)
+  local reported
+  reported="$("$STAGE/kubectl" version --client 2>/dev/null || true)"
+  grep -q "Client Version: $KUBERNETES_VERSION\$" <<<"$reported" \
+    || die "kubectl does not report $KUBERNETES_VERSION: $(head -1 <<<"$reported")"
   publish "${KUBE_BINS[@]}"
 }
 
