@@ -25,6 +25,7 @@ from e2e.wait import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / "ucm.dev_ucmclusters.yaml"
+CRD_DIR = ROOT / "crds"
 RBAC_PATH = ROOT / "charts" / "ucm" / "files" / "operator-rbac.yaml"
 EXAMPLES = ROOT / "examples"
 OPERATOR_BIN = Path(sys.executable).parent / "ucm-operator"
@@ -32,9 +33,11 @@ API = "ucm.dev/v1alpha1"
 
 
 def install_crd(cluster: ClusterAccess) -> None:
-    """Apply the CRD (server-side, idempotent) and wait until it is Established."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/ucmclusters.ucm.dev")
+    """Apply the CRDs (UCMCluster and UCMPool; server-side, idempotent) and wait until they are
+    Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/ucmclusters.ucm.dev",
+                    "crd/ucmpools.ucm.dev")
 
 
 def operator_kubeconfig(cluster: ClusterAccess, namespace: str, path: Path) -> Path:

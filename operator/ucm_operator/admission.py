@@ -189,6 +189,7 @@ def origins(spec: ClusterSpec) -> dict[tuple[str, str], Origins]:
     for pool in spec.pools:
         found[("Deployment", pool_name(spec, pool.name))] = Origins(pool.field, tuple(_pool_rules(spec, pool)))
         found[("PodDisruptionBudget", pool_name(spec, pool.name))] = Origins(pool.field)
+        found[("UCMPool", pool_name(spec, pool.name))] = Origins(pool.field)
     for role in ("prefill", "decode"):
         found[("Service", role_service_name(spec, role))] = Origins(f"spec.{role}")
     router = router_name(spec)

@@ -29,7 +29,7 @@ from .spec import parse_cluster
 JSON = dict[str, Any]
 WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION", "CREATE", "UPDATE")
 OPERATOR_RESOURCES = ("deployments", "services", "configmaps", "persistentvolumeclaims", "serviceaccounts",
-                      "poddisruptionbudgets", "roles", "rolebindings", "ucmclusters", "events")
+                      "poddisruptionbudgets", "roles", "rolebindings", "ucmclusters", "ucmpools", "events")
 _METRIC = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.e+]+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
@@ -125,12 +125,12 @@ def write_counts(kube: Kube) -> Counter[str]:
 
 def operator_writes(delta: Counter[str]) -> int:
     """Writes on resources the operator writes (their status subresources excepted, which the
-    controllers own; the UCMCluster's status is the operator's)."""
+    controllers own; the UCMCluster's and UCMPools' status are the operator's; /scale is not)."""
     total = 0
     for key, value in delta.items():
         resource = key.split(" ", 1)[1]
         base, _, sub = resource.partition("/")
-        if base in OPERATOR_RESOURCES and (not sub or base == "ucmclusters"):
+        if base in OPERATOR_RESOURCES and (not sub or (base in ("ucmclusters", "ucmpools") and sub == "status")):
             total += value
     return total
 

@@ -20,6 +20,7 @@ from .meta import (
     revision,
     with_applied_hash,
 )
+from .scale import build_pool_scaler
 from .spec import ClusterSpec
 
 
@@ -58,11 +59,15 @@ def build_claim(spec: ClusterSpec) -> JSON | None:
 
 
 def build_children(spec: ClusterSpec) -> list[JSON]:
-    """Every object the cluster needs, each annotated with the hash of its own content."""
+    """Every object the cluster needs, each annotated with the hash of its own content. Pool
+    sizes are `spec`'s: the reconciler passes the spec resized by scale.plan_replicas."""
     children = [build_config_map(spec)]
     claim = build_claim(spec)
     if claim is not None:
         children.append(claim)
     children += build_workers(spec)
     children += build_router(spec)
+    # Last: a pass interrupted early has created the workloads; a missing UCMPool is re-created
+    # (and re-based to the UCMCluster's replicas) by the next pass.
+    children += [build_pool_scaler(spec, pool) for pool in spec.pools]
     return [with_applied_hash(child) for child in children]

@@ -14,6 +14,9 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "UCMCluster"
 PLURAL = "ucmclusters"
+# One UCMPool per worker pool: the Scale subresource (kubectl scale, HPA, KEDA) of that pool.
+POOL_KIND = "UCMPool"
+POOL_PLURAL = "ucmpools"
 
 # Server-side apply field manager: every write the operator makes is under this one name, so the
 # API server's managedFields say exactly which fields the operator owns.

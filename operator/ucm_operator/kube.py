@@ -23,7 +23,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from .constants import FIELD_MANAGER, PLURAL, VERSION
+from .constants import FIELD_MANAGER, PLURAL, POOL_PLURAL, VERSION
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # (apiVersion, kind) -> plural, for every kind the operator creates or reads. Order matters for
 # pruning (workloads before the RBAC and config they use).
 RESOURCES: dict[tuple[str, str], str] = {
+    ("ucm.dev/" + VERSION, "UCMPool"): POOL_PLURAL,
     ("apps/v1", "Deployment"): "deployments",
     ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
     ("v1", "Service"): "services",
@@ -192,13 +193,14 @@ class Kube:
         with self._lock:
             return sum(self.dry_runs.values())
 
-    def apply(self, manifest: Mapping[str, Any], *, dry_run: bool = False) -> JSON:
-        """Server-side apply under the operator's field manager. force=true: the operator is the
+    def apply(self, manifest: Mapping[str, Any], *, dry_run: bool = False, manager: str = FIELD_MANAGER) -> JSON:
+        """Server-side apply under the operator's field manager (`manager`: another one of the
+        operator's, for the fields only a UCMPool re-base writes). force=true: the operator is the
         sole authority over the fields it sets; a conflicting manual edit is overwritten (and the
         edit's own fields, not in the manifest, are left alone). `dry_run`: the API server runs
         the whole request — schema, defaulting, validation, admission — against the live object
         and answers what it would store, but stores nothing."""
-        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        query = [("fieldManager", manager), ("force", "true")]
         if dry_run:
             query.append(("dryRun", "All"))
         return self.request("PATCH", object_path(manifest), query=query,

@@ -34,10 +34,20 @@ from .constants import (
     LABEL_CLUSTER,
     LABEL_MANAGED_BY,
     MANAGED_BY,
+    POOL_KIND,
 )
 from .facts import NodeFacts, node_problems
 from .kube import CHILD_KINDS, Kube, KubeError
-from .meta import claim_name, revision
+from .meta import claim_name, pool_name, revision
+from .scale import (
+    REBASE_MANAGER,
+    build_rebase,
+    plan_replicas,
+    pool_status,
+    scaler_version,
+    scalers_by_pool,
+    with_replicas,
+)
 from .spec import ClusterSpec, SpecError, parse_cluster
 from .status import CONDITION_TYPES, Observed, compute_status, now
 
@@ -56,12 +66,13 @@ class Outcome:
     applied: int = 0
     pruned: int = 0
     status_written: bool = False
+    pool_statuses: int = 0
     events: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def writes(self) -> int:
-        return self.applied + self.pruned + int(self.status_written) + self.events
+        return self.applied + self.pruned + int(self.status_written) + self.pool_statuses + self.events
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -71,6 +82,8 @@ def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
 def _version(obj: Mapping[str, Any]) -> str:
     """What changes when someone edits the object's desired state: the generation where the kind
     has one (status updates by controllers do not move it), else the resourceVersion."""
+    if obj.get("kind") == POOL_KIND:
+        return scaler_version(obj)  # a /scale write is no edit of what the operator applied
     meta = obj.get("metadata") or {}
     generation = meta.get("generation")
     return f"g{generation}" if generation else f"rv{meta.get('resourceVersion', '')}"
@@ -164,18 +177,24 @@ class Reconciler:
                                    or claim["spec"].get("resources", {}).get("requests", {}).get("storage"))
         problems = check_cluster(spec, live_store) + node_problems(spec, self._nodes())
         outcome = Outcome()
+        sized = spec
         if not problems:
-            desired = build_children(spec)
+            # Pool sizes come from the UCMPools (/scale), re-based where the UCMCluster's changed.
+            plan = plan_replicas(spec, scalers_by_pool(live))
+            sized = with_replicas(spec, plan)
+            desired = build_children(sized)
             pending = self._pending(desired, live)
             problems = self._admit(spec, pending, live, outcome)
             if not problems and not outcome.errors and not outcome.namespace_terminating:
                 self._apply(spec.uid, desired, pending, live, outcome)
+                self._rebase(spec, [p.pool for p in plan.values() if p.rebase], live, outcome)
+                self._pool_statuses(sized, live, outcome)
         if outcome.namespace_terminating:
             # The namespace controller deletes this cluster next; a status or a Warning event
             # for a 403 that is no fault of the spec or of RBAC would only mislead.
             log.info("%s/%s: namespace %s is being deleted; nothing more to apply", namespace, name, namespace)
             return outcome
-        observed = Observed(spec=spec, generation=spec.generation, revision=revision(spec), problems=problems,
+        observed = Observed(spec=sized, generation=spec.generation, revision=revision(spec), problems=problems,
                             deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
                             claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
         status = compute_status(observed, body.get("status"))
@@ -270,6 +289,49 @@ class Reconciler:
                 continue
             del live[key]
             outcome.pruned += 1
+
+    def _rebase(self, spec: ClusterSpec, pools: Sequence[str], live: dict[tuple[str, str, str], JSON],
+                outcome: Outcome) -> None:
+        """Set each listed pool's UCMPool to the UCMCluster's replicas (scale.py: a new pool, or
+        an edit of the UCMCluster's value). After the main applies, so the UCMPool exists."""
+        if outcome.errors or outcome.namespace_terminating:
+            return
+        by_name = {p.name: p for p in spec.pools}
+        for name in pools:
+            manifest = build_rebase(spec, by_name[name])
+            try:
+                result = self.kube.apply(manifest, manager=REBASE_MANAGER)
+            except KubeError as exc:
+                if exc.namespace_terminating:
+                    outcome.namespace_terminating = True
+                    return
+                outcome.errors.append(f"{POOL_KIND} {manifest['metadata']['name']} replicas: {exc.message}")
+                continue
+            live[(manifest["apiVersion"], POOL_KIND, manifest["metadata"]["name"])] = result
+            outcome.applied += 1
+
+    def _pool_statuses(self, spec: ClusterSpec, live: Mapping[tuple[str, str, str], JSON], outcome: Outcome) -> None:
+        """Each UCMPool's status from its Deployment, patched only when it changed."""
+        if outcome.errors or outcome.namespace_terminating:
+            return
+        scalers = scalers_by_pool(live)
+        for pool in spec.pools:
+            scaler = scalers.get(pool.name)
+            if scaler is None:
+                continue
+            deployment = live.get(("apps/v1", "Deployment", pool_name(spec, pool.name)))
+            status = pool_status(spec, pool, scaler, deployment)
+            if status == (scaler.get("status") or {}):
+                continue
+            try:
+                self.kube.patch_status(scaler, status)
+                outcome.pool_statuses += 1
+            except KubeError as exc:
+                if exc.namespace_terminating:
+                    outcome.namespace_terminating = True
+                    return
+                if exc.status != 404:
+                    outcome.errors.append(f"{POOL_KIND} {pool_name(spec, pool.name)} status: {exc.message}")
 
     def _report(self, body: JSON, status: JSON, outcome: Outcome) -> None:
         previous = body.get("status") or {}

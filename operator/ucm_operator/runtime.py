@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
+from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, POOL_PLURAL, VERSION
 from .facts import NodeFacts
 from .kube import Kube, load_api_client
 from .reconcile import Reconciler
@@ -36,6 +36,7 @@ Key = tuple[str, str]  # (namespace, name)
 
 # Children whose changes can change the status or need repair: (group, version, plural).
 WATCHED_CHILDREN: tuple[tuple[str, str, str], ...] = (
+    (GROUP, VERSION, POOL_PLURAL),   # a /scale write (kubectl scale, HPA) resizes the pool's Deployment
     ("apps", "v1", "deployments"),
     ("", "v1", "pods"),
     ("", "v1", "services"),
@@ -225,8 +226,9 @@ class Operator:
                         del self._in_flight[future]
                 if outcome.writes:
                     # One line per pass that wrote anything: a quiet log is a no-op resync.
-                    log.info("reconciled %s/%s: applied %d, pruned %d, status %s, events %d", key[0], key[1],
-                             outcome.applied, outcome.pruned, "written" if outcome.status_written else "unchanged",
+                    log.info("reconciled %s/%s: applied %d, pruned %d, status %s, pool statuses %d, events %d",
+                             key[0], key[1], outcome.applied, outcome.pruned,
+                             "written" if outcome.status_written else "unchanged", outcome.pool_statuses,
                              outcome.events)
                 if key not in self._seen:
                     self._seen.add(key)

@@ -31,6 +31,7 @@ def test_heterogeneous_children(hetero: dict[str, Any]) -> None:
         ("Service", "llama-pd-prefill"), ("Service", "llama-pd-decode"), ("Service", "llama-pd-router"),
         ("PodDisruptionBudget", "llama-pd-l40s"),  # the 2-replica pool only
         ("ServiceAccount", "llama-pd-router"), ("Role", "llama-pd-router"), ("RoleBinding", "llama-pd-router"),
+        ("UCMPool", "llama-pd-h100"), ("UCMPool", "llama-pd-l40s"),  # one per pool: its /scale
     ])
     for kid in kids.values():
         meta = kid["metadata"]

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 from operator_helpers import CRD_PATH, EXAMPLES, RBAC_PATH
-from ucm_operator.constants import GROUP, KIND, PLURAL, VERSION
+from ucm_operator.constants import GROUP, KIND, PLURAL, POOL_PLURAL, VERSION
 from ucm_operator.kube import CHILD_KINDS, RESOURCES
 
 
@@ -118,8 +118,10 @@ def test_rbac_covers_exactly_what_the_operator_does() -> None:
     assert allowed("discovery.k8s.io", "endpointslices") == {"get", "list", "watch"}  # granted on to routers
     assert allowed(GROUP, PLURAL) == {"get", "list", "watch"}
     assert allowed(GROUP, f"{PLURAL}/status") == {"get", "patch"}
+    assert allowed(GROUP, f"{POOL_PLURAL}/status") == {"get", "patch"}
+    assert allowed(GROUP, f"{POOL_PLURAL}/scale") == set()  # /scale is for users and autoscalers
     assert allowed("", "events") == {"create"}
     covered = {(g, r) for rule in rbac_rules() for g in rule["apiGroups"] for r in rule["resources"]}
     expected = {(k[0].rpartition("/")[0], RESOURCES[k]) for k in RESOURCES} | {
-        (GROUP, f"{PLURAL}/status"), ("discovery.k8s.io", "endpointslices")}
+        (GROUP, f"{PLURAL}/status"), (GROUP, f"{POOL_PLURAL}/status"), ("discovery.k8s.io", "endpointslices")}
     assert covered == expected
