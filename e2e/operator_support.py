@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,12 +87,13 @@ class OperatorProcess:
     """`ucm-operator run --namespace NS` in a subprocess; its log goes to a file the tests read."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *, resync_seconds: float = 2.0,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, extra_args: Sequence[str] = ()) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
         self.resync_seconds = resync_seconds
         self.extra_env = dict(env or {})
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -101,7 +102,8 @@ class OperatorProcess:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {time.strftime('%H:%M:%S')}\n".encode())
             self.proc = subprocess.Popen(
-                [str(OPERATOR_BIN), "run", "--namespace", self.namespace, "--resync-seconds", str(self.resync_seconds)],
+                [str(OPERATOR_BIN), "run", "--namespace", self.namespace, "--resync-seconds", str(self.resync_seconds),
+                 *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self
 

@@ -36,7 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not namespaces and os.environ.get("UCM_WATCH_NAMESPACE"):
         namespaces = (os.environ["UCM_WATCH_NAMESPACE"],)
     options = Options(namespaces=namespaces, workers=args.workers, resync_seconds=args.resync_seconds,
-                      debounce_seconds=args.debounce_seconds, liveness_endpoint=args.liveness)
+                      debounce_seconds=args.debounce_seconds, liveness_endpoint=args.liveness,
+                      router_metrics_url=args.router_metrics_url)
     logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
     operator = Operator(options)
     operator.run()
@@ -49,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .autoscale import policy_problems
     from .build import build_children
     from .compat import check_cluster
     from .spec import SpecError, parse_cluster
@@ -62,7 +64,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         except SpecError as exc:
             print(f"{args.file}: {exc}", file=sys.stderr)
             return 1
-        problems = check_cluster(spec)
+        problems = check_cluster(spec) + policy_problems(spec)
         if problems:
             for problem in problems:
                 print(f"{args.file}: {problem}", file=sys.stderr)
@@ -73,6 +75,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .autoscale import policy_problems
     from .compat import check_cluster
     from .spec import SpecError, parse_cluster
 
@@ -80,7 +83,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for body in _load(args.file):
         name = body.get("metadata", {}).get("name", "?")
         try:
-            problems = [str(p) for p in check_cluster(parse_cluster(body))]
+            spec = parse_cluster(body)
+            problems = [str(p) for p in check_cluster(spec) + policy_problems(spec)]
         except SpecError as exc:
             problems = [str(exc)]
         for problem in problems:
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-check every cluster this often even without events (default 300)")
     run.add_argument("--debounce-seconds", type=float, default=0.5,
                      help="coalesce a cluster's events for this long before reconciling it (default 0.5)")
+    run.add_argument("--router-metrics-url", metavar="URL",
+                     help="read autoscaled clusters' router metrics here instead of from the router pods' IPs "
+                          "(an operator outside the cluster network); {namespace} and {name} are replaced")
     run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.set_defaults(func=cmd_run)
 

@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .admission import Admission
+from .autoscale import Recommendation, decide, parse_router_inflight, policy_of, policy_problems
 from .build import build_children
 from .compat import LiveStore, Problem, check_cluster
 from .constants import (
@@ -37,10 +39,12 @@ from .constants import (
     POOL_KIND,
 )
 from .facts import NodeFacts, node_problems
-from .kube import CHILD_KINDS, Kube, KubeError
+from .kube import CHILD_KINDS, Kube, KubeError, object_path
 from .meta import claim_name, pool_name, revision
 from .scale import (
+    AUTOSCALER_MANAGER,
     REBASE_MANAGER,
+    PoolReplicas,
     build_rebase,
     plan_replicas,
     pool_status,
@@ -48,8 +52,9 @@ from .scale import (
     scalers_by_pool,
     with_replicas,
 )
+from .signals import fetch_texts, router_metric_urls
 from .spec import ClusterSpec, SpecError, parse_cluster
-from .status import CONDITION_TYPES, Observed, compute_status, now
+from .status import CONDITION_TYPES, Observed, compute_status, now, ready_by_revision
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -67,12 +72,14 @@ class Outcome:
     pruned: int = 0
     status_written: bool = False
     pool_statuses: int = 0
+    scaled: int = 0          # /scale writes of the autoscaler (spec.autoscaling)
     events: int = 0
     errors: list[str] = dataclasses.field(default_factory=list)
+    requeue_after: float | None = None   # autoscaled clusters are re-evaluated on a timer
 
     @property
     def writes(self) -> int:
-        return self.applied + self.pruned + int(self.status_written) + self.pool_statuses + self.events
+        return self.applied + self.pruned + int(self.status_written) + self.pool_statuses + self.scaled + self.events
 
 
 def _key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -112,8 +119,11 @@ class Reconciler:
     """Reconciles UCMClusters through a `Kube`. Thread-safe across different clusters; the runtime
     guarantees one pass at a time per cluster."""
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, router_metrics_url: str | None = None) -> None:
         self.kube = kube
+        self.router_metrics_url = router_metrics_url
+        # cluster -> the autoscaler's recent recommendations (its stabilisation windows)
+        self._history: dict[tuple[str, str], tuple[Recommendation, ...]] = {}
         # uid of a child -> (hash we applied, its version right after): detects edits by others.
         self._applied: dict[str, tuple[str, str]] = {}
         # cluster -> uids of its children in _applied, so records of deleted children are dropped.
@@ -175,12 +185,17 @@ class Reconciler:
                                    claim["spec"].get("storageClassName"),
                                    ((claim.get("status") or {}).get("capacity") or {}).get("storage")
                                    or claim["spec"].get("resources", {}).get("requests", {}).get("storage"))
-        problems = check_cluster(spec, live_store) + node_problems(spec, self._nodes())
+        problems = check_cluster(spec, live_store) + node_problems(spec, self._nodes()) + policy_problems(spec)
         outcome = Outcome()
         sized = spec
+        autoscaling: JSON | None = None
         if not problems:
             # Pool sizes come from the UCMPools (/scale), re-based where the UCMCluster's changed.
-            plan = plan_replicas(spec, scalers_by_pool(live))
+            scalers = scalers_by_pool(live)
+            plan = plan_replicas(spec, scalers)
+            if spec.autoscaling is not None:
+                outcome.requeue_after = float(spec.autoscaling.interval_seconds)
+                autoscaling = self._autoscale(spec, plan, scalers, pods, outcome)
             sized = with_replicas(spec, plan)
             desired = build_children(sized)
             pending = self._pending(desired, live)
@@ -196,7 +211,8 @@ class Reconciler:
             return outcome
         observed = Observed(spec=sized, generation=spec.generation, revision=revision(spec), problems=problems,
                             deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
-                            claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors)
+                            claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors,
+                            autoscaling=autoscaling)
         status = compute_status(observed, body.get("status"))
         self._report(body, status, outcome)
         self._forget(namespace, name, {o["metadata"].get("uid", "") for o in live.values()})
@@ -205,6 +221,8 @@ class Reconciler:
     def _forget(self, namespace: str, name: str, live_uids: set[str]) -> None:
         """Keep drift records only for children that still exist (bounded memory)."""
         with self._lock:
+            if not live_uids:
+                self._history.pop((namespace, name), None)
             gone = self._children.get((namespace, name), set()) - live_uids
             for uid in gone:
                 self._applied.pop(uid, None)
@@ -289,6 +307,46 @@ class Reconciler:
                 continue
             del live[key]
             outcome.pruned += 1
+
+    def _autoscale(self, spec: ClusterSpec, plan: dict[str, PoolReplicas], scalers: Mapping[str, JSON],
+                   pods: Sequence[JSON], outcome: Outcome) -> JSON:
+        """spec.autoscaling: read the routers' in-flight requests, decide (autoscale.decide, pure)
+        and write each changed size through the UCMPool's /scale, as an HPA would; `plan` gets
+        the new sizes so this pass's Deployments have them. A re-base (the UCMCluster's replicas
+        edited) wins this pass; the autoscaler moves on from it at the next interval. What
+        it saw and did, for status.autoscaling."""
+        key = (spec.namespace, spec.name)
+        if any(p.rebase for p in plan.values()):
+            return {"message": "waiting: a pool is being re-based to the UCMCluster's replicas"}
+        policy = policy_of(spec)
+        assert policy is not None
+        urls = router_metric_urls(spec.namespace, spec.name, pods, self.router_metrics_url)
+        if not urls:
+            return {"message": "no Ready router pod to read in-flight requests from; sizes unchanged"}
+        try:
+            inflight = parse_router_inflight(fetch_texts(urls))
+        except (OSError, ValueError) as exc:
+            return {"message": f"router metrics unavailable, sizes unchanged: {exc}"}
+        current = {name: p.replicas for name, p in plan.items()}
+        decision = decide(policy, inflight, current, ready_by_revision(pods), self._history.get(key, ()),
+                          time.monotonic())
+        self._history[key] = decision.history
+        for name, replicas in decision.replicas.items():
+            if replicas == current[name]:
+                continue
+            try:
+                self.kube.request("PATCH", object_path(scalers[name]) + "/scale",
+                                  query=[("fieldManager", AUTOSCALER_MANAGER)],
+                                  body={"spec": {"replicas": replicas}}, content_type="application/merge-patch+json")
+            except KubeError as exc:
+                outcome.errors.append(f"scale {name}: {exc.message}")
+                continue
+            log.info("%s/%s: autoscaled pool %s %d -> %d (%s)", spec.namespace, spec.name, name, current[name],
+                     replicas, decision.reason)
+            plan[name] = PoolReplicas(name, replicas, rebase=False)
+            outcome.scaled += 1
+        return {"inflight": inflight, "prefill": decision.prefill, "decode": decision.decode,
+                "message": decision.reason}
 
     def _rebase(self, spec: ClusterSpec, pools: Sequence[str], live: dict[tuple[str, str, str], JSON],
                 outcome: Outcome) -> None:

@@ -118,6 +118,8 @@ class Options:
     # API call that never returns must not hold the process past the pod's grace period; what it
     # left half-done the next operator's first pass repairs (every write is idempotent).
     drain_seconds: float = 10.0
+    # Where autoscaled clusters' router metrics are read when pod IPs are unreachable (signals.py).
+    router_metrics_url: str | None = None
 
 
 class Operator:
@@ -126,7 +128,8 @@ class Operator:
     def __init__(self, options: Options, kube: Kube | None = None) -> None:
         self.options = options
         self.kube = kube or Kube(load_api_client(pool_size=options.workers + 4))
-        self.reconciler = Reconciler(self.kube)
+        self.reconciler = Reconciler(self.kube, options.router_metrics_url)
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
         self.known: set[Key] = set()
         self._node_facts: dict[str, NodeFacts] = {}
         self._failures: dict[Key, int] = {}
@@ -226,13 +229,15 @@ class Operator:
                         del self._in_flight[future]
                 if outcome.writes:
                     # One line per pass that wrote anything: a quiet log is a no-op resync.
-                    log.info("reconciled %s/%s: applied %d, pruned %d, status %s, pool statuses %d, events %d",
-                             key[0], key[1], outcome.applied, outcome.pruned,
+                    log.info("reconciled %s/%s: applied %d, pruned %d, status %s, pool statuses %d, events %d, "
+                             "scaled %d", key[0], key[1], outcome.applied, outcome.pruned,
                              "written" if outcome.status_written else "unchanged", outcome.pool_statuses,
-                             outcome.events)
+                             outcome.events, outcome.scaled)
                 if key not in self._seen:
                     self._seen.add(key)
                     log.info("first pass over %s/%s done: %d writes", key[0], key[1], outcome.writes)
+                if outcome.requeue_after:
+                    self._schedule_pass(key, outcome.requeue_after)
                 if outcome.errors:
                     raise RuntimeError("; ".join(outcome.errors))
                 self._failures.pop(key, None)
@@ -244,6 +249,20 @@ class Operator:
                 self._queue.add_after(key, delay)
             finally:
                 self._queue.done(key)
+
+    def _schedule_pass(self, key: Key, delay: float) -> None:
+        """One timed pass per key at a time (an autoscaled cluster's interval): event-driven
+        passes in between do not pile up more timers."""
+        assert self._queue is not None
+        if key in self._timers:
+            return
+        queue = self._queue
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            if key in self.known:
+                queue.add(key)
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, fire)
 
     async def _resync(self) -> None:
         while True:

@@ -33,6 +33,8 @@ from .spec import ClusterSpec, PoolSpec
 
 # Field manager of re-base applies (spec.replicas and spec.clusterReplicas only).
 REBASE_MANAGER = "ucm-operator-rebase"
+# Field manager of the operator's own autoscaler (spec.autoscaling), which writes /scale like an HPA.
+AUTOSCALER_MANAGER = "ucm-operator-autoscaler"
 # Fields of the UCMPool's spec that are not the operator's main apply: ignored by drift detection.
 SCALE_FIELDS = ("replicas", "clusterReplicas")
 

@@ -180,6 +180,29 @@ class RouterSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PoolAutoscaling:
+    """Bounds of one pool under `spec.autoscaling` (every pool is listed)."""
+
+    name: str
+    min_replicas: int
+    max_replicas: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoscalingSpec:
+    """`spec.autoscaling`: decode sized by the routers' in-flight requests, prefill at the ratio
+    (autoscale.py holds the rules)."""
+
+    pools: tuple[PoolAutoscaling, ...]
+    target_inflight_per_decode: float = 8.0
+    ratio_prefill: int = 1
+    ratio_decode: int = 1
+    interval_seconds: int = 15
+    scale_up_seconds: int = 0
+    scale_down_seconds: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterSpec:
     """One UCMCluster: identity (for owner references and names) plus its parsed spec."""
 
@@ -195,6 +218,7 @@ class ClusterSpec:
     router: RouterSpec
     sparse: SparseSpec | None = None
     window: WindowSpec | None = None
+    autoscaling: AutoscalingSpec | None = None
 
     @property
     def pools(self) -> tuple[PoolSpec, ...]:
@@ -385,6 +409,46 @@ def _parse_router(raw: Mapping[str, Any]) -> RouterSpec:
     )
 
 
+def _parse_autoscaling(raw: Mapping[str, Any] | None, pools: tuple[PoolSpec, ...]) -> AutoscalingSpec | None:
+    if raw is None:
+        return None
+    path = "spec.autoscaling"
+    fields = ("pools", "targetInflightPerDecode", "ratio", "intervalSeconds", "scaleUpStabilizationSeconds",
+              "scaleDownStabilizationSeconds")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{path}.{unknown[0]}", f"unknown field; expected one of {', '.join(fields)}")
+    names = {p.name for p in pools}
+    bounds: list[PoolAutoscaling] = []
+    for i, item in enumerate(_required(raw, "pools", list, path)):
+        where = f"{path}.pools[{i}]"
+        if not isinstance(item, dict):
+            raise SpecError(where, f"expected {{name, minReplicas, maxReplicas}}, got {item!r}")
+        name = _required(item, "name", str, where)
+        if name not in names:
+            raise SpecError(f"{where}.name", f"{name!r} is not a prefill or decode pool of this cluster")
+        if any(b.name == name for b in bounds):
+            raise SpecError(f"{where}.name", f"{name!r} is listed twice")
+        bounds.append(PoolAutoscaling(name, _get(item, "minReplicas", int, where, 1),
+                                      _required(item, "maxReplicas", int, where)))
+    missing = [p.name for p in pools if p.name not in {b.name for b in bounds}]
+    if missing:
+        raise SpecError(f"{path}.pools", f"every pool needs bounds here; missing {', '.join(missing)}")
+    ratio = _get(raw, "ratio", dict, path, {})
+    target = _get(raw, "targetInflightPerDecode", (int, float), path, 8.0)
+    if isinstance(target, bool):
+        raise SpecError(f"{path}.targetInflightPerDecode", f"expected a number, got {target!r}")
+    return AutoscalingSpec(
+        pools=tuple(bounds),
+        target_inflight_per_decode=float(target),
+        ratio_prefill=_get(ratio, "prefill", int, f"{path}.ratio", 1),
+        ratio_decode=_get(ratio, "decode", int, f"{path}.ratio", 1),
+        interval_seconds=_get(raw, "intervalSeconds", int, path, 15),
+        scale_up_seconds=_get(raw, "scaleUpStabilizationSeconds", int, path, 0),
+        scale_down_seconds=_get(raw, "scaleDownStabilizationSeconds", int, path, 300),
+    )
+
+
 def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
     """A UCMCluster object (as the API returns it, or as written in a YAML file) -> ClusterSpec."""
     meta = body.get("metadata") or {}
@@ -407,6 +471,7 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
     if not pools["decode"]:
         raise SpecError("spec.decode", "at least one decode pool is required")
     sparse = _parse_sparse(_get(spec, "sparse", dict, "spec"))
+    autoscaling = _parse_autoscaling(_get(spec, "autoscaling", dict, "spec"), pools["prefill"] + pools["decode"])
     return ClusterSpec(
         name=meta["name"],
         namespace=str(meta.get("namespace") or "default"),
@@ -420,4 +485,5 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
         router=_parse_router(_get(spec, "router", dict, "spec", {})),
         sparse=sparse,
         window=_parse_window(_get(spec, "window", dict, "spec"), sparse),
+        autoscaling=autoscaling,
     )

@@ -37,6 +37,7 @@ class Observed:
     claim: JSON | None = None          # live store PVC (pvc/existingClaim), if any
     applied: int = 0                   # children written in this pass
     errors: Sequence[str] = ()         # apply/prune failures in this pass
+    autoscaling: JSON | None = None    # what the autoscaler saw and did (spec.autoscaling only)
 
 
 def now() -> str:
@@ -138,7 +139,7 @@ def _role_condition(type_: str, role: str, pools: Sequence[PoolState], required:
     return _condition(type_, False, "PoolsNotReady", "; ".join(p.summary() for p in waiting))
 
 
-def _ready_by_revision(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+def ready_by_revision(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for pod in pods:
         if pod_ready(pod):
@@ -148,7 +149,7 @@ def _ready_by_revision(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str,
 
 
 def _serving_condition(obs: Observed, store: JSON, router_ready: bool) -> JSON:
-    counts = _ready_by_revision(obs.pods)
+    counts = ready_by_revision(obs.pods)
     pd = obs.spec.disaggregated
     pairs = [(rev, c) for rev, c in counts.items()
              if c.get(ROLE_DECODE, 0) > 0 and (c.get(ROLE_PREFILL, 0) > 0 or not pd)]
@@ -219,7 +220,7 @@ def compute_status(obs: Observed, previous: Mapping[str, Any] | None) -> JSON:
         mine = [p for p in pools if p.role == role]
         return f"{sum(p.ready for p in mine)}/{sum(p.desired for p in mine)}"
 
-    return {
+    status: JSON = {
         "observedGeneration": obs.generation,
         # While the spec is invalid, the revision that runs is the previous one.
         "revision": previous.get("revision", "") if problems else obs.revision,
@@ -230,3 +231,6 @@ def compute_status(obs: Observed, previous: Mapping[str, Any] | None) -> JSON:
                   for p in pools],
         "conditions": conditions,
     }
+    if obs.autoscaling is not None:
+        status["autoscaling"] = obs.autoscaling
+    return status

@@ -119,9 +119,10 @@ def test_rbac_covers_exactly_what_the_operator_does() -> None:
     assert allowed(GROUP, PLURAL) == {"get", "list", "watch"}
     assert allowed(GROUP, f"{PLURAL}/status") == {"get", "patch"}
     assert allowed(GROUP, f"{POOL_PLURAL}/status") == {"get", "patch"}
-    assert allowed(GROUP, f"{POOL_PLURAL}/scale") == set()  # /scale is for users and autoscalers
+    assert allowed(GROUP, f"{POOL_PLURAL}/scale") == {"patch"}  # the autoscaler's writes (spec.autoscaling)
     assert allowed("", "events") == {"create"}
     covered = {(g, r) for rule in rbac_rules() for g in rule["apiGroups"] for r in rule["resources"]}
     expected = {(k[0].rpartition("/")[0], RESOURCES[k]) for k in RESOURCES} | {
-        (GROUP, f"{PLURAL}/status"), (GROUP, f"{POOL_PLURAL}/status"), ("discovery.k8s.io", "endpointslices")}
+        (GROUP, f"{PLURAL}/status"), (GROUP, f"{POOL_PLURAL}/status"), (GROUP, f"{POOL_PLURAL}/scale"),
+        ("discovery.k8s.io", "endpointslices")}
     assert covered == expected
