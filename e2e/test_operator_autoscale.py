@@ -31,6 +31,7 @@ import pytest
 from ucm_operator.kube import Kube
 
 from e2e.access import ClusterAccess
+from e2e.cluster import free_port
 from e2e.operator_support import API, apply_cluster, condition, get_cluster, load_example, running_operator
 from e2e.processes import stop_group
 from e2e.wait import wait_for
@@ -161,7 +162,9 @@ def test_router_load_scales_decode_and_prefill_at_the_ratio_and_back_through_a_r
         "ratio": {"prefill": 1, "decode": 2}, "targetInflightPerDecode": 2, "intervalSeconds": 1,
         "scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 4}
     url = f"http://127.0.0.1:{stack.port}/metrics"
-    with running_operator(cluster, namespace, tmp_path / "op", extra_args=("--router-metrics-url", url)) as operator:
+    metrics_port = free_port()
+    with running_operator(cluster, namespace, tmp_path / "op", extra_args=(
+            "--router-metrics-url", url, "--metrics-address", f"127.0.0.1:{metrics_port}")) as operator:
         apply_cluster(cluster, namespace, body)
         idle = wait_for(lambda: at(kube, namespace, "1/1", "1/1"), "idle at 1 prefill + 1 decode", timeout_s=120)
         assert idle["autoscaling"]["inflight"] == 0 and idle["autoscaling"]["decode"] == 1, idle
@@ -219,3 +222,12 @@ def test_router_load_scales_decode_and_prefill_at_the_ratio_and_back_through_a_r
             poller.join()
         assert failures == [], f"Serving was not True during the rollout and scale-in: {failures[:3]}"
         assert back["autoscaling"]["inflight"] == 0
+
+        # The operator's own /metrics counts the autoscaler's /scale writes (up, then down).
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        found = re.search(r'^ucm_operator_api_writes_total\{verb="PATCH",resource="ucmpools/scale"\} (\d+)$', text, re.M)
+        assert found and int(found.group(1)) >= 4, text
+        assert re.search(r'^ucm_operator_reconciles_total\{result="ok"\} [1-9]', text, re.M), text

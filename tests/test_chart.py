@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "ucm"
 RULES_FILE = CHART / "files" / "operator-rbac.yaml"
 RELEASE, NAMESPACE = "ucm", "ucm-system"
-LIVENESS = ["--liveness", "http://0.0.0.0:8080/healthz"]
+# kopf's liveness endpoint and the operator's metrics, on every install
+SERVING_ARGS = ["--liveness", "http://0.0.0.0:8080/healthz", "--metrics-address", "0.0.0.0:8081"]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_default_install_is_namespaced_with_exactly_the_rules_file(helm: Path) -
     pod = deploy["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
     (container,) = pod["containers"]
-    assert container["args"] == ["run", "--namespace", NAMESPACE, *LIVENESS]
+    assert container["args"] == ["run", "--namespace", NAMESPACE, *SERVING_ARGS]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert not by_kind(docs, "ServiceMonitor")
@@ -125,7 +126,7 @@ def test_watch_all_namespaces_uses_a_cluster_role(helm: Path) -> None:
     # Cluster-scoped names carry the release namespace so installs in two namespaces do not collide.
     assert NAMESPACE in role["metadata"]["name"]
     (deploy,) = by_kind(docs, "Deployment")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", *LIVENESS]
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", *SERVING_ARGS]
 
 
 def test_watch_another_namespace_puts_the_role_there(helm: Path) -> None:
@@ -135,7 +136,7 @@ def test_watch_another_namespace_puts_the_role_there(helm: Path) -> None:
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
     assert binding["subjects"][0]["namespace"] == NAMESPACE
     (deploy,) = by_kind(docs, "Deployment")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", "--namespace", "team-a", *LIVENESS]
+    assert deploy["spec"]["template"]["spec"]["containers"][0]["args"] == ["run", "--namespace", "team-a", *SERVING_ARGS]
 
 
 def test_operator_pod_is_non_root_with_resources(helm: Path) -> None:
@@ -191,12 +192,45 @@ def test_service_monitor_needs_the_prometheus_operator_api(helm: Path) -> None:
     assert "monitoring.coreos.com/v1" in err
     docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.labels.release=prom",
                   "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
-    (monitor,) = by_kind(docs, "ServiceMonitor")
+    monitor = workload_monitor(docs)
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "watch.allNamespaces=true",
                   "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
-    assert by_kind(docs, "ServiceMonitor")[0]["spec"]["namespaceSelector"] == {"any": True}
+    assert workload_monitor(docs)["spec"]["namespaceSelector"] == {"any": True}
+
+
+def workload_monitor(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (monitor,) = [m for m in by_kind(docs, "ServiceMonitor") if m["metadata"]["name"].endswith("-workloads")]
+    return monitor
+
+
+def test_the_operator_serves_its_own_metrics_to_a_service_monitor(helm: Path) -> None:
+    docs = render(helm, "--set", "serviceMonitor.enabled=true", "--set", "metricsPort=9100",
+                  "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+    (deploy,) = by_kind(docs, "Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["args"][-2:] == ["--metrics-address", "0.0.0.0:9100"]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
+    (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-operator-metrics")]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}]
+    (monitor,) = [m for m in by_kind(docs, "ServiceMonitor") if m["metadata"]["name"].endswith("-operator")]
+    assert _selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+
+
+def test_grafana_dashboard_is_shipped_verbatim_when_asked_for(helm: Path) -> None:
+    assert not by_kind(render(helm), "ConfigMap")
+    docs = render(helm, "--set", "grafanaDashboard.enabled=true", "--set", "grafanaDashboard.namespace=monitoring")
+    (config_map,) = by_kind(docs, "ConfigMap")
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = (CHART / "files" / "grafana-dashboard.json").read_text()
+    assert config_map["data"]["ucm-overview.json"] == shipped.rstrip("\n")
+    assert "values don't meet the specifications" in render_error(helm, "--set", "grafanaDashboard.enabel=true")
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -207,8 +241,8 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 
 def test_service_monitor_scrapes_the_services_the_operator_creates(helm: Path) -> None:
     """The monitor's selector and port name must match what `ucm-operator render` produces."""
-    (monitor,) = by_kind(render(helm, "--set", "serviceMonitor.enabled=true",
-                                "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"), "ServiceMonitor")
+    monitor = workload_monitor(render(helm, "--set", "serviceMonitor.enabled=true",
+                                      "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"))
     example = REPO / "examples" / "ucmcluster-heterogeneous.yaml"
     result = subprocess.run([str(Path(sys.executable).parent / "ucm-operator"), "render", "-f", str(example)],
                             capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -40,6 +40,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       router_metrics_url=args.router_metrics_url)
     logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
     operator = Operator(options)
+    if args.metrics_address:
+        from .metrics import serve
+
+        serve(args.metrics_address, operator.metrics_text)
     operator.run()
     if operator.abandoned:
         # The interpreter would join the stuck reconcile threads at exit, however long they take.
@@ -107,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-check every cluster this often even without events (default 300)")
     run.add_argument("--debounce-seconds", type=float, default=0.5,
                      help="coalesce a cluster's events for this long before reconciling it (default 0.5)")
+    run.add_argument("--metrics-address", metavar="HOST:PORT",
+                     help="serve the operator's Prometheus metrics at http://HOST:PORT/metrics (docs/metrics.md)")
     run.add_argument("--router-metrics-url", metavar="URL",
                      help="read autoscaled clusters' router metrics here instead of from the router pods' IPs "
                           "(an operator outside the cluster network); {namespace} and {name} are replaced")

@@ -126,6 +126,11 @@ class Kube:
         stall = os.environ.get(STALL_ENV, "")
         self._stall_after = int(stall) if stall.isdigit() else 0
 
+    def counters(self) -> tuple[collections.Counter[str], collections.Counter[str], int]:
+        """Copies of (writes, dry runs, API calls) for the operator's metrics."""
+        with self._lock:
+            return collections.Counter(self.writes), collections.Counter(self.dry_runs), self.calls
+
     @property
     def total_writes(self) -> int:
         with self._lock:

@@ -29,6 +29,8 @@ import kopf
 from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, POOL_PLURAL, VERSION
 from .facts import NodeFacts
 from .kube import Kube, load_api_client
+from .metrics import PassStats
+from .metrics import render as render_metrics
 from .reconcile import Reconciler
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ class Operator:
         self.options = options
         self.kube = kube or Kube(load_api_client(pool_size=options.workers + 4))
         self.reconciler = Reconciler(self.kube, options.router_metrics_url)
+        self.pass_stats = PassStats()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self.known: set[Key] = set()
         self._node_facts: dict[str, NodeFacts] = {}
@@ -219,6 +222,8 @@ class Operator:
         assert self._queue is not None
         while True:
             key = await self._queue.get()
+            started = time.monotonic()
+            ok = False
             try:
                 future = executor.submit(self.reconciler.reconcile, *key)
                 self._in_flight[future] = key
@@ -241,6 +246,7 @@ class Operator:
                 if outcome.errors:
                     raise RuntimeError("; ".join(outcome.errors))
                 self._failures.pop(key, None)
+                ok = True
             except Exception as exc:
                 failures = self._failures.get(key, 0) + 1
                 self._failures[key] = failures
@@ -248,6 +254,7 @@ class Operator:
                 log.warning("reconcile %s/%s failed (%s); retrying in %.1fs", key[0], key[1], exc, delay)
                 self._queue.add_after(key, delay)
             finally:
+                self.pass_stats.record(time.monotonic() - started, ok)
                 self._queue.done(key)
 
     def _schedule_pass(self, key: Key, delay: float) -> None:
@@ -263,6 +270,11 @@ class Operator:
             if key in self.known:
                 queue.add(key)
         self._timers[key] = asyncio.get_running_loop().call_later(delay, fire)
+
+    def metrics_text(self) -> str:
+        """The operator's Prometheus metrics (metrics.py), from the counters kept anyway."""
+        writes, dry_runs, calls = self.kube.counters()
+        return render_metrics(self.pass_stats, writes, dry_runs, calls, self.resyncs, len(self.known))
 
     async def _resync(self) -> None:
         while True:
