@@ -35,6 +35,14 @@ MODEL_VOLUME = "model"
 MODEL_MOUNT = "/models"
 CONFIG_MOUNT = "/etc/ucm"
 GPU_TOLERATION: JSON = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+# Scale-in and rollouts drain a worker instead of cutting its streams: on deletion the pod's
+# endpoint turns terminating, which the router (watching EndpointSlices) stops routing to within
+# about a second; the preStop pause keeps vLLM serving until the router has seen it, and only then
+# comes SIGTERM, after which vLLM (--shutdown-timeout; its default 0 aborts every request in
+# flight) finishes what it holds. Both fit the pod's grace period.
+PRESTOP_SECONDS = 5
+DRAIN_SECONDS = 45
+GRACE_SECONDS = 60
 
 
 def kv_role(spec: ClusterSpec, pool: PoolSpec) -> str:
@@ -86,6 +94,8 @@ def operator_args(spec: ClusterSpec, pool: PoolSpec) -> list[str]:
     args += ["--tensor-parallel-size", str(pool.tensor_parallel_size)]
     if spec.model.hf_repo:
         args += ["--revision", spec.model.revision]
+    # A default, not owned: extraArgs come later on the command line and win.
+    args += ["--shutdown-timeout", str(DRAIN_SECONDS)]
     args += ["--kv-transfer-config", json.dumps(kv_transfer_config(spec, pool), sort_keys=True, separators=(",", ":"))]
     return args
 
@@ -170,13 +180,14 @@ def build_pool_deployment(spec: ClusterSpec, pool: PoolSpec) -> JSON:
         "startupProbe": _probe(10, 180),
         "readinessProbe": _probe(5, 3),
         "livenessProbe": _probe(15, 4),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
     }
     pod_spec: JSON = {
         "containers": [container],
         "volumes": volumes,
         "nodeSelector": _node_selector(pool),
         "tolerations": pod_tolerations(pool),
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
     if pool.affinity:
         pod_spec["affinity"] = copy.deepcopy(pool.affinity)

@@ -232,3 +232,22 @@ def test_removing_a_pool_removes_its_children(hetero: dict[str, Any]) -> None:
 def test_names_are_unique_per_kind(hetero: dict[str, Any]) -> None:
     kinds = Counter((c["kind"], c["metadata"]["name"]) for c in build_children(parse_cluster(hetero)))
     assert max(kinds.values()) == 1
+
+
+def test_workers_drain_before_they_stop(hetero: dict[str, Any]) -> None:
+    """Scale-in and rollouts: a pause before SIGTERM (the router drops the terminating endpoint
+    meanwhile), then vLLM finishes its requests instead of aborting them (its default), inside the
+    grace period; a user's own --shutdown-timeout comes later on the command line and wins."""
+    from ucm_operator.build_workers import DRAIN_SECONDS, PRESTOP_SECONDS
+
+    spec = parse_cluster(hetero)
+    for name in ("llama-pd-h100", "llama-pd-l40s"):
+        pod = children(hetero)[("Deployment", name)]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}}
+        args = container["args"]
+        assert args[args.index("--shutdown-timeout") + 1] == str(DRAIN_SECONDS)
+        assert pod["terminationGracePeriodSeconds"] > PRESTOP_SECONDS + DRAIN_SECONDS
+    hetero["spec"]["engine"]["extraArgs"] += ["--shutdown-timeout", "5"]
+    args = vllm_args(parse_cluster(hetero), spec.decode[0])
+    assert args.index("--shutdown-timeout") < len(args) - 2 and args[-2:] == ["--shutdown-timeout", "5"]
