@@ -174,8 +174,16 @@ class Reconciler:
             return self._unparseable(body, exc)
         selector = f"{LABEL_CLUSTER}={name},{LABEL_MANAGED_BY}={MANAGED_BY}"
         live: dict[tuple[str, str, str], JSON] = {}
+        pools_served = True
         for api_version, kind in CHILD_KINDS:
-            for obj in self.kube.list(api_version, kind, namespace, selector):
+            try:
+                found = self.kube.list(api_version, kind, namespace, selector)
+            except KubeError as exc:
+                if kind != POOL_KIND or exc.status != 404:
+                    raise
+                pools_served = False   # the chart was upgraded without `kubectl apply -f crds/`
+                continue
+            for obj in found:
                 live[_key(obj)] = obj
         pods = self.kube.list("v1", "Pod", namespace, selector)
         claim = self._claim(spec.store.kind, namespace, claim_name(spec), live)
@@ -193,17 +201,25 @@ class Reconciler:
             # Pool sizes come from the UCMPools (/scale), re-based where the UCMCluster's changed.
             scalers = scalers_by_pool(live)
             plan = plan_replicas(spec, scalers)
-            if spec.autoscaling is not None:
+            if spec.autoscaling is not None and pools_served:
                 outcome.requeue_after = float(spec.autoscaling.interval_seconds)
                 autoscaling = self._autoscale(spec, plan, scalers, pods, outcome)
             sized = with_replicas(spec, plan)
             desired = build_children(sized)
+            if not pools_served:
+                desired = [c for c in desired if c["kind"] != POOL_KIND]
             pending = self._pending(desired, live)
             problems = self._admit(spec, pending, live, outcome)
             if not problems and not outcome.errors and not outcome.namespace_terminating:
                 self._apply(spec.uid, desired, pending, live, outcome)
-                self._rebase(spec, [p.pool for p in plan.values() if p.rebase], live, outcome)
-                self._pool_statuses(sized, live, outcome)
+                if pools_served:
+                    self._rebase(spec, [p.pool for p in plan.values() if p.rebase], live, outcome)
+                    self._pool_statuses(sized, live, outcome)
+                else:
+                    # Everything else is applied (pools sized by the UCMCluster, as before UCMPools);
+                    # Degraded says what to do, and the pass is retried until the CRD is there.
+                    outcome.errors.append(f"the {POOL_KIND} CRD (ucmpools.ucm.dev) is not installed, so pools "
+                                          "cannot be scaled through /scale: kubectl apply -f crds/")
         if outcome.namespace_terminating:
             # The namespace controller deletes this cluster next; a status or a Warning event
             # for a 403 that is no fault of the spec or of RBAC would only mislead.

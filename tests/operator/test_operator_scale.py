@@ -14,6 +14,7 @@ from operator_helpers import ROOT
 from test_operator_crd import to_jsonschema
 from ucm_operator.build import build_children
 from ucm_operator.constants import ANNOTATION_APPLIED_HASH
+from ucm_operator.kube import KubeError
 from ucm_operator.reconcile import Reconciler
 from ucm_operator.scale import (
     PoolReplicas,
@@ -184,3 +185,113 @@ def test_docs_say_who_wins() -> None:
     text = (Path(ROOT) / "docs" / "scaling.md").read_text()
     for phrase in ("kubectl scale", "HorizontalPodAutoscaler", "clusterReplicas", "re-base"):
         assert phrase in text, phrase
+
+
+# --- a whole pass against an in-memory API (writes counted) -----------------------------------
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else copy.deepcopy(value)
+    return out
+
+
+class FakeKube:
+    """Just enough of `Kube` for `Reconciler.reconcile`: server-side apply as a deep merge (each
+    write moves the generation), lists by kind, status patches, events."""
+
+    def __init__(self, cluster: dict[str, Any], serve_pools: bool = True) -> None:
+        self.cluster = copy.deepcopy(cluster)
+        self.serve_pools = serve_pools
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str, str]] = []   # (what, kind, name)
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        if kind == "UCMCluster":
+            return copy.deepcopy(self.cluster)
+        found = self.objects.get((kind, name))
+        return copy.deepcopy(found) if found else None
+
+    def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str = "") -> list[dict[str, Any]]:
+        if kind == "Node":
+            raise KubeError(403, "Forbidden", "no nodes here")   # the GPU check is skipped
+        if kind == "UCMPool" and not self.serve_pools:
+            raise KubeError(404, "NotFound", "the server could not find the requested resource")
+        return [copy.deepcopy(o) for (k, _), o in self.objects.items() if k == kind]
+
+    def apply(self, manifest: dict[str, Any], *, dry_run: bool = False, manager: str = "ucm-operator") -> dict[str, Any]:
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        current = self.objects.get(key) or {"metadata": {"uid": f"uid-{len(self.objects)}", "generation": 0}}
+        merged = _merge(current, manifest)
+        if dry_run:
+            return merged
+        merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        self.objects[key] = merged
+        self.writes.append((f"apply/{manager}", *key))
+        return copy.deepcopy(merged)
+
+    def scale(self, name: str, replicas: int) -> None:
+        """What `kubectl scale ucmpool` does to the object."""
+        obj = self.objects[("UCMPool", name)]
+        obj["spec"]["replicas"] = replicas
+        obj["metadata"]["generation"] += 1
+
+    def patch_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        target = self.cluster if obj["kind"] == "UCMCluster" else self.objects[(obj["kind"], obj["metadata"]["name"])]
+        target["status"] = copy.deepcopy(status)
+        self.writes.append(("status", obj["kind"], obj["metadata"]["name"]))
+        return copy.deepcopy(target)
+
+    def event(self, obj: dict[str, Any], **kwargs: Any) -> None:
+        self.writes.append(("event", obj["kind"], kwargs["reason"]))
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        self.objects.pop((obj["kind"], obj["metadata"]["name"]))
+        self.writes.append(("delete", obj["kind"], obj["metadata"]["name"]))
+
+
+def replicas(kube: FakeKube, kind: str, name: str) -> Any:
+    return kube.objects[(kind, name)]["spec"].get("replicas")
+
+
+def test_a_pass_creates_and_rebases_pools_then_follows_scale_with_one_write(hetero: dict[str, Any]) -> None:
+    kube = FakeKube(hetero)
+    reconciler = Reconciler(kube)  # type: ignore[arg-type]
+    first = reconciler.reconcile("ns1", "llama-pd")
+    assert first.errors == []
+    assert [w for w in kube.writes if w[1] == "UCMPool"] == [
+        ("apply/ucm-operator", "UCMPool", "llama-pd-h100"), ("apply/ucm-operator", "UCMPool", "llama-pd-l40s"),
+        ("apply/ucm-operator-rebase", "UCMPool", "llama-pd-h100"), ("apply/ucm-operator-rebase", "UCMPool", "llama-pd-l40s"),
+        ("status", "UCMPool", "llama-pd-h100"), ("status", "UCMPool", "llama-pd-l40s")]
+    assert replicas(kube, "UCMPool", "llama-pd-l40s") == 2 and replicas(kube, "Deployment", "llama-pd-l40s") == 2
+    # The next pass only updates the status (Progressing: applied -> rolling out); then a resync
+    # of the unchanged world writes nothing.
+    reconciler.reconcile("ns1", "llama-pd")
+    kube.writes.clear()
+    assert reconciler.reconcile("ns1", "llama-pd").writes == 0 and kube.writes == []
+    # /scale to 5: exactly one write by the operator, the Deployment's; then nothing again.
+    kube.scale("llama-pd-l40s", 5)
+    second = reconciler.reconcile("ns1", "llama-pd")
+    assert [w for w in kube.writes if w[0] != "status"] == [("apply/ucm-operator", "Deployment", "llama-pd-l40s")]
+    assert second.applied == 1 and replicas(kube, "Deployment", "llama-pd-l40s") == 5
+    assert kube.cluster["status"]["decode"] == "0/5"
+    kube.writes.clear()
+    reconciler.reconcile("ns1", "llama-pd")
+    assert [w for w in kube.writes if w[0] != "status"] == []
+    # A fresh operator (no memory) keeps the /scale size too.
+    kube.writes.clear()
+    assert Reconciler(kube).reconcile("ns1", "llama-pd").applied == 0  # type: ignore[arg-type]
+    assert replicas(kube, "Deployment", "llama-pd-l40s") == 5
+
+
+def test_without_the_pool_crd_the_rest_is_applied_and_degraded_says_what_to_do(hetero: dict[str, Any]) -> None:
+    kube = FakeKube(hetero, serve_pools=False)
+    outcome = Reconciler(kube).reconcile("ns1", "llama-pd")  # type: ignore[arg-type]
+    kinds = {kind for _, kind, _ in kube.writes}
+    assert "UCMPool" not in kinds and {"Deployment", "Service", "ConfigMap"} <= kinds
+    assert replicas(kube, "Deployment", "llama-pd-l40s") == 2          # the UCMCluster's value, as before
+    (error,) = outcome.errors
+    assert "kubectl apply -f crds/" in error
+    degraded = next(c for c in kube.cluster["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ApplyFailed") and "ucmpools.ucm.dev" in degraded["message"]
