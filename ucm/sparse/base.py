@@ -15,7 +15,8 @@ Call order, per process role:
              request_begin(r) -> [estimate_num_slots(r), allocate_slots(r, n), build_sparse_meta(out)]*
              -> request_finished(r)
   worker:    register_kv_caches(caches), register_block_reader(reader) once, then per step:
-             execute_begin(meta) -> (layer_begin(L) -> attention_begin(L, q, ...) -> attention_finished(L, out)
+             execute_begin(meta) -> (decoder_layer_forward(L, ...) { kv_cache_update(L, k, v) -> layer_begin(L)
+             -> attention_begin(L, q, ...) | attention_forward(L, ...) -> attention_finished(L, out) }
              -> layer_finished(L, kv))* -> execute_finished()
 """
 
@@ -41,6 +42,12 @@ class StoredBlocks(Protocol):
         """Block hashes of the request's leading blocks that the store is known to hold (looked up,
         not merely being written), from block `start` on: KV that can leave the GPU and be read
         back. (From `start`, so a caller asking every step pays for the new blocks only.)"""
+        ...
+
+    def stored_chunk_blocks(self, request_id: str, spans: Sequence[tuple[int, int]]) -> list[list[bytes]]:
+        """Per span [start, end) of the request's prompt: the hashes of its leading whole blocks,
+        hashed as a chain that starts afresh at `start` (cache blend's chunks), that the store
+        holds; one batched store lookup for all spans."""
         ...
 
 
@@ -192,6 +199,33 @@ class UcmSparseBase:
         `run_kernel()` runs the backend's own kernel into `output` — the default, and what an
         algorithm calls for the rows it leaves alone (before writing its own rows)."""
         run_kernel()
+
+    @property
+    def reshapes_batch(self) -> bool:
+        """Whether the algorithm runs some decoder layers on a subset of the step's tokens
+        (`decoder_layer_forward`) and so also writes the KV cache itself (`kv_cache_update`):
+        cache blend does. Others leave both hooks alone and pay nothing for them."""
+        return False
+
+    def kv_cache_update(
+        self, layer_name: str, key: torch.Tensor, value: torch.Tensor, layout: str, slot_mapping: torch.Tensor,
+        write: Callable[[torch.Tensor, torch.Tensor], None],
+    ) -> None:
+        """Write the step's K/V ([tokens, kv_heads, head], rotated) into `layer_name`'s paged cache
+        (in `layout`, as for `attention_forward`); `write(key, value)` is the backend's own writer,
+        for K/V of every token of the step in order (`slot_mapping` [tokens] is where each goes).
+        An algorithm may write other K/V than the model computed (loaded ones), and must hand
+        `write` all tokens even when the layer ran on a subset."""
+        write(key, value)
+
+    def decoder_layer_forward(
+        self, layer_name: str, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+        run_layer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decoder layer (`layer_name` is its attention layer's name); `run_layer(positions,
+        hidden_states, residual)` is the model's own. An algorithm may run it on a subset of the
+        tokens, as long as the last layer hands back every token of the step."""
+        return run_layer(positions, hidden_states, residual)
 
     def take_counters(self) -> dict[str, int]:
         """Counters since the last call, by the connector's stat names (`ucm.connector.stats`:

@@ -42,6 +42,13 @@ PATCH_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl", "bhnc"),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "cpu_vec"),
 )
+# decoder layer classes whose forward(positions, hidden_states, residual) -> (hidden_states, residual)
+# is wrapped for algorithms that run later layers on a subset of the tokens (cache blend); a model
+# whose layers are not listed is refused by those algorithms, never run half-hooked
+DECODER_LAYER_TARGETS: tuple[tuple[str, str], ...] = (
+    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),  # Llama, Mistral, SmolLM2
+    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+)
 _MARK = "__ucm_sparse_original__"
 
 
@@ -118,6 +125,50 @@ def make_attention_wrapper(original: Callable[..., Any], layout: str = "bhnc") -
     return forward
 
 
+def make_kv_update_wrapper(original: Callable[..., Any], layout: str = "bhnc") -> Callable[..., Any]:
+    """`original` (an impl's `do_kv_cache_update`) through the algorithm's `kv_cache_update` hook."""
+    @functools.wraps(original)
+    def do_kv_cache_update(self: Any, layer: Any, key: Any, value: Any, kv_cache: Any, slot_mapping: Any) -> Any:
+        sparse = get_active_sparse(SparseRole.WORKER)
+        if sparse is None or not sparse.reshapes_batch:
+            return original(self, layer, key, value, kv_cache, slot_mapping)
+        sparse.kv_cache_update(
+            str(getattr(layer, "layer_name", "")), key, value, layout, slot_mapping,
+            lambda k, v: original(self, layer, k, v, kv_cache, slot_mapping),
+        )
+        return None
+
+    setattr(do_kv_cache_update, _MARK, original)
+    return do_kv_cache_update
+
+
+def make_decoder_layer_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` (a decoder layer's `forward`) through the algorithm's `decoder_layer_forward` hook."""
+    @functools.wraps(original)
+    def forward(self: Any, positions: Any, hidden_states: Any, residual: Any, *args: Any, **kwargs: Any) -> Any:
+        sparse = get_active_sparse(SparseRole.WORKER)
+        if sparse is None or not sparse.reshapes_batch:
+            return original(self, positions, hidden_states, residual, *args, **kwargs)
+        return sparse.decoder_layer_forward(
+            str(self.self_attn.attn.layer_name), positions, hidden_states, residual,
+            lambda p, h, r: original(self, p, h, r, *args, **kwargs),
+        )
+
+    setattr(forward, _MARK, original)
+    return forward
+
+
+def decoder_layer_classes() -> list[Any]:
+    """The importable classes of `DECODER_LAYER_TARGETS` (those an algorithm's model may use)."""
+    found: list[Any] = []  # Any: the model classes are assigned a wrapped `forward`
+    for module_name, class_name in DECODER_LAYER_TARGETS:
+        try:
+            found.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
 def uses_token_distances(impl: Any) -> bool:
     """ALiBi and sliding windows depend on key positions, which compaction changes: stay dense."""
     window = getattr(impl, "sliding_window", None)
@@ -141,7 +192,13 @@ def install_attention_hooks(version: str | None = None) -> list[type]:
             continue  # a backend this build of vLLM lacks; the others are still hooked
         if not is_patched(cls):
             cls.forward = make_attention_wrapper(cls.forward, layout)
+        update = cls.__dict__.get("do_kv_cache_update")
+        if update is not None and not hasattr(update, _MARK):
+            cls.do_kv_cache_update = make_kv_update_wrapper(update, layout)
         patched.append(cls)
+    for layer_cls in decoder_layer_classes():
+        if not is_patched(layer_cls):
+            layer_cls.forward = make_decoder_layer_wrapper(layer_cls.__dict__["forward"])
     if not patched:
         raise VllmVersionError(f"vLLM {SUPPORTED_VLLM}: none of {PATCH_TARGETS} could be imported")
     return patched
@@ -156,3 +213,9 @@ def uninstall_attention_hooks() -> None:
             continue
         if is_patched(cls):
             cls.forward = getattr(cls.__dict__["forward"], _MARK)
+        update = cls.__dict__.get("do_kv_cache_update")
+        if update is not None and hasattr(update, _MARK):
+            cls.do_kv_cache_update = getattr(update, _MARK)
+    for layer_cls in decoder_layer_classes():
+        if is_patched(layer_cls):
+            layer_cls.forward = getattr(layer_cls.__dict__["forward"], _MARK)
