@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from ucm.blend.config import BlendConfig, BlendConfigError
 from ucm.connector.heads import MAX_SHARED_TP, MAX_TP_SIZES
 from ucm.store.options import DURABILITIES
 from ucm.window.config import WindowConfig, WindowConfigError
@@ -38,6 +39,7 @@ class UCMConfig:
     max_tp_size: int = MAX_SHARED_TP  # largest TP size that must read the blocks (sets the head grouping)
     ucm_sparse_config: dict[str, Any] | None = None
     ucm_window_config: dict[str, Any] | None = None  # ReRoPE window extrapolation (ucm.window)
+    ucm_blend_config: dict[str, Any] | None = None  # cache blend of stored chunks (ucm.blend)
 
 
 _KEYS = {f.name for f in dataclasses.fields(UCMConfig)}
@@ -114,10 +116,20 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, default_model_id: str
             WindowConfig.parse(window)
         except WindowConfigError as e:
             raise ConfigError(f"{_PREFIX}.{e}") from None
-    if sparse is not None and window is not None:
+    blend = extra.get("ucm_blend_config")
+    if blend is not None and not isinstance(blend, dict):
+        raise _fail("ucm_blend_config", blend, "an object (mapping) or null")
+    if blend is not None:
+        try:
+            BlendConfig.parse(blend)
+        except BlendConfigError as e:
+            raise ConfigError(f"{_PREFIX}.{e}") from None
+    attention = [k for k, v in (("ucm_sparse_config", sparse), ("ucm_window_config", window),
+                                ("ucm_blend_config", blend)) if v is not None]
+    if len(attention) > 1:
         raise ConfigError(
-            f"{_PREFIX}: ucm_sparse_config and ucm_window_config are both set; both replace vLLM's "
-            "attention through the one attention hook, so only one can be active per server"
+            f"{_PREFIX}: {' and '.join(attention)} are all set; each replaces vLLM's attention through "
+            "the one attention hook, so only one can be active per server"
         )
     return UCMConfig(
         store_path=_str(extra, "store_path", None),
@@ -134,4 +146,5 @@ def parse_extra_config(extra: Mapping[str, Any] | None, *, default_model_id: str
         max_tp_size=_int_choice(extra, "max_tp_size", MAX_SHARED_TP, MAX_TP_SIZES),
         ucm_sparse_config=sparse,
         ucm_window_config=window,
+        ucm_blend_config=blend,
     )

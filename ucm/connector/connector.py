@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from ucm.blend.config import BlendConfig
 from ucm.connector.config import UCMConfig, parse_extra_config
 from ucm.connector.heads import canonical_group_size, plan_heads
 from ucm.connector.metadata import UCMConnectorMetadata
@@ -95,6 +96,8 @@ def attention_identity(hf_config: Any, config: UCMConfig) -> str:
     parts = []
     if config.ucm_window_config is not None:
         parts.append(WindowConfig.parse(config.ucm_window_config).identity())
+    if config.ucm_blend_config is not None:  # blended (approximate) KV is saved back under prefix keys
+        parts.append(BlendConfig.parse(config.ucm_blend_config).identity())
     rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
     if isinstance(rope, dict) and str(rope.get("rope_type", rope.get("type", "default"))) != "default":
         parts.append("rope:" + json.dumps(rope, sort_keys=True, default=str))
@@ -150,6 +153,8 @@ class UCMConnector(KVConnectorBase_V1):
         attention_config = self.config.ucm_sparse_config
         if self.config.ucm_window_config is not None:
             attention_config = {"name": "rerope", **self.config.ucm_window_config}
+        if self.config.ucm_blend_config is not None:
+            attention_config = {"name": "blend", **self.config.ucm_blend_config}
         if attention_config is not None:
             from ucm.sparse import create_sparse  # optional: only when sparse attention is configured
 

@@ -266,6 +266,28 @@ class UCMSchedulerSide:
             state.confirmed_blocks += self._present_prefix(pending)
         return state.hashes[start : state.confirmed_blocks]
 
+    def stored_chunk_blocks(self, request_id: str, spans: Sequence[tuple[int, int]]) -> list[list[bytes]]:
+        """Cache blend's chunk lookup (`ucm.sparse.base.StoredBlocks`): a chunk's chain starts at
+        its own first token, from the request's root (salt, adapter), so it equals the prefix chain
+        of any request that began with the chunk - which is how chunks get stored."""
+        state = self._states.get(request_id)
+        if state is None or not spans:
+            return [[] for _ in spans]
+        tokens = state.request.prompt_token_ids or []
+        root = _root_parent(state.request)
+        chains = [self.hasher.hash_blocks(tokens[start:end], root) for start, end in spans]
+        per_block = len(self.head_groups)
+        found = self.store.lookup([k for chain in chains for h in chain for k in self.keys_of(h)])
+        result: list[list[bytes]] = []
+        offset = 0
+        for chain in chains:
+            present = 0
+            while present < len(chain) and all(found[offset + present * per_block : offset + (present + 1) * per_block]):
+                present += 1
+            result.append(chain[:present])
+            offset += len(chain) * per_block
+        return result
+
     def blocks_failed(self, invalid_block_ids: set[int]) -> None:
         """Loads of these blocks failed (vLLM recomputes them): save them again once recomputed, so
         the store heals instead of missing them for every later request."""

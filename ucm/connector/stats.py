@@ -39,6 +39,10 @@ COUNTERS = (
     "sparse_lost_blocks",  # offloaded blocks found gone from the store (attention leaves them out)
     # window extrapolation (ucm.window), per worker
     "rerope_queries",  # query tokens past the window, attended with ReRoPE (counted once per step, not per layer)
+    # cache blend (ucm.blend), per worker
+    "blend_reused_tokens",  # prompt tokens whose KV came from a stored chunk, not from a prefix hit
+    "blend_recomputed_tokens",  # of those, the ones the check layer's deviation picked to recompute
+    "blend_failed_reads",  # steps whose chunk read failed and were computed in full
 )
 
 

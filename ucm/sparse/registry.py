@@ -26,6 +26,7 @@ _REGISTRY: dict[str, str] = {
     "block_retrieval": "ucm.sparse.block_retrieval:BlockRetrievalSparse",
     # window extrapolation replaces attention through the same hook (the connector's ucm_window_config)
     "rerope": "ucm.window.algorithm:ReRopeAttention",
+    "blend": "ucm.blend.algorithm:CacheBlend",
 }
 _LOCK = threading.Lock()  # create/shutdown: check-then-set of the active table (ucm.sparse.active)
 
