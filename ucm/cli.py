@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "transfer": ("ucm.bench.transfer", "gather/scatter throughput of the KV transfer path"),
     "router": ("ucm.bench.router", "latency and throughput added by the PD router"),
     "sparse": ("ucm.bench.sparse", "accuracy and bytes read of sparse attention"),
+    "blend": ("ucm.bench.blend", "cache blend on RAG prompts: TTFT and quality vs full recompute, prefix-only, naive reuse"),
     "window": ("ucm.bench.window", "loss by position past the trained window: plain RoPE vs vLLM YaRN vs ReRoPE"),
     "serve": ("ucm.bench.serve", "TTFT of real vllm serve processes: recompute vs prefix cache vs ExampleConnector vs UCM"),
 }
