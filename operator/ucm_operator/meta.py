@@ -73,7 +73,7 @@ def max_tp_size(spec: ClusterSpec) -> int:
 def connector_extra_config(spec: ClusterSpec) -> JSON:
     """The UCM connector's kv_connector_extra_config (keys per docs/interfaces: store_path,
     model_id, model_revision, durability, max_tp_size, capacity_bytes, ucm_sparse_config,
-    ucm_window_config). Identical
+    ucm_window_config, ucm_blend_config). Identical
     for every pool: it is what makes their block hashes and store keys agree (and a decode pod's
     sparse attention reads what any prefill pod wrote)."""
     store = spec.store
@@ -92,6 +92,8 @@ def connector_extra_config(spec: ClusterSpec) -> JSON:
         config["ucm_sparse_config"] = {"name": spec.sparse.algorithm, **dict(spec.sparse.settings)}
     if spec.window is not None:
         config["ucm_window_config"] = spec.window.connector_config()
+    if spec.blend is not None:
+        config["ucm_blend_config"] = spec.blend.connector_config()
     return config
 
 

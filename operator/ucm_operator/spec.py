@@ -106,6 +106,26 @@ SPARSE_FIELDS: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class BlendSpec:
+    """`spec.blend`: cache blend (the connector's `ucm_blend_config`): chunks ended by
+    `separator_ids` are reused from the store wherever they appear in a prompt, with the top
+    `recompute_ratio` of their tokens recomputed from `check_layer` on."""
+
+    separator_ids: tuple[int, ...]
+    recompute_ratio: float | None = None
+    check_layer: int | None = None
+
+    def connector_config(self) -> dict[str, object]:
+        """`ucm_blend_config`, with only the fields that are set (the connector's defaults apply)."""
+        config: dict[str, object] = {"separator_ids": list(self.separator_ids)}
+        if self.recompute_ratio is not None:
+            config["recompute_ratio"] = self.recompute_ratio
+        if self.check_layer is not None:
+            config["check_layer"] = self.check_layer
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
 class WindowSpec:
     """`spec.window`: ReRoPE window extrapolation (the connector's `ucm_window_config`): exact
     relative positions within `window` tokens, clamped (or, with `leak`, compressed) beyond."""
@@ -218,6 +238,7 @@ class ClusterSpec:
     router: RouterSpec
     sparse: SparseSpec | None = None
     window: WindowSpec | None = None
+    blend: BlendSpec | None = None
     autoscaling: AutoscalingSpec | None = None
 
     @property
@@ -333,6 +354,30 @@ def _parse_window(raw: Mapping[str, Any] | None, sparse: SparseSpec | None) -> W
         raise SpecError(f"{path}.trainedLength", "required when logScale is true (the model's trained context)")
     return WindowSpec(window=window, leak=None if leak is None else float(leak), log_scale=log_scale,
                       trained_length=trained)
+
+
+def _parse_blend(raw: Mapping[str, Any] | None, others: Mapping[str, object]) -> BlendSpec | None:
+    if raw is None:
+        return None
+    path = "spec.blend"
+    fields = ("separatorIds", "recomputeRatio", "checkLayer")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise SpecError(f"{path}.{unknown[0]}", f"unknown field; expected one of {', '.join(fields)}")
+    for name, other in others.items():
+        if other is not None:
+            raise SpecError(path, f"cannot be combined with spec.{name}: both replace vLLM's attention; set one")
+    ids = _required(raw, "separatorIds", list, path)
+    if not ids or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise SpecError(f"{path}.separatorIds", f"expected a non-empty list of token ids (integers >= 0), got {ids!r}")
+    ratio = _get(raw, "recomputeRatio", (int, float), path)
+    if isinstance(ratio, bool) or (ratio is not None and not 0 <= ratio <= 1):
+        raise SpecError(f"{path}.recomputeRatio", f"expected a number in [0, 1], got {ratio!r}")
+    layer = _get(raw, "checkLayer", int, path)
+    if layer is not None and layer < 0:
+        raise SpecError(f"{path}.checkLayer", f"expected an integer >= 0, got {layer}")
+    return BlendSpec(separator_ids=tuple(ids), recompute_ratio=None if ratio is None else float(ratio),
+                     check_layer=layer)
 
 
 def _parse_store(raw: Mapping[str, Any]) -> StoreSpec:
@@ -471,6 +516,7 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
     if not pools["decode"]:
         raise SpecError("spec.decode", "at least one decode pool is required")
     sparse = _parse_sparse(_get(spec, "sparse", dict, "spec"))
+    window = _parse_window(_get(spec, "window", dict, "spec"), sparse)
     autoscaling = _parse_autoscaling(_get(spec, "autoscaling", dict, "spec"), pools["prefill"] + pools["decode"])
     return ClusterSpec(
         name=meta["name"],
@@ -484,6 +530,7 @@ def parse_cluster(body: Mapping[str, Any]) -> ClusterSpec:
         decode=pools["decode"],
         router=_parse_router(_get(spec, "router", dict, "spec", {})),
         sparse=sparse,
-        window=_parse_window(_get(spec, "window", dict, "spec"), sparse),
+        window=window,
+        blend=_parse_blend(_get(spec, "blend", dict, "spec"), {"sparse": sparse, "window": window}),
         autoscaling=autoscaling,
     )
