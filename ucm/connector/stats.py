@@ -46,31 +46,8 @@ COUNTERS = (
 )
 
 
-# Store footprint gauges (ucm.store StoreStats), refreshed by the worker every few seconds and
-# exported as vllm:ucm_<name>; None when not refreshed this interval. TP workers of one engine
-# share the store, so aggregate keeps the largest value (read_only: any worker's).
-GAUGES = (
-    "store_capacity_bytes",  # the store's configured capacity (0: unbounded)
-    "store_used_bytes",  # bytes stored, as this worker's index sees the shared volume
-    "store_blocks",  # objects stored, likewise
-    "store_evictions",  # blocks this worker's store evicted since it started
-    "store_read_only",  # 1 once the store refuses dumps (ENOSPC, EACCES, EROFS), else 0
-)
-
-
 def _zero() -> dict[str, Any]:
     return {k: 0 for k in COUNTERS}
-
-
-def store_gauges(stats: Any) -> dict[str, float]:
-    """The gauge values from a `ucm.store.StoreStats` (duck-typed: stats.py imports no store)."""
-    return {
-        "store_capacity_bytes": float(stats.capacity_bytes or 0),
-        "store_used_bytes": float(stats.bytes),
-        "store_blocks": float(stats.blocks),
-        "store_evictions": float(stats.evictions),
-        "store_read_only": 1.0 if stats.read_only_reason else 0.0,
-    }
 
 
 @dataclass
@@ -86,33 +63,21 @@ class UCMConnectorStats(KVConnectorStats):
     def reset(self) -> None:
         self.data = _zero()
 
-    def set_gauges(self, values: dict[str, float]) -> None:
-        """Record the store's footprint for this interval (keys from GAUGES)."""
-        for key in GAUGES:
-            self.data[key] = values[key]
-
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for key in COUNTERS:
             self.data[key] += other.data.get(key, 0)
-        for key in GAUGES:
-            theirs = other.data.get(key)
-            if theirs is not None:
-                mine = self.data.get(key)
-                self.data[key] = theirs if mine is None else max(mine, theirs)
         return self
 
     def reduce(self) -> dict[str, int | float]:
         d = self.data
-        out: dict[str, int | float] = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()
-                                       if v is not None}
+        out: dict[str, int | float] = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
         out["hit_rate"] = round(d["hit_tokens"] / d["lookup_tokens"], 4) if d["lookup_tokens"] else 0.0
         out["load_gbps"] = round(d["loaded_bytes"] / d["load_seconds"] / 1e9, 3) if d["load_seconds"] else 0.0
         out["save_gbps"] = round(d["saved_bytes"] / d["save_seconds"] / 1e9, 3) if d["save_seconds"] else 0.0
         return out
 
     def is_empty(self) -> bool:
-        return not any(v for k, v in self.data.items() if k in COUNTERS) and not any(
-            self.data.get(k) is not None for k in GAUGES)
+        return not any(self.data.values())
 
     def take(self) -> UCMConnectorStats | None:
         """The stats since the last call (None when nothing happened), and start a new interval."""
@@ -152,14 +117,6 @@ class UCMPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:ucm_{key}", documentation=f"UCM connector: {doc}.", labelnames=labelnames
             )
             self.gauges[key] = create_metric_per_engine(gauge, per_engine_labelvalues)
-        self.store_gauges: dict[str, dict[int, Any]] = {}
-        for key in GAUGES:
-            gauge = self._gauge_cls(
-                name=f"vllm:ucm_{key}",
-                documentation=f"UCM store: {key.removeprefix('store_').replace('_', ' ')} (latest).",
-                labelnames=labelnames,
-            )
-            self.store_gauges[key] = create_metric_per_engine(gauge, per_engine_labelvalues)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         stats = UCMConnectorStats(data=dict(transfer_stats_data))
@@ -171,7 +128,3 @@ class UCMPromMetrics(KVConnectorPromMetrics):
         for key, gauge in self.gauges.items():
             if reduced[key]:
                 gauge[engine_idx].set(reduced[key])
-        for key, gauge in self.store_gauges.items():
-            value = transfer_stats_data.get(key)
-            if value is not None:  # zero is a value here (read_only 0 after a recovery)
-                gauge[engine_idx].set(value)
