@@ -33,7 +33,7 @@ import torch
 from ucm.connector.heads import HeadPlan
 from ucm.connector.layouts import detect_layout
 from ucm.connector.metadata import LoadSpec, SaveSpec, UCMConnectorMetadata
-from ucm.connector.stats import UCMConnectorStats
+from ucm.connector.stats import UCMConnectorStats, store_gauges
 from ucm.hashing import block_key
 from ucm.store.base import BlockLayout, BlocksMissing, Store, StoreError, Task, WritableBuffer
 from ucm.transfer.buffers import HostBufferPool, PoolExhausted
@@ -44,6 +44,7 @@ _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 STAGING_HINT = "the UCM_HOST_STAGING_BYTES environment variable"
+STORE_GAUGE_INTERVAL_S = 5.0  # how often a worker re-reads its store's footprint for /metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,7 @@ class UCMWorkerSide:
         self.pool = pool
         self.sparse = sparse
         self.stats = UCMConnectorStats()
+        self._gauges_at = float("-inf")  # when the store's footprint gauges were last read
         self.paged: PagedKV | None = None
         self.layer_index: dict[str, int] = {}
         self.layout: BlockLayout | None = None
@@ -346,6 +348,17 @@ class UCMWorkerSide:
             self.sparse.execute_finished()
             for name, value in self.sparse.take_counters().items():
                 self.stats.add(name, value)
+        self._refresh_store_gauges()
+
+    def _refresh_store_gauges(self, now: float | None = None) -> None:
+        """Feed the store's footprint (StoreStats: a lock and a copy, no I/O) to the stats every
+        STORE_GAUGE_INTERVAL_S, so the operator can put capacity, usage and read-only in the
+        UCMCluster status from vLLM's own /metrics (docs/metrics.md)."""
+        now = time.monotonic() if now is None else now
+        if now - self._gauges_at < STORE_GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        self.stats.set_gauges(store_gauges(self.store.stats()))
 
     def _save_or_drop(self, step: Callable[[_T], object], arg: _T) -> None:
         """One step of this step's save; when host staging runs out, the save is dropped."""
