@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .constants import STORE_SCRAPE_SECONDS
+
 
 def _load(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") if path != "-" else sys.stdin as handle:
@@ -37,7 +39,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         namespaces = (os.environ["UCM_WATCH_NAMESPACE"],)
     options = Options(namespaces=namespaces, workers=args.workers, resync_seconds=args.resync_seconds,
                       debounce_seconds=args.debounce_seconds, liveness_endpoint=args.liveness,
-                      router_metrics_url=args.router_metrics_url)
+                      router_metrics_url=args.router_metrics_url,
+                      worker_metrics_urls=tuple(args.worker_metrics_url or ()),
+                      store_scrape_seconds=args.store_scrape_seconds)
     logging.getLogger(__name__).info("ucm-operator watching %s", ", ".join(namespaces) or "all namespaces")
     operator = Operator(options)
     if args.metrics_address:
@@ -116,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--router-metrics-url", metavar="URL",
                      help="read autoscaled clusters' router metrics here instead of from the router pods' IPs "
                           "(an operator outside the cluster network); {namespace} and {name} are replaced")
+    run.add_argument("--worker-metrics-url", metavar="URL", action="append",
+                     help="read the store's usage from this worker /metrics URL instead of the worker pods' IPs "
+                          "(repeatable; an operator outside the cluster network); {namespace} and {name} are replaced")
+    run.add_argument("--store-scrape-seconds", type=float, default=STORE_SCRAPE_SECONDS,
+                     help="read each cluster's worker pods' /metrics for status.store this often; "
+                          f"0: never (default {STORE_SCRAPE_SECONDS:g})")
     run.add_argument("--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.set_defaults(func=cmd_run)
 

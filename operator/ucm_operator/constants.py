@@ -45,6 +45,11 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 WORKER_PORT = 8000
 ROUTER_PORT = 8000
 
+# How often a cluster's worker pods' /metrics are read for status.store (ucm-operator run
+# --store-scrape-seconds): often enough for a hit rate that means "lately", rarely enough that
+# a cluster of many pods costs the operator little.
+STORE_SCRAPE_SECONDS = 30.0
+
 
 def worker_image_default() -> str:
     """The worker image (vLLM + ucm, images/worker.Dockerfile) used when spec.engine.image is unset.

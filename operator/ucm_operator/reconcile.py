@@ -37,6 +37,7 @@ from .constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
     POOL_KIND,
+    STORE_SCRAPE_SECONDS,
 )
 from .facts import NodeFacts, node_problems
 from .kube import CHILD_KINDS, Kube, KubeError, object_path
@@ -52,12 +53,24 @@ from .scale import (
     scalers_by_pool,
     with_replicas,
 )
-from .signals import fetch_texts, router_metric_urls
+from .signals import fetch_each, fetch_texts, router_metric_urls, worker_metric_urls
 from .spec import ClusterSpec, SpecError, parse_cluster
 from .status import CONDITION_TYPES, Observed, compute_status, now, ready_by_revision
+from .store_usage import PodSample, Window, compute_store_usage, parse_pod
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreReading:
+    """One scrape of a cluster's workers: what status.store and StoreHealthy show until the next."""
+
+    at: float
+    sources: tuple[str, ...]  # the worker endpoints read: a pod turning Ready is read at once
+    usage: dict[str, Any]
+    condition: dict[str, str]
+    window: Window
 
 
 @dataclasses.dataclass
@@ -119,9 +132,14 @@ class Reconciler:
     """Reconciles UCMClusters through a `Kube`. Thread-safe across different clusters; the runtime
     guarantees one pass at a time per cluster."""
 
-    def __init__(self, kube: Kube, router_metrics_url: str | None = None) -> None:
+    def __init__(self, kube: Kube, router_metrics_url: str | None = None, worker_metrics_urls: Sequence[str] = (),
+                 store_scrape_seconds: float = STORE_SCRAPE_SECONDS) -> None:
         self.kube = kube
         self.router_metrics_url = router_metrics_url
+        self.worker_metrics_urls = tuple(worker_metrics_urls)
+        self.store_scrape_seconds = store_scrape_seconds
+        # cluster -> (when its workers' /metrics were last read, status.store, StoreHealthy, window)
+        self._store: dict[tuple[str, str], StoreReading] = {}
         # cluster -> the autoscaler's recent recommendations (its stabilisation windows)
         self._history: dict[tuple[str, str], tuple[Recommendation, ...]] = {}
         # uid of a child -> (hash we applied, its version right after): detects edits by others.
@@ -225,10 +243,12 @@ class Reconciler:
             # for a 403 that is no fault of the spec or of RBAC would only mislead.
             log.info("%s/%s: namespace %s is being deleted; nothing more to apply", namespace, name, namespace)
             return outcome
+        store = self._store_usage(spec, pods, outcome)
         observed = Observed(spec=sized, generation=spec.generation, revision=revision(spec), problems=problems,
                             deployments=[o for k, o in live.items() if k[1] == "Deployment"], pods=pods,
                             claim=claim, applied=outcome.applied + outcome.pruned, errors=outcome.errors,
-                            autoscaling=autoscaling)
+                            autoscaling=autoscaling, store_usage=store.usage if store else None,
+                            store_health=store.condition if store else None)
         status = compute_status(observed, body.get("status"))
         self._report(body, status, outcome)
         self._forget(namespace, name, {o["metadata"].get("uid", "") for o in live.values()})
@@ -239,6 +259,7 @@ class Reconciler:
         with self._lock:
             if not live_uids:
                 self._history.pop((namespace, name), None)
+                self._store.pop((namespace, name), None)
             gone = self._children.get((namespace, name), set()) - live_uids
             for uid in gone:
                 self._applied.pop(uid, None)
@@ -363,6 +384,36 @@ class Reconciler:
             outcome.scaled += 1
         return {"inflight": inflight, "prefill": decision.prefill, "decode": decision.decode,
                 "message": decision.reason}
+
+    def _store_usage(self, spec: ClusterSpec, pods: Sequence[JSON], outcome: Outcome) -> StoreReading | None:
+        """status.store and StoreHealthy from the worker pods' /metrics (store_usage.py), read at
+        most every store_scrape_seconds; in between, a pass shows the last reading. None when
+        scraping is off. Asks for the next pass when the next reading is due."""
+        if self.store_scrape_seconds <= 0:
+            return None
+        key = (spec.namespace, spec.name)
+        t = time.monotonic()
+        previous = self._store.get(key)
+        urls = worker_metric_urls(spec.namespace, spec.name, pods, self.worker_metrics_urls)
+        if previous is None or t - previous.at >= self.store_scrape_seconds or previous.sources != tuple(urls):
+            bodies, errors = fetch_each(urls)
+            samples: dict[str, PodSample] = {}
+            for source, body in bodies.items():
+                try:
+                    samples[source] = parse_pod(source, body)
+                except ValueError as exc:
+                    errors[source] = str(exc)
+            usage, condition, window = compute_store_usage(samples, errors, previous.window if previous else Window(),
+                                                           expected_pods=len(urls))
+            reading = StoreReading(t, tuple(urls), usage, condition, window)
+            with self._lock:
+                self._store[key] = reading
+        else:
+            assert previous is not None
+            reading = previous
+        wait = max(0.1, reading.at + self.store_scrape_seconds - t)
+        outcome.requeue_after = wait if outcome.requeue_after is None else min(outcome.requeue_after, wait)
+        return reading
 
     def _rebase(self, spec: ClusterSpec, pools: Sequence[str], live: dict[tuple[str, str, str], JSON],
                 outcome: Outcome) -> None:

@@ -26,7 +26,16 @@ from typing import Any
 
 import kopf
 
-from .constants import GROUP, LABEL_CLUSTER, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, POOL_PLURAL, VERSION
+from .constants import (
+    GROUP,
+    LABEL_CLUSTER,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    PLURAL,
+    POOL_PLURAL,
+    STORE_SCRAPE_SECONDS,
+    VERSION,
+)
 from .facts import NodeFacts
 from .kube import Kube, load_api_client
 from .metrics import PassStats
@@ -122,6 +131,10 @@ class Options:
     drain_seconds: float = 10.0
     # Where autoscaled clusters' router metrics are read when pod IPs are unreachable (signals.py).
     router_metrics_url: str | None = None
+    # Where the workers' vLLM /metrics are read for status.store instead of pod IPs, and how
+    # often (0: never; signals.py, store_usage.py).
+    worker_metrics_urls: tuple[str, ...] = ()
+    store_scrape_seconds: float = STORE_SCRAPE_SECONDS
 
 
 class Operator:
@@ -130,7 +143,8 @@ class Operator:
     def __init__(self, options: Options, kube: Kube | None = None) -> None:
         self.options = options
         self.kube = kube or Kube(load_api_client(pool_size=options.workers + 4))
-        self.reconciler = Reconciler(self.kube, options.router_metrics_url)
+        self.reconciler = Reconciler(self.kube, options.router_metrics_url, options.worker_metrics_urls,
+                                     options.store_scrape_seconds)
         self.pass_stats = PassStats()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self.known: set[Key] = set()

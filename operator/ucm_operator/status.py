@@ -20,7 +20,7 @@ from .meta import router_url
 from .spec import ClusterSpec
 
 JSON = dict[str, Any]
-CONDITION_TYPES = ("Valid", "StoreReady", "PrefillReady", "DecodeReady", "RouterReady", "Serving",
+CONDITION_TYPES = ("Valid", "StoreReady", "StoreHealthy", "PrefillReady", "DecodeReady", "RouterReady", "Serving",
                    "Progressing", "Degraded")
 
 
@@ -38,6 +38,8 @@ class Observed:
     applied: int = 0                   # children written in this pass
     errors: Sequence[str] = ()         # apply/prune failures in this pass
     autoscaling: JSON | None = None    # what the autoscaler saw and did (spec.autoscaling only)
+    store_usage: JSON | None = None    # status.store from the workers' /metrics (store_usage.py)
+    store_health: JSON | None = None   # the StoreHealthy condition from the same reading
 
 
 def now() -> str:
@@ -201,8 +203,12 @@ def compute_status(obs: Observed, previous: Mapping[str, Any] | None) -> JSON:
         progressing = _condition("Progressing", True, "RollingOut", "; ".join(p.summary() for p in rolling))
     else:
         progressing = _condition("Progressing", False, "Stable", "every pool and the router are rolled out")
+    # StoreHealthy (read-only, unreachable) informs; it does not gate Serving: a store that
+    # refuses writes still serves (saves are dropped, loads work), and a worker that cannot reach
+    # it recomputes.
+    health = [dict(obs.store_health)] if obs.store_health else []
     conditions = [
-        valid, store,
+        valid, store, *health,
         _role_condition("PrefillReady", ROLE_PREFILL, pools, required=obs.spec.disaggregated),
         _role_condition("DecodeReady", ROLE_DECODE, pools, required=True),
         router_cond,
@@ -233,4 +239,6 @@ def compute_status(obs: Observed, previous: Mapping[str, Any] | None) -> JSON:
     }
     if obs.autoscaling is not None:
         status["autoscaling"] = obs.autoscaling
+    if obs.store_usage:
+        status["store"] = obs.store_usage
     return status

@@ -48,7 +48,9 @@ def test_names() -> None:
     assert version["name"] == VERSION and version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {"Serving": '.status.conditions[?(@.type=="Serving")].status', "Prefill": ".status.prefill",
-                       "Decode": ".status.decode", "Revision": ".status.revision", "Age": ".metadata.creationTimestamp"}
+                       "Decode": ".status.decode", "Revision": ".status.revision",
+                       "Store-Used": ".status.store.usedPercent", "Hit-Rate": ".status.store.hitRate",
+                       "Age": ".metadata.creationTimestamp"}
 
 
 def test_examples_match_the_schema() -> None:
