@@ -23,7 +23,8 @@ CHART = REPO / "charts" / "ucm"
 RULES_FILE = CHART / "files" / "operator-rbac.yaml"
 RELEASE, NAMESPACE = "ucm", "ucm-system"
 # kopf's liveness endpoint and the operator's metrics, on every install
-SERVING_ARGS = ["--liveness", "http://0.0.0.0:8080/healthz", "--metrics-address", "0.0.0.0:8081"]
+SERVING_ARGS = ["--liveness", "http://0.0.0.0:8080/healthz", "--metrics-address", "0.0.0.0:8081",
+                "--store-scrape-seconds", "30"]
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_the_operator_serves_its_own_metrics_to_a_service_monitor(helm: Path) ->
     (deploy,) = by_kind(docs, "Deployment")
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
-    assert container["args"][-2:] == ["--metrics-address", "0.0.0.0:9100"]
+    assert container["args"][-4:-2] == ["--metrics-address", "0.0.0.0:9100"]
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
     (service,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-operator-metrics")]
     assert service["spec"]["selector"].items() <= pod_labels.items()
