@@ -16,14 +16,11 @@ pytest.importorskip("vllm")
 import prometheus_client
 from ucm_connector_harness import Engine, write_model_dir
 
-import ucm.connector.worker as worker_mod
 from ucm.connector.stats import GAUGES, UCMPromMetrics, store_gauges
 from ucm.store.base import StoreStats
 
 
-def test_store_gauges_reach_prometheus_with_real_values(tmp_path: pathlib.Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_mod, "STORE_GAUGE_INTERVAL_S", 0.0)  # refresh every step
+def test_store_gauges_reach_prometheus_with_real_values(tmp_path: pathlib.Path) -> None:
     model_dir = write_model_dir(tmp_path / "model")
     engine = Engine(model_dir, tmp_path / "store")
     engine.add("first", [(i * 7) % 250 + 1 for i in range(69)])  # 4 full blocks
@@ -32,8 +29,12 @@ def test_store_gauges_reach_prometheus_with_real_values(tmp_path: pathlib.Path,
     engine.step()  # one more step so the refresh sees the finished dumps
     store = engine.worker.worker_side.store.stats()
     assert store.blocks > 0 and store.bytes > 0
-    last = [s for s in engine.stats if s.get("store_blocks") is not None][-1]
+    with_gauges = [s for s in engine.stats if s.get("store_blocks") is not None]
+    last = with_gauges[-1]
     assert last["store_blocks"] == store.blocks and last["store_used_bytes"] == store.bytes
+    # Only changes are shipped (an idle step sends nothing), and the counters still arrive beside them.
+    assert len(with_gauges) == len({s["store_used_bytes"] for s in with_gauges})
+    assert sum(s.get("saved_blocks", 0) for s in engine.stats) == 4  # the prompt's 4 full blocks
     assert last["store_read_only_errno"] == 0.0
 
     registry = prometheus_client.CollectorRegistry()

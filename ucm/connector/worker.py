@@ -44,7 +44,6 @@ _T = TypeVar("_T")
 logger = logging.getLogger(__name__)
 
 STAGING_HINT = "the UCM_HOST_STAGING_BYTES environment variable"
-STORE_GAUGE_INTERVAL_S = 5.0  # how often a worker re-reads its store's footprint for /metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +129,7 @@ class UCMWorkerSide:
         self.pool = pool
         self.sparse = sparse
         self.stats = UCMConnectorStats()
-        self._gauges_at = float("-inf")  # when the store's footprint gauges were last read
+        self._gauges_sent: dict[str, float] | None = None  # the store footprint last reported
         self.paged: PagedKV | None = None
         self.layer_index: dict[str, int] = {}
         self.layout: BlockLayout | None = None
@@ -348,17 +347,15 @@ class UCMWorkerSide:
             self.sparse.execute_finished()
             for name, value in self.sparse.take_counters().items():
                 self.stats.add(name, value)
-        self._refresh_store_gauges()
 
-    def _refresh_store_gauges(self, now: float | None = None) -> None:
-        """Feed the store's footprint (StoreStats: a lock and a copy, no I/O) to the stats every
-        STORE_GAUGE_INTERVAL_S, so the operator can put capacity, usage and read-only in the
-        UCMCluster status from vLLM's own /metrics (docs/metrics.md)."""
-        now = time.monotonic() if now is None else now
-        if now - self._gauges_at < STORE_GAUGE_INTERVAL_S:
-            return
-        self._gauges_at = now
-        self.stats.set_gauges(store_gauges(self.store.stats()))
+    def _report_store_gauges(self) -> None:
+        """Feed the store's footprint (StoreStats: a lock and a copy, no I/O) to this step's stats
+        when it changed, so the operator can put capacity, usage and read-only in the UCMCluster
+        status from vLLM's own /metrics (docs/metrics.md); an idle step ships nothing."""
+        gauges = store_gauges(self.store.stats())
+        if gauges != self._gauges_sent:
+            self._gauges_sent = gauges
+            self.stats.set_gauges(gauges)
 
     def _save_or_drop(self, step: Callable[[_T], object], arg: _T) -> None:
         """One step of this step's save; when host staging runs out, the save is dropped."""
@@ -468,6 +465,9 @@ class UCMWorkerSide:
                 self._complete_load(pending, sync=False)
                 self._finished_recving.add(req_id)
         self._poll_dumps(block=False)
+        # Every step calls this, forward or not, and vLLM steps until our saves are done: the
+        # footprint after the last dump of a request is reported.
+        self._report_store_gauges()
         self._released |= self._sending & (finished_req_ids or set())
         sending = self._sent & self._released
         self._sending -= sending
