@@ -397,7 +397,7 @@ class Reconciler:
         urls = worker_metric_urls(spec.namespace, spec.name, pods, self.worker_metrics_urls)
         if previous is None or t - previous.at >= self.store_scrape_seconds or previous.sources != tuple(urls):
             bodies, errors = fetch_each(urls)
-            samples: dict[str, PodSample] = {}
+            samples: dict[str, PodSample | None] = {}
             for source, body in bodies.items():
                 try:
                     samples[source] = parse_pod(source, body)

@@ -49,9 +49,11 @@ class PodSample:
     hit_tokens: float
 
 
-def parse_pod(pod: str, text: str) -> PodSample:
-    """The store sample in one pod's /metrics text. A text without the store gauges is an error
-    naming the pod and the metric: a pod that does not report must not read as an empty store."""
+def parse_pod(pod: str, text: str) -> PodSample | None:
+    """The store sample in one pod's /metrics text; None when the connector is there but has not
+    reported its store yet (a worker reports with its first step). A text without the connector's
+    metrics, or with only some of the store gauges, is an error naming the pod and the metric: a
+    pod that does not report must not read as an empty store."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#"):
@@ -69,9 +71,11 @@ def parse_pod(pod: str, text: str) -> PodSample:
         # One child per engine: counters add up; the engines of a pod share one store, so gauges
         # take the largest (any engine's read-only or unreachable shows).
         values[name] = values.get(name, 0.0) + value if name in (LOOKUP, HIT) else max(values.get(name, value), value)
+    if LOOKUP in values and not any(name in values for name in REQUIRED):
+        return None
     for name in REQUIRED:
         if name not in values:
-            raise ValueError(f"pod {pod}: no {name} sample in its /metrics (is the UCM connector configured?)")
+            raise ValueError(f"pod {pod}: no {name} sample in its /metrics (is UCMConnector its --kv-transfer-config?)")
     cap = values.get(CAPACITY)
     return PodSample(
         capacity_bytes=cap if cap and cap > 0 else None,
@@ -101,54 +105,60 @@ def _percent(fraction: float) -> str:
     return f"{100.0 * fraction:.1f}%"
 
 
-def compute_store_usage(samples: Mapping[str, PodSample], errors: Mapping[str, str], window: Window,
+def compute_store_usage(samples: Mapping[str, PodSample | None], errors: Mapping[str, str], window: Window,
                         expected_pods: int) -> tuple[dict[str, Any], dict[str, str], Window]:
     """`status.store`, the `StoreHealthy` condition (type/status/reason/message) and the next window.
 
     Every pool shares one store volume, so the footprint is the largest any pod reports (each pod
     indexes the same directory); evictions are per pod and summed. StoreHealthy is False when any
     pod's store went read-only (ENOSPC, EACCES, EROFS) or cannot reach the store's volume; Unknown
-    when no pod's metrics could be read or there is no Ready worker pod to ask."""
+    when no pod's metrics could be read, none has reported its store yet, or there is no Ready
+    worker pod to ask. `samples` maps a pod to None when it answered but has not reported yet."""
+    pending = sorted(pod for pod, s in samples.items() if s is None)
+    reported = {pod: s for pod, s in samples.items() if s is not None}
     usage: dict[str, Any] = {}
     lookups = hits = 0.0
     counters: dict[str, tuple[float, float]] = {}
-    for pod, s in sorted(samples.items()):
+    for pod, s in sorted(reported.items()):
         before = window.counters.get(pod)
         counters[pod] = (s.lookup_tokens, s.hit_tokens)
         if before is not None:
             lookups += _delta(s.lookup_tokens, before[0])
             hits += _delta(s.hit_tokens, before[1])
-    if samples:
-        caps = [s.capacity_bytes for s in samples.values() if s.capacity_bytes is not None]
-        used = max(s.used_bytes for s in samples.values())
+    if reported:
+        caps = [s.capacity_bytes for s in reported.values() if s.capacity_bytes is not None]
+        used = max(s.used_bytes for s in reported.values())
         usage["usedBytes"] = int(used)
-        usage["blocks"] = int(max(s.blocks for s in samples.values()))
-        usage["evictions"] = int(sum(s.evictions for s in samples.values()))
+        usage["blocks"] = int(max(s.blocks for s in reported.values()))
+        usage["evictions"] = int(sum(s.evictions for s in reported.values()))
         if caps:
             usage["capacityBytes"] = int(max(caps))
             usage["usedPercent"] = _percent(used / max(caps))
         usage["lookupTokens"] = int(lookups)
         if lookups > 0:
             usage["hitRate"] = _percent(hits / lookups)
-        usage["reportingPods"] = len(samples)
+        usage["reportingPods"] = len(reported)
     if errors:
         first = sorted(errors.items())[0]
         usage["message"] = f"{len(errors)} of {expected_pods} worker pod(s) unread; {first[0]}: {first[1]}"
-    read_only = sorted((pod, s.read_only_errno) for pod, s in samples.items() if s.read_only_errno)
-    unreachable = sorted(pod for pod, s in samples.items() if s.unreachable_seconds > 0)
+    read_only = sorted((pod, s.read_only_errno) for pod, s in reported.items() if s.read_only_errno)
+    unreachable = sorted(pod for pod, s in reported.items() if s.unreachable_seconds > 0)
     if read_only:
         pods = ", ".join(f"{pod} ({errno.errorcode.get(code, f'errno {code}')})" for pod, code in read_only)
         condition = _condition("False", "ReadOnly", f"the store refuses writes (saves are dropped, loads work) in {pods}")
     elif unreachable:
         condition = _condition("False", "Unreachable", "the store's volume does not answer in " + ", ".join(unreachable))
-    elif not samples and errors:
+    elif not reported and pending:
+        condition = _condition("Unknown", "NotReported", f"{', '.join(pending)} answered but has not reported its "
+                               "store yet (a worker reports with its first request)")
+    elif not reported and errors:
         first = sorted(errors.items())[0]
         condition = _condition("Unknown", "MetricsUnavailable",
                                f"no worker pod's /metrics could be read; {first[0]}: {first[1]}")
-    elif not samples:
+    elif not reported:
         condition = _condition("Unknown", "NoWorkers", "no Ready worker pod to read store metrics from")
     else:
-        condition = _condition("True", "Writable", f"{len(samples)} worker pod(s) report a reachable, writable store")
+        condition = _condition("True", "Writable", f"{len(reported)} worker pod(s) report a reachable, writable store")
     return usage, condition, Window(counters=counters)
 
 

@@ -101,3 +101,16 @@ def test_unread_metrics_and_no_workers_are_unknown_not_unhealthy() -> None:
     assert (cond["status"], cond["reason"]) == ("Unknown", "NoWorkers")
     usage, cond, _ = compute_store_usage({"a": parse_pod("a", text())}, {"b": "refused"}, Window(), expected_pods=2)
     assert cond["status"] == "True" and usage["message"] == "1 of 2 worker pod(s) unread; b: refused"
+
+
+def test_a_worker_that_has_not_reported_yet_is_not_an_empty_store() -> None:
+    # vLLM's /metrics before the first step: the connector's counters at 0, no store gauges yet.
+    fresh = 'vllm:ucm_lookup_tokens_total{engine="0",model_name="m"} 0.0\nvllm:ucm_hit_tokens_total{engine="0",model_name="m"} 0.0\n'
+    assert parse_pod("a", fresh) is None
+    usage, cond, _ = compute_store_usage({"a": None}, {}, Window(), expected_pods=1)
+    assert usage == {} and (cond["status"], cond["reason"]) == ("Unknown", "NotReported") and "a answered" in cond["message"]
+    usage, cond, _ = compute_store_usage({"a": None, "b": parse_pod("b", text(blocks=3))}, {}, Window(), expected_pods=2)
+    assert usage["blocks"] == 3 and usage["reportingPods"] == 1 and cond["status"] == "True"
+    # some gauges but not the others is a broken exporter, not "not yet"
+    with pytest.raises(ValueError, match=r"pod c: no vllm:ucm_store_used_bytes"):
+        parse_pod("c", fresh + 'vllm:ucm_store_blocks{engine="0"} 1.0\nvllm:ucm_store_read_only_errno{engine="0"} 0.0\n')

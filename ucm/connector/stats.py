@@ -163,14 +163,17 @@ class UCMPromMetrics(KVConnectorPromMetrics):
                 name=f"vllm:ucm_{key}", documentation=f"UCM connector: {doc}.", labelnames=labelnames
             )
             self.gauges[key] = create_metric_per_engine(gauge, per_engine_labelvalues)
-        self.store_gauges: dict[str, dict[int, Any]] = {}
+        # The footprint gauges get their per-engine child at the worker's first report, not now:
+        # until then there is no sample, which the operator reads as "not reported yet" rather
+        # than as an empty store (workers report only with a step's output).
+        self.store_gauges: dict[str, Any] = {}
+        self._labelvalues = per_engine_labelvalues
         for key in GAUGES:
-            gauge = self._gauge_cls(
+            self.store_gauges[key] = self._gauge_cls(
                 name=f"vllm:ucm_{key}",
                 documentation=f"UCM store: {key.removeprefix('store_').replace('_', ' ')} (latest).",
                 labelnames=labelnames,
             )
-            self.store_gauges[key] = create_metric_per_engine(gauge, per_engine_labelvalues)
         unreachable = self._gauge_cls(
             name="vllm:ucm_store_unreachable_seconds",
             documentation="UCM store: 0 while the store's root answers a stat, else seconds since it last did.",
@@ -191,8 +194,8 @@ class UCMPromMetrics(KVConnectorPromMetrics):
                 gauge[engine_idx].set(reduced[key])
         for key, gauge in self.store_gauges.items():
             value = transfer_stats_data.get(key)
-            if value is not None:  # zero is a value here (read_only 0 after a recovery)
-                gauge[engine_idx].set(value)
+            if value is not None:  # zero is a value here (read-only 0 after a recovery)
+                gauge.labels(*self._labelvalues[engine_idx]).set(value)
 
 
 _probes: dict[str, StoreProbe] = {}
