@@ -5,6 +5,7 @@ token, not the admin certificate), and wait for UCMCluster conditions.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -209,6 +210,8 @@ def node_products(kube: Kube) -> dict[str, str]:
 
 
 def printer_columns(cluster: ClusterAccess, namespace: str, name: str) -> dict[str, str]:
-    """`kubectl get ucmc NAME` as {column: value} (every column value is one word)."""
+    """`kubectl get ucmc NAME` as {column: value}, cut at the header's column starts (an empty
+    column, e.g. Store-Used before any worker reported, is "")."""
     header, row = cluster.kubectl("get", "ucmc", name, "-n", namespace).stdout.splitlines()[:2]
-    return dict(zip(header.split(), row.split(), strict=True))
+    starts = [m.start() for m in re.finditer(r"\S+", header)] + [None]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in itertools.pairwise(starts)}
