@@ -40,6 +40,7 @@ class StoreProbe:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._listeners: list[Callable[[float], None]] = []
+        self._stat: Callable[[str], object] = os.stat  # one metadata round trip (a test may stand in a hang)
         self._clock = clock
         self._lock = threading.Lock()
         self._last_ok = clock()  # a store is presumed reachable until a probe says otherwise
@@ -90,7 +91,7 @@ class StoreProbe:
                 pending = self._pending
             else:
                 self._stat_started = self._clock()
-                pending = self._pending = self._pool.submit(os.stat, self.path)  # type: ignore[arg-type]
+                pending = self._pending = self._pool.submit(self._stat, self.path)  # type: ignore[arg-type]
         try:
             pending.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
