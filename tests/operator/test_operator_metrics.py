@@ -79,11 +79,17 @@ def exported_names() -> set[str]:
         names |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
     # The connector's names, read from its source (importing it needs vLLM's metrics module).
     source = ast.parse((ROOT / "ucm" / "connector" / "stats.py").read_text())
-    counters = next(node.value for node in ast.walk(source) if isinstance(node, ast.Assign)
-                    and any(isinstance(t, ast.Name) and t.id == "COUNTERS" for t in node.targets))
-    assert isinstance(counters, ast.Tuple)
-    names |= {f"vllm:ucm_{ast.literal_eval(e)}_total" for e in counters.elts}
-    names |= {f"vllm:ucm_{g}" for g in ("load_gbps", "save_gbps", "hit_rate")}
+    def tuple_named(name: str) -> list[str]:
+        node = next(n.value for n in ast.walk(source) if isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == name for t in n.targets))
+        assert isinstance(node, ast.Tuple)
+        return [ast.literal_eval(e) for e in node.elts]
+
+    names |= {f"vllm:ucm_{c}_total" for c in tuple_named("COUNTERS")}
+    names |= {f"vllm:ucm_{g}" for g in ("load_gbps", "save_gbps", "hit_rate", *tuple_named("GAUGES"))}
+    # gauges named literally in the source (the store probe's)
+    names |= {n.value for n in ast.walk(source) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+              and re.fullmatch(r"vllm:ucm_[a-z_]+", n.value)}
     return names
 
 
