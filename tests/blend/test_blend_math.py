@@ -11,7 +11,7 @@ from ucm.blend.chunks import chunk_spans, plan_request, separator_ends
 from ucm.blend.config import BlendConfig, BlendConfigError
 from ucm.blend.select import deviation, recompute_count, rerotate, select_recompute, stored_kv
 from ucm.connector.config import ConfigError, parse_extra_config
-from ucm.window.paged import KVLayout, request_kv
+from ucm.transfer.paged import KVLayout, request_kv
 from ucm.window.rope import RopeSpec
 
 ROPE = RopeSpec(theta=10000.0, head_dim=64)

@@ -85,9 +85,9 @@ def run_wrapped(kv_cache: torch.Tensor, metadata: Any, query: torch.Tensor, seen
 
 
 def vllm_patch_layout() -> Any:
-    from ucm.transfer.paged import CacheLayout
+    from ucm.transfer.paged import KVLayout
 
-    return CacheLayout.BHNC
+    return KVLayout.BHNC
 
 
 class Recorder(UcmSparseBase):

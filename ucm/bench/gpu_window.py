@@ -23,7 +23,8 @@ import torch
 
 from ucm.bench.common import cuda_missing, synchronized_time
 from ucm.window.config import WindowConfig
-from ucm.window.paged import KVLayout, paged_rerope
+from ucm.transfer.paged import KVLayout
+from ucm.window.paged import paged_rerope
 from ucm.window.rerope import reference_attention
 from ucm.window.rope import RopeSpec
 

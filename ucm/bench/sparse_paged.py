@@ -23,7 +23,7 @@ from ucm.sparse import retrieval_math as rm
 from ucm.sparse.base import SparseRole
 from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta, BlockRetrievalSparse
 from ucm.sparse.paged import LayerKV, paged_reference_attention
-from ucm.transfer.paged import CacheLayout
+from ucm.transfer.paged import KVLayout
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def run_paged(
     t, heads, d = lq.key.shape
     scale = d**-0.5
     cache, physical = paged_layer(lq, block_size, seed)
-    paged = LayerKV.from_layer_cache(cache, CacheLayout.BHNC, d)
+    paged = LayerKV.from_layer_cache(cache, KVLayout.BHNC, d)
     sparse = BlockRetrievalSparse(config, SparseRole.WORKER)
     layer_name = f"layer{lq.layer}"
     for pos in range(t - decode_steps, t):

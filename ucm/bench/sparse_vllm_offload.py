@@ -42,7 +42,7 @@ from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, num_slots
 from ucm.store import FileStore
 from ucm.store.base import BlockLayout, BlocksMissing, Task
-from ucm.transfer.paged import CacheLayout
+from ucm.transfer.paged import KVLayout
 
 # what differs between the runs with and without prefetch (the rest is reported once)
 PER_RUN = ("max_abs_diff_vs_resident", "first_step_store_reads", "placements_per_step_per_layer", "slot_hit_ratio",
@@ -181,11 +181,11 @@ def _replay(
                                 rows[None].to(dev), torch.tensor([slot], device=dev))
             query = lq.query[pos : pos + 1].to(dev)
             t0 = synchronized_time(dev)
-            compacted = offload_sparse.attention_begin(name, query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), md)
-            out = paged_reference_attention(query, LayerKV.from_layer_cache(caches[name], CacheLayout.BHNC, d), compacted, d**-0.5)
+            compacted = offload_sparse.attention_begin(name, query, LayerKV.from_layer_cache(caches[name], KVLayout.BHNC, d), md)
+            out = paged_reference_attention(query, LayerKV.from_layer_cache(caches[name], KVLayout.BHNC, d), compacted, d**-0.5)
             t1 = synchronized_time(dev)
-            plain_md = plain.attention_begin(name, query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), md)
-            expected = paged_reference_attention(query, LayerKV.from_layer_cache(resident[name], CacheLayout.BHNC, d), plain_md, d**-0.5)
+            plain_md = plain.attention_begin(name, query, LayerKV.from_layer_cache(resident[name], KVLayout.BHNC, d), md)
+            expected = paged_reference_attention(query, LayerKV.from_layer_cache(resident[name], KVLayout.BHNC, d), plain_md, d**-0.5)
             t2 = synchronized_time(dev)
             if pos >= first:
                 step_s.append(t1 - t0)

@@ -48,7 +48,7 @@ from ucm.sparse.base import (
     UcmSparseBase,
 )
 from ucm.store.base import StoreError
-from ucm.window.paged import KVLayout
+from ucm.transfer.paged import KVLayout
 from ucm.window.rope import RopeSpec, RopeUnsupported
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ucm.window.paged import KVLayout, request_kv
+from ucm.transfer.paged import KVLayout, request_kv
 
 
 def subset_attention(

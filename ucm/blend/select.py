@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ucm.window.paged import KVLayout, request_kv
+from ucm.transfer.paged import KVLayout, request_kv
 from ucm.window.rope import RopeSpec
 
 

@@ -195,7 +195,7 @@ class UcmSparseBase:
     ) -> None:
         """Compute the layer's attention into `output` ([tokens, heads * head]); `query` is
         [tokens, heads, head] as the model rotated it, `kv_cache` the layer's paged cache in
-        `layout` ("cpu_vec" or "bhnc", `ucm.window.paged.KVLayout`) with this step's K/V written.
+        `layout` ("cpu_vec" or "bhnc", `ucm.transfer.paged.KVLayout`) with this step's K/V written.
         `run_kernel()` runs the backend's own kernel into `output` — the default, and what an
         algorithm calls for the rows it leaves alone (before writing its own rows)."""
         run_kernel()

@@ -23,25 +23,31 @@ from typing import Any
 import torch
 
 from ucm.sparse import retrieval_math as rm
-from ucm.transfer.paged import CacheLayout, canonical_view
+from ucm.transfer.paged import KVLayout, kv_views
 
 
 @dataclasses.dataclass
 class LayerKV:
     """One layer's paged cache as two views [num_physical_blocks, block_size, num_kv_heads, head_dim]
-    (named apart from `ucm.transfer.paged.PagedKV`, which holds every layer for block transfer)."""
+    (named apart from `ucm.transfer.paged.PagedKV`, which holds every layer for block transfer), and
+    the cache itself as the backend holds it (`blocks`, [blocks, kv_heads, block_size, 2*head]), in
+    whose layout the store holds a block's bytes."""
 
     key_cache: torch.Tensor
     value_cache: torch.Tensor
+    blocks: torch.Tensor
 
     @classmethod
-    def from_layer_cache(cls, kv_cache: torch.Tensor, layout: CacheLayout, head_size: int) -> LayerKV:
-        """Views (no copy) of one layer's cache as vLLM hands it to the backend; vLLM 0.32's
-        FlashAttention and Triton backends both use `CacheLayout.BHNC` ([blocks, heads, bs, K+V])."""
-        canonical = canonical_view(kv_cache, layout, head_size)  # [blocks, heads, bs, S, head]
-        if canonical.shape[3] != 2:
-            raise ValueError(f"sparse attention needs separate K and V; layout {layout.name} has a latent cache")
-        return cls(canonical[:, :, :, 0].transpose(1, 2), canonical[:, :, :, 1].transpose(1, 2))
+    def from_layer_cache(cls, kv_cache: torch.Tensor, layout: KVLayout, head_size: int) -> LayerKV:
+        """Views (no copy) of one layer's cache as vLLM hands it to the backend: `KVLayout.BHNC` for
+        vLLM 0.32's FlashAttention and Triton backends, `KVLayout.CPU_VEC` for its CPU backend."""
+        key_cache, value_cache = kv_views(kv_cache, layout, head_size)
+        return cls(key_cache, value_cache, kv_cache)
+
+    def write_blocks(self, targets: torch.Tensor, stored: torch.Tensor) -> None:
+        """Put whole blocks read from the store (this layer's bytes of each, [n, kv_heads,
+        block_size, 2, head] in the cache's own layout) into the physical blocks `targets`."""
+        self.blocks[targets] = stored.reshape(stored.shape[0], *self.blocks.shape[1:]).to(self.blocks.device)
 
     @property
     def block_size(self) -> int:
@@ -106,11 +112,17 @@ def compact_decode_rows(
     touched here, are shared with the original (nothing is modified in place, so other layers keep
     the dense metadata).
     """
+    dense_lens = attn_metadata.seq_lens.tolist()
+    # a row that keeps every block in place reads what it would anyway: leave it (and, when no row
+    # changes, the whole metadata) as it is, so keep_ratio 1.0 is dense attention exactly
+    selections = {
+        row: logical for row, logical in selections.items()
+        if logical.numel() != math.ceil(dense_lens[row] / block_size) or (physical is not None and row in physical)
+    }
     if not selections:
         return attn_metadata
     block_table = attn_metadata.block_table.clone()
     seq_lens = attn_metadata.seq_lens.clone()
-    dense_lens = attn_metadata.seq_lens.tolist()
     for row, logical in selections.items():
         seq_len = dense_lens[row]
         last = math.ceil(seq_len / block_size) - 1

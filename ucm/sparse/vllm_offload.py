@@ -360,11 +360,9 @@ class WorkerOffload:
             payloads = [p for p in read if p is not None]
         if missing:
             index = self.reader.layer_of(layer) if self.reader is not None else 0
-            # this layer of every missing block in one host -> device copy: [m, bs, heads, 2, head_dim]
-            kv = torch.stack([p[index] for p in payloads]).transpose(1, 2).to(paged.key_cache.device)
-            targets = torch.tensor(free[: len(missing)], device=paged.key_cache.device)
-            paged.key_cache[targets] = kv[..., 0, :]
-            paged.value_cache[targets] = kv[..., 1, :]
+            # this layer of every missing block in one host -> device copy
+            targets = torch.tensor(free[: len(missing)], device=paged.blocks.device)
+            paged.write_blocks(targets, torch.stack([p[index] for p in payloads]))
             for block, slot in zip(missing, free, strict=False):
                 placed.pop(slot, None)
                 placed[slot] = block

@@ -20,6 +20,7 @@ of the graph, e.g. `-O '{"cudagraph_mode": "PIECEWISE"}'`) for the selection to 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
@@ -31,11 +32,11 @@ from ucm.sparse.active import get_active_sparse
 from ucm.sparse.base import SparseRole
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV
-from ucm.transfer.paged import CacheLayout
+from ucm.transfer.paged import KVLayout
 
 SUPPORTED_VLLM = "0.32.0"
 
-# backend impl classes wrapped, with the cache layout their forward receives (`ucm.window.paged.KVLayout`
+# backend impl classes wrapped, with the cache layout their forward receives (`ucm.transfer.paged.KVLayout`
 # values: the CPU backend stores K transposed per block, the GPU backends K|V per token)
 PATCH_TARGETS: tuple[tuple[str, str, str], ...] = (
     ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl", "bhnc"),
@@ -50,6 +51,9 @@ DECODER_LAYER_TARGETS: tuple[tuple[str, str], ...] = (
     ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
 )
 _MARK = "__ucm_sparse_original__"
+# the CPU backend's ISAs whose blocks are `KVLayout.CPU_VEC` (K transposed, then V); block retrieval
+# runs only on those
+CPU_VEC_ISAS = ("vec", "vec16")
 
 
 class VllmVersionError(RuntimeError):
@@ -103,8 +107,14 @@ def make_attention_wrapper(original: Callable[..., Any], layout: str = "bhnc") -
                 lambda: original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs),
             )
             return output
-        if layout != "bhnc":
-            # block retrieval scores and compacts BHNC caches; on the CPU backend it stays dense
+        if layout == "cpu_vec" and getattr(layer, "isa", None) not in CPU_VEC_ISAS:
+            # AMX and the other ISAs pack blocks differently: scoring would read the wrong bytes
+            if sparse.offloading:
+                raise OffloadError(
+                    f"ucm sparse offload on vLLM's CPU backend needs its {'/'.join(CPU_VEC_ISAS)} kernels, but "
+                    f"layer {getattr(layer, 'layer_name', '?')} runs ISA {getattr(layer, 'isa', '?')!r}; "
+                    "serve in float32 or turn offload off"
+                )
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         if uses_token_distances(self):
             if sparse.offloading:  # dense attention here would read blocks that left the GPU
@@ -114,8 +124,10 @@ def make_attention_wrapper(original: Callable[..., Any], layout: str = "bhnc") -
                 )
             return original(self, layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
         layer_name = str(getattr(layer, "layer_name", ""))
-        paged = LayerKV.from_layer_cache(kv_cache, CacheLayout.BHNC, int(self.head_size))
+        paged = LayerKV.from_layer_cache(kv_cache, KVLayout(layout), int(self.head_size))
         metadata = sparse.attention_begin(layer_name, query, paged, attn_metadata)
+        if layout == "cpu_vec" and metadata is not attn_metadata:
+            metadata = _cpu_schedule(self, layer, query, metadata)
         result = original(self, layer, query, key, value, kv_cache, metadata, *args, **kwargs)
         output = kwargs.get("output", args[0] if args else result)
         sparse.attention_finished(layer_name, output)
@@ -169,10 +181,36 @@ def decoder_layer_classes() -> list[Any]:
     return found
 
 
+def _cpu_schedule(impl: Any, layer: Any, query: torch.Tensor, metadata: Any) -> Any:
+    """`metadata` with the CPU kernel's work partition recomputed for its (compacted) `seq_lens`:
+    the builder's partition splits the dense lengths, and the kernel follows it blindly. The
+    arguments are the builder's (`CPUAttentionMetadataBuilder.build`), taken from the layer."""
+    from vllm import _custom_ops as ops  # function-level: only a CPU-backend step with compacted rows needs it
+    from vllm import envs
+
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=int(metadata.seq_lens.shape[0]),
+        num_heads=int(impl.num_heads),
+        num_kv_heads=int(impl.num_kv_heads),
+        head_dim=int(impl.head_size),
+        seq_lens=metadata.seq_lens,
+        dtype=query.dtype,
+        query_start_loc=metadata.query_start_loc,
+        causal=metadata.causal,
+        sliding_window_size=-1,  # a windowed layer never gets here (`uses_token_distances`)
+        isa=layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=metadata.dynamic_causal,
+        kv_cache_dtype=impl.kv_cache_dtype,
+    )
+    return dataclasses.replace(metadata, scheduler_metadata=schedule)
+
+
 def uses_token_distances(impl: Any) -> bool:
     """ALiBi and sliding windows depend on key positions, which compaction changes: stay dense."""
     window = getattr(impl, "sliding_window", None)
-    has_window = window is not None and tuple(window) != (-1, -1)
+    # the GPU impls hold a (left, right) pair, the CPU impl one int; -1 means none in both
+    has_window = window is not None and tuple(window if isinstance(window, (tuple, list)) else (window,)) not in ((-1, -1), (-1,))
     return getattr(impl, "alibi_slopes", None) is not None or has_window
 
 

@@ -94,6 +94,46 @@ _MAX_ROW = 1 << 14  # elements per gathered row; measured fastest for CPU index_
 _MAX_SCATTER_ROW = 1 << 20
 
 
+class KVLayout(enum.Enum):
+    """How an attention backend packs K and V inside each block of its
+    ``[blocks, kv_heads, block_size, 2*head]`` cache, for code that reads K or V *as values*
+    (attention, scoring), where `CacheLayout` only names logical axes for whole-block copies.
+
+    - `CPU_VEC`: vLLM's CPU backend (ISA "vec"/"vec16", what AVX2/AVX-512 machines run for float32
+      and bfloat16): each (block, head) holds K transposed ([head, block_size]), then V
+      ([block_size, head]).
+    - `BHNC`: vLLM 0.32's FlashAttention/Triton view, [blocks, kv_heads, block_size, K|V].
+    """
+
+    CPU_VEC = "cpu_vec"
+    BHNC = "bhnc"
+
+
+def kv_views(kv_cache: torch.Tensor, layout: KVLayout, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of every block as views [blocks, block_size, kv_heads, head] (no copy; writes through
+    them land in the cache where the backend's kernel reads them)."""
+    num_blocks, heads, block_size, last = kv_cache.shape
+    if last != 2 * head_size:
+        raise ValueError(f"KV cache of shape {list(kv_cache.shape)}: expected last dim 2*head_size={2 * head_size}")
+    if layout is KVLayout.CPU_VEC:
+        halves = kv_cache.view(num_blocks, heads, 2, block_size * head_size)  # [n, H, 2, bs*D]
+        k = halves[:, :, 0].unflatten(-1, (head_size, block_size)).permute(0, 3, 1, 2)
+        v = halves[:, :, 1].unflatten(-1, (block_size, head_size)).transpose(1, 2)
+        return k, v
+    blocks = kv_cache.unflatten(-1, (2, head_size))  # [n, H, bs, 2, D]
+    return blocks[:, :, :, 0].transpose(1, 2), blocks[:, :, :, 1].transpose(1, 2)
+
+
+def request_kv(
+    kv_cache: torch.Tensor, layout: KVLayout, block_ids: torch.Tensor, seq_len: int, head_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [seq_len, kv_heads, head] of one request, gathered from its physical `block_ids`."""
+    k, v = kv_views(kv_cache, layout, head_size)
+    used = block_ids[: math.ceil(seq_len / k.shape[1])].to(device=kv_cache.device, dtype=torch.long)
+    heads = k.shape[2]
+    return k[used].reshape(-1, heads, head_size)[:seq_len], v[used].reshape(-1, heads, head_size)[:seq_len]
+
+
 class RowPlan:
     """How to address the blocks of a strided view ``[B, *rest]`` as rows of one 2-D view.
 

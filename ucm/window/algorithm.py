@@ -21,7 +21,8 @@ import torch
 
 from ucm.sparse.base import SparseConfigError, SparseRole, UcmSparseBase
 from ucm.window.config import WindowConfig, WindowConfigError
-from ucm.window.paged import KVLayout, long_rows, paged_rerope
+from ucm.transfer.paged import KVLayout
+from ucm.window.paged import long_rows, paged_rerope
 from ucm.window.rope import RopeSpec, RopeUnsupported
 
 logger = logging.getLogger(__name__)
