@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ucm.bench.sparse_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
+from ucm.bench import sparse_serving
 from ucm.bench.sparse_paged import bench_trained_paged
 from ucm.bench.sparse_tally import KEEP_RATIOS, Tally, exact_topk_recall
 from ucm.bench.sparse_vllm_offload import bench_vllm_offload_windows
@@ -286,6 +287,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.serving:
+        return sparse_serving.main(args)
     result = run(args)
     if not args.json:
         print_table(result)
@@ -320,6 +323,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds of tiny_lm: the first is reported as tiny_lm, the goal must hold on all")
     parser.add_argument("--threads", type=int, default=2)
+    sparse_serving.register(parser)
     parser.set_defaults(func=main)
 
 

@@ -62,6 +62,11 @@ logger = logging.getLogger(__name__)
 # much older than the newest objects, while a touch costs a metadata write per object (an NFS RPC),
 # about 270 per second for a 128K-token request of 16-token blocks.
 KEEPALIVE_S = 30.0
+# logged at a request's first offload; `ucm bench sparse --serving` reads the blocks it holds from it
+FIRST_OFFLOAD_LOG = (
+    "UCM sparse offload: request %s: %d of its %d blocks left the GPU (in the store); it holds %d slots for "
+    "the selected ones"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +198,7 @@ class SchedulerOffload:
         slots = self.pool.get_new_blocks(need) if need > 0 else []
         held.slots.extend(slots)
         if first:
-            logger.info(
-                "UCM sparse offload: request %s: %d of its %d blocks left the GPU (in the store); it holds %d "
-                "slots for the selected ones", req_id, len(candidates), nb, len(held.slots),
-            )
+            logger.info(FIRST_OFFLOAD_LOG, req_id, len(candidates), nb, len(held.slots))
         return OffloadUpdate(
             req_id,
             anchor=blocks[nb - 1].block_id,
