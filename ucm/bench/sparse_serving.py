@@ -88,8 +88,8 @@ def needle_prompts(tokenizer: Any, text: list[int], depths: list[float], tokens:
         at = int(len(body) * depth)
         haystack = tokenizer.decode(body[:at] + needle + body[at:])
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": haystack + "\n\n" + QUESTION}], add_generation_prompt=True, tokenize=True)
-        out.append((depth, number, list(ids)))
+            [{"role": "user", "content": haystack + "\n\n" + QUESTION}], add_generation_prompt=True, tokenize=False)
+        out.append((depth, number, tokenizer.encode(ids, add_special_tokens=False)))
     return out
 
 

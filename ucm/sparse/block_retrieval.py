@@ -34,7 +34,7 @@ from ucm.sparse.base import (
     validate_keys,
 )
 from ucm.sparse.offload import OffloadError, ResidentBlocks
-from ucm.sparse.paged import LayerKV, PagedSummaries, compact_decode_rows, decode_rows, written_blocks
+from ucm.sparse.paged import LayerKV, PagedSummaries, completed_blocks, compact_decode_rows, decode_rows
 from ucm.sparse.vllm_offload import OffloadUpdate, SchedulerOffload, WorkerOffload
 
 
@@ -397,7 +397,7 @@ class BlockRetrievalSparse(UcmSparseBase):
             summaries = self._summaries[layer_name] = PagedSummaries(paged, self.config.summary)
             self._fresh[layer_name] = set(getattr(self, "_pending_fresh", set()))
         fresh = self._fresh.pop(layer_name, set())
-        dirty = written_blocks(attn_metadata, bs)
+        dirty = completed_blocks(attn_metadata, bs)
         if fresh:
             dirty = torch.unique(torch.cat([dirty, torch.tensor(sorted(fresh), device=dirty.device)]))
         summaries.refresh(paged, dirty)

@@ -10,7 +10,7 @@ by every KV head, so in vLLM the selection is per request row (`rm.shared_block_
 all query heads, each head's own best blocks guaranteed), while the offline `DecodeLayer` selects per
 KV head.
 
-Summaries are kept per physical block and refreshed for blocks written this step (the metadata's
+Summaries are kept per physical block and refreshed for blocks filled this step (their last slot in the metadata's
 `slot_mapping`) plus blocks the scheduler reported as newly assigned or loaded (`fresh_blocks`).
 """
 
@@ -55,7 +55,7 @@ class LayerKV:
 
 
 class PagedSummaries:
-    """Per-physical-block key summaries of one layer, refreshed for the blocks written.
+    """Per-physical-block key summaries of one layer, refreshed for the blocks that fill.
 
     Memory: what the summary kind scores from, per [heads, blocks] — for "mass" four int8 centres
     with a scale and a radius each (3.9% of a float32 KV cache, 7.0% of a bf16 one at block size 16
@@ -86,11 +86,14 @@ class PagedSummaries:
         return self.data.take(physical)
 
 
-def written_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:
-    """Physical blocks written in this step, from the metadata's slot mapping (padding is -1)."""
+def completed_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:
+    """Physical blocks whose last slot is written in this step (padding slots are -1): only they
+    need a new summary. A block still filling is always its row's last block, which scoring leaves
+    out (`PagedSummaries.of`), so summarising it on every decode step (a k-means over its keys, per
+    layer) would be work nobody reads; it is summarised once, when it fills."""
     slots = attn_metadata.slot_mapping[: attn_metadata.num_actual_tokens]
-    slots = slots[slots >= 0]
-    blocks: torch.Tensor = torch.unique(torch.div(slots, block_size, rounding_mode="floor"))
+    last = slots[(slots >= 0) & (slots % block_size == block_size - 1)]
+    blocks: torch.Tensor = torch.unique(torch.div(last, block_size, rounding_mode="floor"))
     return blocks
 
 
