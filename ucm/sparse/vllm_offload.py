@@ -62,10 +62,17 @@ logger = logging.getLogger(__name__)
 # much older than the newest objects, while a touch costs a metadata write per object (an NFS RPC),
 # about 270 per second for a 128K-token request of 16-token blocks.
 KEEPALIVE_S = 30.0
-# logged at a request's first offload; `ucm bench sparse --serving` reads the blocks it holds from it
+# logged at a request's first offload
 FIRST_OFFLOAD_LOG = (
     "UCM sparse offload: request %s: %d of its %d blocks left the GPU (in the store); it holds %d slots for "
     "the selected ones"
+)
+# logged when a request's offload ends (it finished, or was preempted): what it held at most from its
+# first offload on, against the blocks of its whole context (what dense attention holds); `ucm bench
+# sparse --serving` reads it
+OFFLOAD_ENDED_LOG = (
+    "UCM sparse offload: request %s: offload ended; it held at most %d GPU blocks after its first offload, "
+    "for a context of %d blocks"
 )
 
 
@@ -122,6 +129,8 @@ class _Held:
     slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
     # blocks [init_blocks, frontier) have left the GPU: they leave in order, as they are stored
     frontier: int = 0
+    peak: int = 0  # most GPU blocks held after a step's offload (vLLM adds at most one before the next)
+    context: int = 0  # blocks of the request's context at its latest step
 
 
 class SchedulerOffload:
@@ -199,6 +208,7 @@ class SchedulerOffload:
         held.slots.extend(slots)
         if first:
             logger.info(FIRST_OFFLOAD_LOG, req_id, len(candidates), nb, len(held.slots))
+        held.peak, held.context = max(held.peak, self.gpu_blocks(req_id)), nb
         return OffloadUpdate(
             req_id,
             anchor=blocks[nb - 1].block_id,
@@ -211,6 +221,8 @@ class SchedulerOffload:
     def release(self, req_id: str) -> None:
         """Return the request's slots to the pool (finished or preempted; vLLM frees the rest)."""
         held = self.held.pop(req_id, None)
+        if held is not None:
+            logger.info(OFFLOAD_ENDED_LOG, req_id, held.peak, held.context)
         if held is not None and held.slots:
             self.pool.free_blocks(held.slots)
 
