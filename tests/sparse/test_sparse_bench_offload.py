@@ -54,7 +54,7 @@ def test_too_few_slots_shrink_the_selection_instead_of_failing(tmp_path: pathlib
     from ucm.sparse.vllm_offload import OffloadedBlock, OffloadUpdate, WorkerOffload
     from ucm.store import FileStore
     from ucm.store.base import BlockLayout
-    from ucm.transfer.paged import CacheLayout
+    from ucm.transfer.paged import KVLayout
 
     heads, bs, d, nb = 2, 4, 8, 10
     blocks = torch.randn(nb, 1, heads, bs, 2, d)  # the stored layout: [layers, heads, bs, K|V, d]
@@ -68,7 +68,7 @@ def test_too_few_slots_shrink_the_selection_instead_of_failing(tmp_path: pathlib
         offload.apply([OffloadUpdate("r", anchor=9, first=True, new_slots=(20, 21),
                                      offloaded=tuple(OffloadedBlock(b, b, hashes[b]) for b in (2, 3, 4, 5)))], [], {})
         cache = torch.zeros(24, heads, bs, 2 * d)
-        paged = LayerKV.from_layer_cache(cache, CacheLayout.BHNC, d)
+        paged = LayerKV.from_layer_cache(cache, KVLayout.BHNC, d)
         physical, selection = offload.place(offload.requests["r"], "layer", torch.tensor([0, 2, 3, 5, 8, 9]),
                                             torch.arange(nb), paged)
         assert selection.tolist() == [0, 2, 3, 8, 9]  # block 5 had no slot left

@@ -31,9 +31,9 @@ def test_quality_counts_the_shared_prefix_and_compares_distributions_only_there(
 
 
 def test_held_blocks_are_read_from_the_schedulers_own_log_line() -> None:
-    line = OFFLOAD_ENDED_LOG % ("cmpl-1", 11, 34)
+    line = OFFLOAD_ENDED_LOG % ("cmpl-1", 11, 20, 34)
     match = ss.HELD.search("INFO 2026-12-08 [ucm.sparse.vllm_offload] " + line)
-    assert match is not None and (match[1], match[2], match[3]) == ("cmpl-1", "11", "34")
+    assert match is not None and match.groups() == ("cmpl-1", "11", "20", "34")
 
 
 def test_report_names_each_row_and_what_it_does_not_measure() -> None:

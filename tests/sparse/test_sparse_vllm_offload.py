@@ -30,7 +30,7 @@ from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.registry import get_active_sparse
 from ucm.sparse.vllm_offload import num_slots
-from ucm.transfer.paged import CacheLayout
+from ucm.transfer.paged import KVLayout
 
 BS = 16
 LAYER0 = LAYERS[0]
@@ -75,7 +75,7 @@ class Attention:
         query = torch.randn(metadata.num_actual_tokens, HQ, HEAD, generator=gen)
 
         def kernel(impl: Any, lay: Any, q: Any, k: Any, v: Any, cache: Any, md: Any, output: Any, **_: Any) -> Any:
-            paged = LayerKV.from_layer_cache(cache, CacheLayout.BHNC, HEAD)
+            paged = LayerKV.from_layer_cache(cache, KVLayout.BHNC, HEAD)
             output.copy_(paged_reference_attention(q, paged, md, HEAD**-0.5))
             return output
 

@@ -11,9 +11,9 @@ top-20 log-probabilities per step), compared with dense: tokens equal up to the 
 tokens equal position by position, and the KL divergence of the top-20 next-token distributions at
 the steps before the first divergence (same prefix, so the same question); needle retrieval (a
 number planted at several depths of the text, asked for at the end, through the chat template);
-decode tokens per second (streamed: first to last token); and the most KV blocks a request holds
-in vLLM's pool from its first offload on (the scheduler's log line when its offload ends) against
-the blocks of its context, which dense attention holds.
+decode tokens per second (streamed: first to last token); and the KV blocks a request holds in
+vLLM's pool at its last step (the scheduler's log line when its offload ends) against the blocks
+of its context, which dense attention holds.
 
 What it does not measure yet: the longest prompt each admits on a fixed KV memory. Offload starts
 once a request decodes; a prompt is prefilled with every block resident, so the longest admitted
@@ -44,8 +44,8 @@ from ucm.serve.server import VllmServer, ucm_transfer_config
 BLOCK = 128  # the CPU backend's KV block size
 NEEDLE = "The secret number of the archive is {number}."
 QUESTION = "What is the secret number of the archive? Answer with the number only."
-HELD = re.compile(r"request (\S+): offload ended; it held at most (\d+) GPU blocks after its first offload, "
-                  r"for a context of (\d+) blocks")
+HELD = re.compile(r"request (\S+): offload ended; it held (\d+) GPU blocks at its last step \(at most (\d+) after "
+                  r"its first offload\) for a context of (\d+) blocks")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Row:
     continuations: list[dict[str, Any]] = field(default_factory=list)  # per doc: tokens, top-20 per step
     decode_tokens_per_s: list[float] = field(default_factory=list)
     needles: list[dict[str, Any]] = field(default_factory=list)
-    held_blocks: list[int] = field(default_factory=list)  # per request that offloaded: blocks in the pool
+    held_blocks: list[int] = field(default_factory=list)  # per request that offloaded: blocks at its last step
     counters: dict[str, float] = field(default_factory=dict)
     error: str = ""
 

@@ -67,12 +67,12 @@ FIRST_OFFLOAD_LOG = (
     "UCM sparse offload: request %s: %d of its %d blocks left the GPU (in the store); it holds %d slots for "
     "the selected ones"
 )
-# logged when a request's offload ends (it finished, or was preempted): what it held at most from its
-# first offload on, against the blocks of its whole context (what dense attention holds); `ucm bench
-# sparse --serving` reads it
+# logged when a request's offload ends (it finished, or was preempted): the GPU blocks it held at its
+# last step and at most from its first offload on, against the blocks of its whole context (what
+# dense attention holds); `ucm bench sparse --serving` reads it
 OFFLOAD_ENDED_LOG = (
-    "UCM sparse offload: request %s: offload ended; it held at most %d GPU blocks after its first offload, "
-    "for a context of %d blocks"
+    "UCM sparse offload: request %s: offload ended; it held %d GPU blocks at its last step (at most %d after "
+    "its first offload) for a context of %d blocks"
 )
 
 
@@ -129,7 +129,11 @@ class _Held:
     slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
     # blocks [init_blocks, frontier) have left the GPU: they leave in order, as they are stored
     frontier: int = 0
-    peak: int = 0  # most GPU blocks held after a step's offload (vLLM adds at most one before the next)
+    # GPU blocks held after a step's offload (vLLM adds at most one before the next): at the latest
+    # step and at most; while fewer blocks are stored than a selection's slots, each freed block
+    # takes a slot, so the peak is the context until saves catch up
+    last: int = 0
+    peak: int = 0
     context: int = 0  # blocks of the request's context at its latest step
 
 
@@ -208,7 +212,8 @@ class SchedulerOffload:
         held.slots.extend(slots)
         if first:
             logger.info(FIRST_OFFLOAD_LOG, req_id, len(candidates), nb, len(held.slots))
-        held.peak, held.context = max(held.peak, self.gpu_blocks(req_id)), nb
+        held.last, held.context = self.gpu_blocks(req_id), nb
+        held.peak = max(held.peak, held.last)
         return OffloadUpdate(
             req_id,
             anchor=blocks[nb - 1].block_id,
@@ -222,7 +227,7 @@ class SchedulerOffload:
         """Return the request's slots to the pool (finished or preempted; vLLM frees the rest)."""
         held = self.held.pop(req_id, None)
         if held is not None:
-            logger.info(OFFLOAD_ENDED_LOG, req_id, held.peak, held.context)
+            logger.info(OFFLOAD_ENDED_LOG, req_id, held.last, held.peak, held.context)
         if held is not None and held.slots:
             self.pool.free_blocks(held.slots)
 

@@ -112,6 +112,8 @@ class KVLayout(enum.Enum):
 def kv_views(kv_cache: torch.Tensor, layout: KVLayout, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of every block as views [blocks, block_size, kv_heads, head] (no copy; writes through
     them land in the cache where the backend's kernel reads them)."""
+    if not isinstance(layout, KVLayout):  # a CacheLayout names axes, not where K and V sit in a block
+        raise TypeError(f"kv_views: expected a KVLayout, got {layout!r}")
     num_blocks, heads, block_size, last = kv_cache.shape
     if last != 2 * head_size:
         raise ValueError(f"KV cache of shape {list(kv_cache.shape)}: expected last dim 2*head_size={2 * head_size}")
