@@ -10,7 +10,6 @@ greedy noise is deterministic, so "equal" below means bit-identical.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx

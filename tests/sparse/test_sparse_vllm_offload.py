@@ -29,7 +29,7 @@ from ucm.sparse.block_retrieval import BlockRetrievalConfig, BlockRetrievalMeta,
 from ucm.sparse.offload import OffloadError
 from ucm.sparse.paged import LayerKV, paged_reference_attention
 from ucm.sparse.registry import get_active_sparse
-from ucm.sparse.vllm_offload import num_slots
+from ucm.sparse.vllm_offload import num_slots, offload_bound_blocks
 from ucm.transfer.paged import KVLayout
 
 BS = 16
@@ -105,9 +105,8 @@ def run(
     )
     sparse = engine.scheduler.connector.scheduler_side.sparse  # type: ignore[union-attr]
     engine.add("r1", R1_PROMPT, max_tokens=48)
-    seen: dict[str, Any] = {"r1_gpu_blocks": [], "r1_offloaded": set(), "r1_logical": set(), "r2_blocks": set(),
-                            "dropped": [],
-                            "r1_first": 0}
+    seen: dict[str, Any] = {"r1_gpu_blocks": [], "r1_prefill_gpu_blocks": [], "r1_offloaded": set(),
+                            "r1_logical": set(), "r2_blocks": set(), "dropped": [], "r1_first": 0}
     for step in range(200):
         if not engine.scheduler.has_unfinished_requests() and not engine.scheduler.requests:
             break
@@ -129,7 +128,9 @@ def run(
         if "r2" in attention.tables:
             seen["r2_blocks"].update(attention.tables["r2"])
         if offload and "r1" in sparse.scheduler_offload.held:
-            seen["r1_gpu_blocks"].append(sparse.scheduler_offload.gpu_blocks("r1"))
+            chunk = so.num_scheduled_tokens.get("r1", 0)
+            seen["r1_gpu_blocks" if chunk <= 1 else "r1_prefill_gpu_blocks"].append(
+                sparse.scheduler_offload.gpu_blocks("r1"))
     else:
         raise AssertionError("requests did not finish")
     meta = engine.step().kv_connector_metadata.sparse_meta  # the step that reports the last finish
@@ -172,6 +173,10 @@ def test_offloaded_decode_equals_resident_decode_and_frees_gpu_blocks(
     config = BlockRetrievalConfig.from_dict({k: v for k, v in SPARSE.items() if k != "name"})
     bound = 1 + 2 + num_slots(config, nb) + 1
     assert max(seen["r1_gpu_blocks"]) <= bound < nb
+    # and while its later prompt chunks prefill (256 tokens: 16 blocks a step), what earlier chunks
+    # stored has left too: it holds its windows, the chunk, bounded slots and the block before the chunk
+    assert seen["r1_prefill_gpu_blocks"], "r1 offloaded nothing while its prompt was prefilling"
+    assert max(seen["r1_prefill_gpu_blocks"]) <= 1 + 1 + 16 + num_slots(config, nb) + 1 < nb
     assert seen["r1_logical"] == set(range(1, 41))  # at the last step: all but block 0 and blocks 41-42
     assert seen["free_blocks"] == 64 - 1  # every block and slot back in the pool (one is vLLM's null block)
     assert worker.worker_offload.requests == {}  # the workers forgot every finished request
@@ -292,6 +297,33 @@ def test_offloaded_blocks_outlive_store_eviction_while_their_request_decodes(tmp
     assert offload.counters.store_reads > 0 and offload.counters.missing_stored == 0
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_request_larger_than_the_pool_is_admitted_only_with_offload(tmp_path: pathlib.Path, offload: bool) -> None:
+    """r1's 40 prompt blocks exceed a pool of 24: vLLM's full-prompt gate keeps it waiting; under
+    offload the gate counts what it holds (windows, a 4-block chunk, slots) and it completes."""
+    engine = Engine(
+        write_model_dir(tmp_path / "model"), tmp_path / "store", num_blocks=24, max_batched_tokens=4 * BS,
+        attention=Attention(), extra={"ucm_sparse_config": {**SPARSE, "offload": offload}},
+    )
+    sparse = engine.scheduler.connector.scheduler_side.sparse  # type: ignore[union-attr]
+    engine.add("r1", R1_PROMPT, max_tokens=8)
+    held = []
+    for _ in range(60):
+        if not engine.scheduler.has_unfinished_requests():
+            break
+        engine.flush()
+        engine.step()
+        if offload and "r1" in sparse.scheduler_offload.held:
+            held.append(sparse.scheduler_offload.gpu_blocks("r1"))
+    request = engine.requests["r1"]
+    if not offload:
+        assert engine.scheduler.has_unfinished_requests() and request.num_computed_tokens == 0  # never admitted
+        return
+    assert not engine.scheduler.has_unfinished_requests() and request.num_output_tokens == 8
+    config = BlockRetrievalConfig.from_dict({k: v for k, v in SPARSE.items() if k != "name"})
+    assert max(held) <= offload_bound_blocks(config, BS, len(R1_PROMPT) + 8, 4 * BS) < 24 < len(R1_PROMPT) // BS
+
+
 def test_offload_config_is_validated() -> None:
     with pytest.raises(SparseConfigError, match=r"ucm_sparse_config\.offload: expected true or false, got 'yes'"):
         BlockRetrievalConfig.from_dict({"offload": "yes"})
@@ -322,6 +354,7 @@ def test_a_prefetch_without_host_staging_is_skipped_not_waited_for(
         engine.step()
     side = engine.worker.worker_side
     worker.worker_offload.close()  # reads ahead in flight hold staging too: let them land first
+    engine.flush()  # and so do the saves of the prompt chunk it offloaded in
     held = side.pool.acquire(side.pool.capacity_bytes, timeout=0.0)  # another transfer holds all of it
     try:
         req = worker.worker_offload.requests["r1"]
@@ -333,6 +366,6 @@ def test_a_prefetch_without_host_staging_is_skipped_not_waited_for(
         worker.worker_offload.prefetch(req, LAYER0, [1, 2, 3])
         assert worker.worker_offload.counters.prefetched == before
         with pytest.raises(OffloadError, match=r"cannot be read back: no host staging .*UCM_HOST_STAGING_BYTES"):
-            worker.worker_offload._read([req.hashes[4]])
+            worker.worker_offload._read([next(h for h in req.hashes.values() if h not in worker.worker_offload._host)])
     finally:
         side.pool.release(held)

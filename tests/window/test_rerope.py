@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ucm.connector.config import ConfigError, parse_extra_config
-from ucm.window.config import WindowConfig, WindowConfigError
 from ucm.transfer.paged import KVLayout, request_kv
+from ucm.window.config import WindowConfig, WindowConfigError
 from ucm.window.rerope import reference_attention, rerope_attention
 from ucm.window.rope import RopeSpec, RopeUnsupported
 

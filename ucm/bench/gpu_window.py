@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ucm.bench.common import cuda_missing, synchronized_time
-from ucm.window.config import WindowConfig
 from ucm.transfer.paged import KVLayout
+from ucm.window.config import WindowConfig
 from ucm.window.paged import paged_rerope
 from ucm.window.rerope import reference_attention
 from ucm.window.rope import RopeSpec

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ucm.bench.sparse_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
 from ucm.bench import sparse_serving
+from ucm.bench.sparse_data import PlantedContext, minilm_qkv, planted_context, tiny_lm_qkv
 from ucm.bench.sparse_paged import bench_trained_paged
 from ucm.bench.sparse_tally import KEEP_RATIOS, Tally, exact_topk_recall
 from ucm.bench.sparse_vllm_offload import bench_vllm_offload_windows

@@ -174,7 +174,7 @@ def report(args: argparse.Namespace, rows: list[Row]) -> tuple[str, dict[str, An
         }
         found = f"{quality.get('needles_found', 0)}/{len(row.needles)}"
         lines.append(f"{row.name:<14}{rate:>13.2f}{quality.get('token_agreement', math.nan):>8.3f}"
-                     f"{str(quality.get('tokens_equal_until_first_divergence', '')):>16}"
+                     f"{quality.get('tokens_equal_until_first_divergence', '')!s:>16}"
                      f"{quality.get('kl_top20_same_prefix', math.nan):>10.4f}{found:>9}{held:>6}/{dense_blocks:<4}"
                      + (f"  FAILED: {row.error}" if row.error else ""))
     lines.append("not measured: the longest prompt admitted on a fixed KV memory (offload starts at decode; "

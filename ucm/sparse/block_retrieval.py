@@ -34,8 +34,12 @@ from ucm.sparse.base import (
     validate_keys,
 )
 from ucm.sparse.offload import OffloadError, ResidentBlocks
-from ucm.sparse.paged import LayerKV, PagedSummaries, completed_blocks, compact_decode_rows, decode_rows
+from ucm.sparse.paged import LayerKV, PagedSummaries, compact_decode_rows, completed_blocks, decode_rows
 from ucm.sparse.vllm_offload import OffloadUpdate, SchedulerOffload, WorkerOffload
+
+# queries of a prefill chunk (evenly spaced, the last included) whose block scores are averaged into
+# the chunk's one selection: scoring every query would cost a decode step's scoring per token
+PREFILL_SCORING_QUERIES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +347,10 @@ class BlockRetrievalSparse(UcmSparseBase):
     def bind_kv_cache_manager(self, kv_cache_manager: Any, stored: StoredBlocks) -> None:
         if self.config.offload:
             self.scheduler_offload = SchedulerOffload(self.config, self.block_size, kv_cache_manager, stored)
+            # admission counts what a request holds under offload, not its whole prompt
+            from ucm.sparse.vllm_patch import install_admission_gate  # function-level: vLLM-specific
+
+            install_admission_gate(kv_cache_manager, self.scheduler_offload.admission_blocks)
 
     def estimate_num_slots(self, request: Any, num_tokens: int) -> int:
         """Token slots a decode step of this request attends to: the kept blocks (windows included)."""
@@ -410,8 +418,16 @@ class BlockRetrievalSparse(UcmSparseBase):
         anchors = dict(offload.by_anchor) if offload is not None else {}
         placed: dict[int, torch.Tensor] = {}
         table = attn_metadata.block_table
-        last_index = torch.tensor([math.ceil(seq_lens[r] / bs) - 1 for r in rows], device=table.device, dtype=torch.long)
-        last_physical = table[torch.tensor(rows, device=table.device, dtype=torch.long), last_index].tolist()
+        if anchors:  # prefill chunks of offloading requests: their earlier blocks left, they attend sparsely
+            decoding = set(rows)
+            chunks = [r for r in range(len(qsl) - 1) if r not in decoding and qsl[r + 1] > qsl[r]]
+            ends = self._last_physical(table, chunks, seq_lens, bs)
+            for row, last in zip(chunks, ends, strict=True):
+                held = anchors.pop(int(last), None)
+                if held is not None:
+                    selections[row], placed[row] = self._prefill_selection(
+                        layer_name, query[qsl[row] : qsl[row + 1]], table[row], seq_lens[row], summaries, held, paged)
+        last_physical = self._last_physical(table, rows, seq_lens, bs)
         for row, last in zip(rows, last_physical, strict=True):
             nb = math.ceil(seq_lens[row] / bs)
             physical = table[row, :nb].long()
@@ -430,12 +446,53 @@ class BlockRetrievalSparse(UcmSparseBase):
             if held is not None and offload is not None:
                 placed[row], selections[row] = offload.place(held, layer_name, selections[row], physical, paged)
                 offload.prefetch(held, layer_name, [b for _, b in state.prefetch_candidates()])
-        if anchors:  # an offloading request whose row is not a decode row would read freed blocks
+        if anchors:  # an offloading request whose row is not in the batch would read freed blocks
             raise OffloadError(
-                f"sparse offload: {len(anchors)} offloading request(s) are not single-token decode rows "
-                "in this batch (speculative decoding is not supported with offload)"
+                f"sparse offload: {len(anchors)} offloading request(s) have no row in this batch's metadata"
             )
         return compact_decode_rows(attn_metadata, selections, bs, placed)
+
+    @staticmethod
+    def _last_physical(table: torch.Tensor, rows: list[int], seq_lens: list[int], bs: int) -> list[int]:
+        """Each row's physical block of its last token (one device->host copy for all rows)."""
+        if not rows:
+            return []
+        index = torch.tensor([math.ceil(seq_lens[r] / bs) - 1 for r in rows], device=table.device, dtype=torch.long)
+        result: list[int] = table[torch.tensor(rows, device=table.device, dtype=torch.long), index].tolist()
+        return result
+
+    def _prefill_selection(
+        self, layer_name: str, queries: torch.Tensor, table_row: torch.Tensor, seq_len: int,
+        summaries: PagedSummaries, held: Any, paged: LayerKV,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected logical blocks, the row's block ids with offloaded ones in slots) for a prefill
+        chunk of an offloading request: the initial window, the chunk's own blocks and the
+        `local_blocks - 1` before them (`rm.row_local_start`), and the middle blocks a few of the
+        chunk's queries score best on average, as many as a decode step selects (the slots the
+        scheduler holds are sized for that). Every query of the chunk attends to that one selection."""
+        c, bs = self.config, paged.block_size
+        nb = math.ceil(seq_len / bs)
+        physical = table_row[:nb].long()
+        init_stop = min(c.init_blocks, nb)
+        local_start = rm.row_local_start(nb, (seq_len - queries.shape[0]) // bs, c.init_blocks, c.local_blocks)
+        keep = rm.num_blocks_to_keep(nb, c.keep_ratio, c.init_blocks, c.local_blocks)
+        count = max(0, keep - init_stop - c.local_blocks)
+        block_summaries = summaries.of(physical)
+        offload = self.worker_offload
+        assert offload is not None
+        offload.overlay(held, layer_name, block_summaries)
+        picks = torch.linspace(0, queries.shape[0] - 1, min(PREFILL_SCORING_QUERIES, queries.shape[0])).round().long()
+        scores = sum(
+            rm.shared_block_scores(queries[int(t)].view(-1, queries.shape[-1]), block_summaries, c.summary,
+                                   init_stop, local_start, count)
+            for t in picks.tolist()
+        )
+        assert isinstance(scores, torch.Tensor)
+        middle = rm.rank_middle(scores, init_stop, local_start, count)[0].to(torch.long)
+        fixed = torch.tensor([*range(init_stop), *range(local_start, nb)], dtype=torch.long, device=middle.device)
+        selection = torch.cat([fixed, middle]).sort().values.to(physical.device)
+        placed, selection = offload.place(held, layer_name, selection, physical, paged)
+        return selection, placed
 
     @property
     def offloads_to_store(self) -> bool:

@@ -248,6 +248,15 @@ def fixed_window(num_blocks: int, init_blocks: int, local_blocks: int) -> tuple[
     return init, local
 
 
+def row_local_start(num_blocks: int, first_query_block: int, init_blocks: int, local_blocks: int) -> int:
+    """Where a request row's always-kept local window starts: the blocks its queries sit in, plus the
+    `local_blocks - 1` before the first of them. For a decode row (one query, in the last block) this
+    is the decode local window of `fixed_window`; a prefill chunk keeps all of its own blocks (their
+    queries attend to them causally) and never starts inside the initial window."""
+    start = min(num_blocks - local_blocks, first_query_block - local_blocks + 1)
+    return max(min(init_blocks, num_blocks), start)
+
+
 def rank_middle(scores: torch.Tensor, init_end: int, local_start: int, count: int) -> torch.Tensor:
     """[H, count'] indices of the best-scoring middle blocks [init_end, local_start), best first."""
     middle = scores[:, init_end:local_start]

@@ -44,6 +44,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -165,29 +166,42 @@ class SchedulerOffload:
         for req_id in dropped:
             self.release(req_id)
             self.told.discard(req_id)
+        # a request scheduled anew or resumed this step may be loading its blocks from the store in
+        # it (their GPU copies and summaries exist only from the next step): it offloads from then on
+        arriving = {r.req_id for r in getattr(scheduler_output, "scheduled_new_reqs", None) or ()}
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        arriving |= set(getattr(cached, "resumed_req_ids", None) or ())
         updates = []
         for req_id, count in scheduler_output.num_scheduled_tokens.items():
             request = requests.get(req_id)
-            if request is None or count != 1 or request.num_computed_tokens < request.num_prompt_tokens:
-                continue  # prefill chunks read every block: nothing of theirs leaves the GPU
-            update = self._plan_request(request)
+            if request is None or count < 1 or req_id in arriving:
+                continue
+            # decode steps and prefill chunks alike: a later chunk of a long prompt attends to its
+            # windows and its selection (the worker's prefill rows), so what earlier chunks stored leaves
+            update = self._plan_request(request, count)
             if update is not None:
                 updates.append(update)
         return updates, dropped
 
-    def _plan_request(self, request: Any) -> OffloadUpdate | None:
-        c, req_id = self.config, request.request_id
-        nb = request.num_computed_tokens // self.block_size + 1  # blocks once this step's token is in
+    def admission_blocks(self, request: Any, num_new_tokens: int) -> int:
+        """Blocks a waiting request needs free to be admitted under offload (`offload_bound_blocks`
+        for its prompt and first chunk): what vLLM's full-prompt admission gate asks instead."""
+        return offload_bound_blocks(self.config, self.block_size, int(request.num_tokens), num_new_tokens)
+
+    def _plan_request(self, request: Any, count: int) -> OffloadUpdate | None:
+        c, req_id, bs = self.config, request.request_id, self.block_size
+        nb = math.ceil((request.num_computed_tokens + count) / bs)  # blocks once this step's tokens are in
         blocks = self.manager.req_to_blocks.get(req_id)
         if blocks is None or len(blocks) < nb or nb < c.min_blocks:
             return None
         held = self.held.get(req_id)
-        init, local = rm.fixed_window(nb, c.init_blocks, c.local_blocks)
+        init_stop = min(c.init_blocks, nb)
+        local_start = rm.row_local_start(nb, request.num_computed_tokens // bs, c.init_blocks, c.local_blocks)
         # only the blocks past the frontier are looked at: per step, work for the new blocks only
-        start = max(init.stop, held.frontier if held else 0)
+        start = max(init_stop, held.frontier if held else 0)
         stored = self.stored.stored_block_hashes(req_id, start)
-        candidates = [i for i in range(start, min(local.start, start + len(stored))) if not blocks[i].is_null]
-        num_offloaded = (held.frontier - init.stop if held else 0) + len(candidates)
+        candidates = [i for i in range(start, min(local_start, start + len(stored))) if not blocks[i].is_null]
+        num_offloaded = (held.frontier - init_stop if held else 0) + len(candidates)
         have = len(held.slots) if held else 0
         need = min(num_slots(c, nb), num_offloaded) - have  # a selection's worth + prefetch_blocks
         required = min(num_slots(c, nb) - c.prefetch_blocks, num_offloaded) - have  # a selection's worth
@@ -502,6 +516,18 @@ def _grown(old: rm.BlockSummaries | None, kind: str, size: int, like: PagedSumma
     if old is not None:
         new.assign(slice(0, old.num_blocks), old)
     return new
+
+
+def offload_bound_blocks(config: Any, block_size: int, num_tokens: int, chunk_tokens: int) -> int:
+    """The most GPU blocks a request of `num_tokens` holds under offload, prefilled in chunks of at
+    most `chunk_tokens`: its initial window, a chunk and the `local_blocks - 1` blocks before it, a
+    selection's slots and the block being filled; never more than the request's own blocks."""
+    c = config
+    nb = math.ceil(num_tokens / block_size)
+    if nb < c.min_blocks:
+        return nb
+    bound = int(c.init_blocks) + int(c.local_blocks) + num_slots(c, nb) + math.ceil(chunk_tokens / block_size) + 1
+    return min(nb, bound)
 
 
 def num_slots(config: Any, num_blocks: int) -> int:

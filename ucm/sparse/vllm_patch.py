@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from ucm.sparse.paged import LayerKV
 from ucm.transfer.paged import KVLayout
 
 SUPPORTED_VLLM = "0.32.0"
+logger = logging.getLogger(__name__)
 
 # backend impl classes wrapped, with the cache layout their forward receives (`ucm.transfer.paged.KVLayout`
 # values: the CPU backend stores K transposed per block, the GPU backends K|V per token)
@@ -185,7 +187,9 @@ def _cpu_schedule(impl: Any, layer: Any, query: torch.Tensor, metadata: Any) -> 
     """`metadata` with the CPU kernel's work partition recomputed for its (compacted) `seq_lens`:
     the builder's partition splits the dense lengths, and the kernel follows it blindly. The
     arguments are the builder's (`CPUAttentionMetadataBuilder.build`), taken from the layer."""
-    from vllm import _custom_ops as ops  # function-level: only a CPU-backend step with compacted rows needs it
+    from vllm import (
+        _custom_ops as ops,  # function-level: only a CPU-backend step with compacted rows needs it
+    )
     from vllm import envs
 
     schedule = ops.cpu_attn_get_scheduler_metadata(
@@ -257,3 +261,84 @@ def uninstall_attention_hooks() -> None:
     for layer_cls in decoder_layer_classes():
         if is_patched(layer_cls):
             layer_cls.forward = getattr(layer_cls.__dict__["forward"], _MARK)
+
+
+def install_admission_gate(kv_cache_manager: Any, blocks_needed: Callable[[Any, int], int]) -> None:
+    """Make `kv_cache_manager`'s full-prompt admission gate count `blocks_needed(request, chunk
+    tokens)` free blocks instead of the whole prompt's (sparse offload: a long prompt holds its
+    windows, a chunk and its slots, so one longer than the pool is admitted and completes).
+
+    vLLM 0.32's scheduler admits a waiting request through `allocate_slots(...,
+    full_sequence_must_fit=scheduler_reserve_full_isl)`, which refuses it unless every block of
+    its prompt is free; with the gate, the same call allocates the chunk once `blocks_needed` are
+    free. Only this manager instance is wrapped (the scheduler's own)."""
+    original = kv_cache_manager.allocate_slots
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def allocate_slots(request: Any, num_new_tokens: int, *args: Any, full_sequence_must_fit: bool = False,
+                       **kwargs: Any) -> Any:
+        if full_sequence_must_fit:
+            if blocks_needed(request, num_new_tokens) > kv_cache_manager.block_pool.get_num_free_blocks():
+                return None
+            full_sequence_must_fit = False
+        return original(request, num_new_tokens, *args, full_sequence_must_fit=full_sequence_must_fit, **kwargs)
+
+    setattr(allocate_slots, _MARK, original)
+    kv_cache_manager.allocate_slots = allocate_slots
+
+
+def offload_kv_memory(vllm_config: Any, groups: Any, max_model_len: int) -> int | None:
+    """KV bytes one request of `max_model_len` tokens needs when the connector's sparse offload is
+    configured (`offload_bound_blocks` blocks), or None when it is not."""
+    from vllm.v1.core import kv_cache_utils  # function-level: only the engine's start-up check needs it
+
+    from ucm.sparse.block_retrieval import BlockRetrievalConfig
+    from ucm.sparse.vllm_offload import offload_bound_blocks
+
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    sparse = (getattr(transfer, "kv_connector_extra_config", None) or {}).get("ucm_sparse_config")
+    if not isinstance(sparse, dict) or sparse.get("name") != "block_retrieval" or sparse.get("offload") is not True:
+        return None
+    config = BlockRetrievalConfig.from_dict({k: v for k, v in sparse.items() if k != "name"})
+    block_size = int(vllm_config.cache_config.block_size)
+    chunk = int(vllm_config.scheduler_config.max_num_batched_tokens)
+    blocks = offload_bound_blocks(config, block_size, max_model_len, chunk)
+    return blocks * int(kv_cache_utils._pool_bytes_per_block(vllm_config, groups))
+
+
+def install_memory_check() -> None:
+    """Make vLLM's start-up check (`max_model_len` must fit the KV cache) count what one request
+    holds under sparse offload: without it, a pool smaller than `max_model_len` refuses to start
+    even though offload serves such a request. Installed by the plugin in every vLLM process
+    (the check runs in the engine core before any connector exists); with no offload configured it
+    is vLLM's own check. The engine's call passes `get_needed_memory` as a partial over
+    (vllm_config, groups): that is where the config is read."""
+    from vllm.v1.core import kv_cache_utils  # function-level: vLLM is optional for ucm
+
+    original = kv_cache_utils._check_enough_kv_cache_memory
+    if hasattr(original, _MARK):
+        return
+
+    @functools.wraps(original)
+    def check(available_memory: int, get_needed_memory: Callable[[], int], max_model_len: int,
+              estimate_max_model_len: Callable[[int], int]) -> None:
+        args: tuple[Any, ...] = getattr(get_needed_memory, "args", ())
+        needed = offload_kv_memory(args[0], args[1], max_model_len) if len(args) >= 2 else None
+        if needed is None or available_memory <= 0:
+            return original(available_memory, get_needed_memory, max_model_len, estimate_max_model_len)  # type: ignore[no-any-return]
+        if needed > available_memory:
+            raise ValueError(
+                f"ucm sparse offload: one request of max_model_len {max_model_len} holds up to {needed} bytes of KV "
+                f"blocks (windows, a prefill chunk and a selection's slots), more than the {available_memory} bytes "
+                "of KV cache; lower max_model_len or max_num_batched_tokens, or give the KV cache more memory"
+            )
+        logger.info(
+            "UCM sparse offload: max_model_len %d needs %d bytes of KV cache under offload (%d without); %d available",
+            max_model_len, needed, get_needed_memory(), available_memory,
+        )
+        return None
+
+    setattr(check, _MARK, original)
+    kv_cache_utils._check_enough_kv_cache_memory = check

@@ -118,11 +118,11 @@ def kv_views(kv_cache: torch.Tensor, layout: KVLayout, head_size: int) -> tuple[
     if last != 2 * head_size:
         raise ValueError(f"KV cache of shape {list(kv_cache.shape)}: expected last dim 2*head_size={2 * head_size}")
     if layout is KVLayout.CPU_VEC:
-        halves = kv_cache.view(num_blocks, heads, 2, block_size * head_size)  # [n, H, 2, bs*D]
-        k = halves[:, :, 0].unflatten(-1, (head_size, block_size)).permute(0, 3, 1, 2)
-        v = halves[:, :, 1].unflatten(-1, (block_size, head_size)).transpose(1, 2)
+        halves = kv_cache.view(num_blocks, heads, 2, block_size, head_size)  # [n, H, 2, bs*D] as K^T | V
+        k = halves[:, :, 0].reshape(num_blocks, heads, head_size, block_size).permute(0, 3, 1, 2)
+        v = halves[:, :, 1].transpose(1, 2)
         return k, v
-    blocks = kv_cache.unflatten(-1, (2, head_size))  # [n, H, bs, 2, D]
+    blocks = kv_cache.unflatten(-1, (2, head_size))  # type: ignore[no-untyped-call]  # [n, H, bs, 2, D]
     return blocks[:, :, :, 0].transpose(1, 2), blocks[:, :, :, 1].transpose(1, 2)
 
 

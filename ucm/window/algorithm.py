@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ucm.sparse.base import SparseConfigError, SparseRole, UcmSparseBase
-from ucm.window.config import WindowConfig, WindowConfigError
 from ucm.transfer.paged import KVLayout
+from ucm.window.config import WindowConfig, WindowConfigError
 from ucm.window.paged import long_rows, paged_rerope
 from ucm.window.rope import RopeSpec, RopeUnsupported
 
