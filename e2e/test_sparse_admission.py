@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ucm.bench.sparse_serving import HELD
+from ucm.bench.sparse_admission import HELD
 from ucm.serve.models import prepare
 from ucm.serve.server import VllmServer, ucm_transfer_config
 

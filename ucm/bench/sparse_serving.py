@@ -15,10 +15,8 @@ decode tokens per second (streamed: first to last token); and the KV blocks a re
 vLLM's pool at its last step (the scheduler's log line when its offload ends) against the blocks
 of its context, which dense attention holds.
 
-What it does not measure yet: the longest prompt each admits on a fixed KV memory. Offload starts
-once a request decodes; a prompt is prefilled with every block resident, so the longest admitted
-prompt is the same for both rows (issue 19's admission part). For the same reason needle
-retrieval's first answer token comes from the dense prefill; the later ones are decoded sparsely.
+Then the admission rows (`ucm.bench.sparse_admission`): the longest prompt a fixed KV pool serves,
+dense and with offload, and the loss that costs.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shutil
 import sys
 import tempfile
@@ -37,15 +34,15 @@ from typing import Any
 
 import httpx
 
+from ucm.bench import sparse_admission
 from ucm.bench.blend import kl
+from ucm.bench.sparse_admission import BLOCK, HELD
 from ucm.bench.window import documents
 from ucm.serve.server import VllmServer, ucm_transfer_config
 
-BLOCK = 128  # the CPU backend's KV block size
 NEEDLE = "The secret number of the archive is {number}."
 QUESTION = "What is the secret number of the archive? Answer with the number only."
-HELD = re.compile(r"request (\S+): offload ended; it held (\d+) GPU blocks at its last step \(at most (\d+) after "
-                  r"its first offload\) for a context of (\d+) blocks")
+
 
 
 @dataclass
@@ -177,8 +174,6 @@ def report(args: argparse.Namespace, rows: list[Row]) -> tuple[str, dict[str, An
                      f"{quality.get('tokens_equal_until_first_divergence', '')!s:>16}"
                      f"{quality.get('kl_top20_same_prefix', math.nan):>10.4f}{found:>9}{held:>6}/{dense_blocks:<4}"
                      + (f"  FAILED: {row.error}" if row.error else ""))
-    lines.append("not measured: the longest prompt admitted on a fixed KV memory (offload starts at decode; "
-                 "prefill holds every block)")
     return "\n".join(lines), result
 
 
@@ -199,13 +194,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         for row in rows:
             run_row(row, args, model, work, docs, needles)
+        table, result = report(args, rows)
+        if args.admission_pool:
+            trained = int(json.loads((model / "config.json").read_text())["max_position_embeddings"])
+            text = documents(tokenizer, 1, trained)[0]
+            admission_table, result["admission"] = sparse_admission.measure(args, model, work, text, trained)
+            table += "\n\n" + admission_table
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table, result = report(args, rows)
     if not args.json:
         print(table)
     print(json.dumps(result, sort_keys=True, default=str))
-    return 0 if not any(r.error for r in rows) else 1
+    failed = any(r.error for r in rows) or any(r["error"] for r in result.get("admission", {}).get("rows", {}).values())
+    return 1 if failed else 0
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -219,3 +220,5 @@ def register(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--keep", type=float, nargs="+", default=[0.25])
     group.add_argument("--needle-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     group.add_argument("--kv-cache-gib", type=int, default=2)
+    group.add_argument("--admission-pool", type=int, default=22,
+                       help="KV blocks of the fixed pool the admission rows share (0 skips them)")
