@@ -42,6 +42,7 @@ from typing import Any
 
 import httpx
 
+from ucm.bench.common import stream_completion
 from ucm.serve.server import VllmServer, start_all, ucm_transfer_config
 
 SEPARATOR = "\n\n# # #\n\n"
@@ -97,21 +98,15 @@ def build_prompts(tokenizer: Any, count: int, passages: int, seed: int) -> tuple
 
 def stream_answer(url: str, ids: list[int], params: dict[str, Any]) -> tuple[float, list[int]]:
     """(TTFT in seconds, the greedy answer's token ids) of one streaming completion."""
-    body = {"model": "model", "prompt": ids, "max_tokens": ANSWER_TOKENS, "temperature": 0, "stream": True,
+    body = {"model": "model", "prompt": ids, "max_tokens": ANSWER_TOKENS, "temperature": 0,
             "return_token_ids": True, **params}
     started = time.perf_counter()
     ttft = math.nan
     tokens: list[int] = []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            new = choice.get("token_ids") or []
-            if new and math.isnan(ttft):
-                ttft = time.perf_counter() - started
-            tokens += new
+    for arrived, choice in stream_completion(url, body, 600):
+        if math.isnan(ttft):
+            ttft = arrived - started
+        tokens += choice["token_ids"]
     return ttft, tokens
 
 

@@ -6,9 +6,10 @@ router benchmark, which runs without torch, shares it with the GPU benchmarks.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: see synchronize
     import torch
@@ -48,3 +49,18 @@ def cuda_missing(check: str) -> str | None:
         return None
     return (f"{check}: CUDA is not available (torch.cuda.is_available() is False; torch {torch.__version__}, "
             f"CUDA build {torch.version.cuda}). Run it on a machine with an NVIDIA GPU and a CUDA build of torch.")
+
+
+def stream_completion(url: str, body: Mapping[str, Any], timeout_s: float) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(arrival time, choice) of every streamed chunk of an OpenAI `/v1/completions` request that
+    carries tokens (`return_token_ids` in `body`); the benchmarks that time tokens share it."""
+    import httpx  # function-level: the GPU checks import this module without an HTTP client
+
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=timeout_s) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            if choice.get("token_ids"):
+                yield time.perf_counter(), choice

@@ -27,15 +27,13 @@ import math
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ucm.bench import sparse_admission
 from ucm.bench.blend import kl
+from ucm.bench.common import stream_completion
 from ucm.bench.sparse_admission import BLOCK, HELD
 from ucm.bench.window import documents
 from ucm.serve.server import VllmServer, ucm_transfer_config
@@ -62,17 +60,10 @@ def stream(url: str, body: dict[str, Any]) -> tuple[list[int], list[dict[str, fl
     tokens: list[int] = []
     top: list[dict[str, float]] = []
     stamps: list[float] = []
-    with httpx.stream("POST", url + "/v1/completions", timeout=1800, json={**body, "stream": True}) as reply:
-        reply.raise_for_status()
-        for line in reply.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            new = choice.get("token_ids") or []
-            if new:
-                stamps.append(time.perf_counter())
-                tokens += new
-                top += (choice.get("logprobs") or {}).get("top_logprobs") or []
+    for arrived, choice in stream_completion(url, body, 1800):
+        stamps.append(arrived)
+        tokens += choice["token_ids"]
+        top += (choice.get("logprobs") or {}).get("top_logprobs") or []
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else math.nan
     return tokens, top, rate
 
