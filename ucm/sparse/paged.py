@@ -98,7 +98,8 @@ def completed_blocks(attn_metadata: Any, block_size: int) -> torch.Tensor:
 
 
 def decode_rows(attn_metadata: Any) -> list[int]:
-    """Request rows whose query is one token (decode); prefill rows stay dense."""
+    """Request rows whose query is one token (decode); prefill rows stay dense unless their request
+    is offloading (`BlockRetrievalSparse._prefill_selection`)."""
     qsl = attn_metadata.query_start_loc.tolist()
     return [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
 
@@ -107,9 +108,12 @@ def compact_decode_rows(
     attn_metadata: Any, selections: dict[int, torch.Tensor], block_size: int,
     physical: dict[int, torch.Tensor] | None = None,
 ) -> Any:
-    """A copy of `attn_metadata` whose decode rows list only their selected logical blocks.
+    """A copy of `attn_metadata` whose selected rows (decode rows, and prefill chunks of offloading
+    requests) list only their selected logical blocks.
 
-    `selections[row]` holds sorted logical block indices that include the row's last block.
+    `selections[row]` holds sorted logical block indices that include the row's last block (a
+    prefill chunk's selection holds all of its own blocks at the end, so its queries stay the row's
+    last tokens and the kernel's causal mask is unchanged).
     `physical[row]`, where given, replaces the row's block ids by logical block (offload: selected
     blocks that left the GPU point at the slots holding them). Other rows, and every tensor not
     touched here, are shared with the original (nothing is modified in place, so other layers keep

@@ -130,6 +130,7 @@ class _Held:
     slots: list[Any] = dataclasses.field(default_factory=list)  # vLLM KVCacheBlocks
     # blocks [init_blocks, frontier) have left the GPU: they leave in order, as they are stored
     frontier: int = 0
+    offloaded: int = 0  # blocks this request's list holds as vLLM's null block (they left the GPU)
     # GPU blocks held after a step's offload (vLLM adds at most one before the next): at the latest
     # step and at most; while fewer blocks are stored than a selection's slots, each freed block
     # takes a slot, so the peak is the context until saves catch up
@@ -221,6 +222,7 @@ class SchedulerOffload:
             blocks[i] = self.pool.null_block
         if candidates:
             held.frontier = candidates[-1] + 1
+            held.offloaded += len(candidates)
         self.pool.free_blocks(reversed(freed))  # later blocks first in eviction order, as vLLM frees
         slots = self.pool.get_new_blocks(need) if need > 0 else []
         held.slots.extend(slots)
@@ -246,10 +248,13 @@ class SchedulerOffload:
             self.pool.free_blocks(held.slots)
 
     def gpu_blocks(self, req_id: str) -> int:
-        """GPU blocks the request holds now: its non-null blocks plus its slots."""
+        """GPU blocks the request holds now: its non-null blocks plus its slots (counted, not
+        scanned: this runs every step, and a long request's list has thousands of blocks)."""
         blocks = self.manager.req_to_blocks.get(req_id, [])
         held = self.held.get(req_id)
-        return sum(1 for b in blocks if not b.is_null) + (len(held.slots) if held else 0)
+        if held is None:
+            return sum(1 for b in blocks if not b.is_null)
+        return len(blocks) - held.offloaded + len(held.slots)
 
 
 @dataclasses.dataclass
